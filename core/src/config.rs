@@ -1,0 +1,659 @@
+//! Configuration: one TOML file per process (`--config <file>`), overridden by environment variables
+//! named `PUSHFLEET__<SECTION>__<KEY>`, validated right after loading so that a mistake is reported
+//! in one line at start-up rather than as a failed push later. Every key is documented in README.md.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{EventPolicies, EventPolicyOverride};
+
+pub const ENV_PREFIX: &str = "PUSHFLEET__";
+
+/// A configuration problem, worded for the person who has to fix the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    #[serde(default)]
+    pub ingest: IngestSettings,
+    #[serde(default)]
+    pub rabbitmq: RabbitSettings,
+    #[serde(default)]
+    pub postgres: PostgresSettings,
+    #[serde(default)]
+    pub worker: WorkerSettings,
+    #[serde(default)]
+    pub log: LogSettings,
+    /// Per-event overrides of the event policy, keyed by event name.
+    #[serde(default)]
+    pub events: BTreeMap<String, EventPolicyOverride>,
+    #[serde(default)]
+    pub apps: Vec<AppSettings>,
+}
+
+/// Whether `POST /push` waits for the provider's answer (what Sylk clients expect) or answers 202.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResponseMode {
+    Sync,
+    Async,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestSettings {
+    pub listen: SocketAddr,
+    pub mode: ResponseMode,
+    pub sync_timeout_ms: u64,
+    /// Request bodies above this size get 413.
+    pub max_body_bytes: usize,
+    /// How long a publish may wait for the broker before the caller gets 503.
+    pub publish_timeout_ms: u64,
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        IngestSettings {
+            listen: "127.0.0.1:8400".parse().expect("valid default address"),
+            mode: ResponseMode::Sync,
+            sync_timeout_ms: 5000,
+            max_body_bytes: 64 * 1024,
+            publish_timeout_ms: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RabbitSettings {
+    pub url: String,
+    /// Prefix of every exchange and queue name, so that several deployments (or test runs) can
+    /// share one virtual host.
+    pub namespace: String,
+    /// Unacknowledged jobs a worker holds per lane: the bound on its in-flight pushes.
+    pub prefetch: u16,
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for RabbitSettings {
+    fn default() -> Self {
+        RabbitSettings {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            namespace: "pushfleet".into(),
+            prefetch: 256,
+            connect_timeout_ms: 5000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresSettings {
+    pub url: String,
+    pub pool_size: usize,
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for PostgresSettings {
+    fn default() -> Self {
+        PostgresSettings {
+            url: "postgres://postgres@127.0.0.1:5432/pushfleet".into(),
+            pool_size: 8,
+            connect_timeout_ms: 5000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerSettings {
+    /// Address of the worker's own HTTP endpoint (`/metrics`, `/health`).
+    pub listen: SocketAddr,
+    /// Name written into `delivery_attempts.worker`; defaults to `<hostname>-<pid>`.
+    pub id: Option<String>,
+    /// Per-request timeout towards APNs, FCM and the OAuth endpoint.
+    pub request_timeout_ms: u64,
+    /// The audit sink writes at most this many outcomes per transaction...
+    pub audit_batch_size: usize,
+    /// ...and waits at most this long to fill a batch.
+    pub audit_flush_ms: u64,
+    /// Whether this process runs the audit sink (Postgres writer) next to the senders.
+    pub audit_sink: bool,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings {
+            listen: "127.0.0.1:8401".parse().expect("valid default address"),
+            id: None,
+            request_timeout_ms: 10_000,
+            audit_batch_size: 500,
+            audit_flush_ms: 50,
+            audit_sink: true,
+        }
+    }
+}
+
+impl WorkerSettings {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// A tracing filter such as `info` or `pushfleet_worker=debug,info`; `RUST_LOG` wins.
+    pub level: String,
+    /// `text` for people, `json` for log shippers.
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Platform {
+    Apple,
+    Firebase,
+}
+
+impl Platform {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Platform::Apple => "apple",
+            Platform::Firebase => "firebase",
+        }
+    }
+
+    /// The reference's `fix_platform_name`: case-sensitive aliases.
+    pub fn from_alias(name: &str) -> Option<Platform> {
+        match name {
+            "apple" | "ios" | "apns" => Some(Platform::Apple),
+            "firebase" | "android" | "fcm" => Some(Platform::Firebase),
+            _ => None,
+        }
+    }
+
+    /// "Apple" / "Firebase", as the reference capitalises it in messages.
+    pub fn title(self) -> &'static str {
+        match self {
+            Platform::Apple => "Apple",
+            Platform::Firebase => "Firebase",
+        }
+    }
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which payload layout an app's client expects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AppType {
+    Sylk,
+    Linphone,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppSettings {
+    pub id: String,
+    pub platform: Platform,
+    #[serde(rename = "type")]
+    pub app_type: AppType,
+    pub apns: Option<ApnsSettings>,
+    pub fcm: Option<FcmSettings>,
+}
+
+pub const APNS_PRODUCTION: &str = "https://api.push.apple.com";
+pub const FCM_PRODUCTION: &str = "https://fcm.googleapis.com";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApnsSettings {
+    #[serde(default = "default_apns_endpoint")]
+    pub endpoint: String,
+    /// An extra trust root for the APNs server certificate (a sandbox or a proxy).
+    pub ca_file: Option<PathBuf>,
+    /// Token auth: the .p8 key, its key id and the team id.
+    pub key_file: Option<PathBuf>,
+    pub key_id: Option<String>,
+    pub team_id: Option<String>,
+    /// Certificate auth: PEM certificate and its key (the key may be in the same file).
+    pub cert_file: Option<PathBuf>,
+    pub cert_key_file: Option<PathBuf>,
+    /// How often a fresh provider token is minted; Apple wants between 20 and 60 minutes.
+    #[serde(default = "default_token_refresh_secs")]
+    pub token_refresh_secs: u64,
+}
+
+fn default_apns_endpoint() -> String {
+    APNS_PRODUCTION.into()
+}
+
+fn default_token_refresh_secs() -> u64 {
+    50 * 60
+}
+
+/// How an APNs app proves itself.
+pub enum ApnsAuth<'a> {
+    Token {
+        key_file: &'a Path,
+        key_id: &'a str,
+        team_id: &'a str,
+    },
+    Certificate {
+        cert_file: &'a Path,
+        key_file: &'a Path,
+    },
+}
+
+impl ApnsSettings {
+    /// Validation guarantees exactly one of the two is complete.
+    pub fn auth(&self) -> ApnsAuth<'_> {
+        match (&self.key_file, &self.key_id, &self.team_id) {
+            (Some(key_file), Some(key_id), Some(team_id)) => ApnsAuth::Token {
+                key_file,
+                key_id,
+                team_id,
+            },
+            _ => {
+                let cert_file = self.cert_file.as_deref().expect("validated");
+                ApnsAuth::Certificate {
+                    cert_file,
+                    key_file: self.cert_key_file.as_deref().unwrap_or(cert_file),
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FcmSettings {
+    /// Google service-account JSON; its `token_uri` is where OAuth goes.
+    pub service_account_file: PathBuf,
+    #[serde(default = "default_fcm_endpoint")]
+    pub endpoint: String,
+    pub ca_file: Option<PathBuf>,
+    /// The Firebase project; defaults to the service account's `project_id`.
+    pub project_id: Option<String>,
+}
+
+fn default_fcm_endpoint() -> String {
+    FCM_PRODUCTION.into()
+}
+
+impl Settings {
+    /// Reads `path`, applies `PUSHFLEET__…` overrides from the process environment, validates.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .or_else(|e| err(format!("cannot read config file {}: {e}", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Settings::from_toml(&text, std::env::vars(), base)
+            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+    }
+
+    /// Parses TOML text with the given environment; relative file paths resolve against `base`.
+    pub fn from_toml(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+        base: &Path,
+    ) -> Result<Settings, ConfigError> {
+        let mut table: toml::Table = text
+            .parse()
+            .or_else(|e: toml::de::Error| err(format!("not valid TOML: {}", e.message())))?;
+        for (key, value) in env {
+            if let Some(path) = key.strip_prefix(ENV_PREFIX) {
+                apply_override(&mut table, path, &value)?;
+            }
+        }
+        let mut settings: Settings = table
+            .try_into()
+            .or_else(|e: toml::de::Error| err(e.message().to_string()))?;
+        settings.resolve_paths(base);
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// The event policy with this file's overrides applied (validated at load).
+    pub fn event_policies(&self) -> EventPolicies {
+        EventPolicies::default()
+            .with_overrides(&self.events)
+            .expect("validated at load")
+    }
+
+    pub fn app(&self, id: &str, platform: Platform) -> Option<&AppSettings> {
+        self.apps
+            .iter()
+            .find(|a| a.id == id && a.platform == platform)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        for app in &mut self.apps {
+            if let Some(apns) = &mut app.apns {
+                for p in [
+                    &mut apns.ca_file,
+                    &mut apns.key_file,
+                    &mut apns.cert_file,
+                    &mut apns.cert_key_file,
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    resolve(p);
+                }
+            }
+            if let Some(fcm) = &mut app.fcm {
+                resolve(&mut fcm.service_account_file);
+                if let Some(ca) = &mut fcm.ca_file {
+                    resolve(ca);
+                }
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.ingest.sync_timeout_ms == 0 || self.ingest.sync_timeout_ms > 60_000 {
+            return err("[ingest] sync_timeout_ms must be between 1 and 60000");
+        }
+        if self.ingest.max_body_bytes < 1024 {
+            return err("[ingest] max_body_bytes must be at least 1024");
+        }
+        if !(self.rabbitmq.url.starts_with("amqp://") || self.rabbitmq.url.starts_with("amqps://"))
+        {
+            return err(format!(
+                "[rabbitmq] url = {:?}: expected amqp://user:password@host:port/vhost",
+                self.rabbitmq.url
+            ));
+        }
+        if self.rabbitmq.namespace.is_empty()
+            || !self
+                .rabbitmq
+                .namespace
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return err("[rabbitmq] namespace must be non-empty letters, digits, '-', '_' or '.'");
+        }
+        if self.rabbitmq.prefetch == 0 {
+            return err("[rabbitmq] prefetch must be at least 1");
+        }
+        if !self.postgres.url.starts_with("postgres://")
+            && !self.postgres.url.starts_with("postgresql://")
+        {
+            return err(format!(
+                "[postgres] url = {:?}: expected postgres://user@host:port/database",
+                self.postgres.url
+            ));
+        }
+        if self.postgres.pool_size == 0 {
+            return err("[postgres] pool_size must be at least 1");
+        }
+        if self.worker.audit_batch_size == 0 {
+            return err("[worker] audit_batch_size must be at least 1");
+        }
+        EventPolicies::default()
+            .with_overrides(&self.events)
+            .map_err(ConfigError)?;
+
+        let mut seen = HashMap::new();
+        for (index, app) in self.apps.iter().enumerate() {
+            let label = format!("[[apps]] #{} ({} {})", index + 1, app.platform, app.id);
+            if app.id.trim().is_empty() {
+                return err(format!("[[apps]] #{}: id is empty", index + 1));
+            }
+            if let Some(first) = seen.insert((app.id.as_str(), app.platform), index) {
+                return err(format!(
+                    "{label}: the same id and platform as [[apps]] #{}",
+                    first + 1
+                ));
+            }
+            match app.platform {
+                Platform::Apple => {
+                    let Some(apns) = &app.apns else {
+                        return err(format!(
+                            "{label}: an apple app needs an [apps.apns] section"
+                        ));
+                    };
+                    validate_url(&label, "apns.endpoint", &apns.endpoint)?;
+                    let token = [
+                        apns.key_file.is_some(),
+                        apns.key_id.is_some(),
+                        apns.team_id.is_some(),
+                    ];
+                    let token_auth = token.iter().all(|x| *x);
+                    let cert_auth = apns.cert_file.is_some();
+                    if token.iter().any(|x| *x) && !token_auth {
+                        return err(format!(
+                            "{label}: token auth needs all of apns.key_file, apns.key_id and apns.team_id"
+                        ));
+                    }
+                    if token_auth == cert_auth {
+                        return err(format!(
+                            "{label}: configure either token auth (apns.key_file + key_id + team_id) or certificate auth (apns.cert_file + cert_key_file), not {}",
+                            if token_auth { "both" } else { "neither" }
+                        ));
+                    }
+                    if !(1200..=3600).contains(&apns.token_refresh_secs) {
+                        return err(format!(
+                            "{label}: apns.token_refresh_secs must be between 1200 and 3600 (Apple refuses tokens older than an hour and refreshes more often than every 20 minutes)"
+                        ));
+                    }
+                    for file in [
+                        &apns.key_file,
+                        &apns.cert_file,
+                        &apns.cert_key_file,
+                        &apns.ca_file,
+                    ]
+                    .into_iter()
+                    .flatten()
+                    {
+                        readable(&label, file)?;
+                    }
+                }
+                Platform::Firebase => {
+                    let Some(fcm) = &app.fcm else {
+                        return err(format!(
+                            "{label}: a firebase app needs an [apps.fcm] section"
+                        ));
+                    };
+                    validate_url(&label, "fcm.endpoint", &fcm.endpoint)?;
+                    readable(&label, &fcm.service_account_file)?;
+                    if let Some(ca) = &fcm.ca_file {
+                        readable(&label, ca)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn validate_url(label: &str, key: &str, url: &str) -> Result<(), ConfigError> {
+    if !url.starts_with("https://") {
+        return err(format!("{label}: {key} = {url:?} must be an https:// URL"));
+    }
+    Ok(())
+}
+
+fn readable(label: &str, file: &Path) -> Result<(), ConfigError> {
+    std::fs::File::open(file)
+        .map(|_| ())
+        .or_else(|e| err(format!("{label}: cannot read {}: {e}", file.display())))
+}
+
+/// `INGEST__MODE=async` sets `ingest.mode`; a numeric segment indexes an array
+/// (`APPS__0__APNS__ENDPOINT`). Values are read as TOML when they parse (numbers, booleans),
+/// as plain strings otherwise.
+fn apply_override(table: &mut toml::Table, path: &str, value: &str) -> Result<(), ConfigError> {
+    let segments: Vec<String> = path.split("__").map(|s| s.to_ascii_lowercase()).collect();
+    if segments.iter().any(|s| s.is_empty()) {
+        return err(format!(
+            "environment override {ENV_PREFIX}{path}: empty name segment"
+        ));
+    }
+    let parsed = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+
+    let mut node = table;
+    let (last, parents) = segments.split_last().expect("at least one segment");
+    let mut iter = parents.iter().peekable();
+    while let Some(segment) = iter.next() {
+        let child = node
+            .entry(segment.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let child = match child {
+            toml::Value::Array(items) => {
+                let Some(Ok(index)) = iter.next().map(|s| s.parse::<usize>()) else {
+                    return err(format!(
+                        "environment override {ENV_PREFIX}{path}: {segment} is a list, expected an index after it"
+                    ));
+                };
+                items.get_mut(index).ok_or_else(|| {
+                    ConfigError(format!(
+                        "environment override {ENV_PREFIX}{path}: {segment} has no entry {index}"
+                    ))
+                })?
+            }
+            other => other,
+        };
+        node = match child {
+            toml::Value::Table(t) => t,
+            _ => {
+                return err(format!(
+                    "environment override {ENV_PREFIX}{path}: {segment} is not a section"
+                ))
+            }
+        };
+    }
+    node.insert(last.clone(), parsed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        Settings::from_toml(
+            text,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+            Path::new("."),
+        )
+    }
+
+    #[test]
+    fn empty_file_gives_documented_defaults() {
+        let s = load("", &[]).unwrap();
+        assert_eq!(s.ingest.listen.to_string(), "127.0.0.1:8400");
+        assert_eq!(s.ingest.mode, ResponseMode::Sync);
+        assert_eq!(s.ingest.sync_timeout_ms, 5000);
+        assert_eq!(s.rabbitmq.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(
+            s.postgres.url,
+            "postgres://postgres@127.0.0.1:5432/pushfleet"
+        );
+    }
+
+    #[test]
+    fn environment_overrides_sections_and_list_entries() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        let text = format!(
+            r#"
+            [[apps]]
+            id = "com.example.chat"
+            platform = "firebase"
+            type = "sylk"
+            fcm = {{ service_account_file = "{}" }}
+            "#,
+            file.display()
+        );
+        let s = load(
+            &text,
+            &[
+                ("PUSHFLEET__INGEST__MODE", "async"),
+                ("PUSHFLEET__INGEST__SYNC_TIMEOUT_MS", "250"),
+                (
+                    "PUSHFLEET__APPS__0__FCM__ENDPOINT",
+                    "https://127.0.0.1:9999",
+                ),
+                ("UNRELATED", "x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.ingest.mode, ResponseMode::Async);
+        assert_eq!(s.ingest.sync_timeout_ms, 250);
+        assert_eq!(
+            s.apps[0].fcm.as_ref().unwrap().endpoint,
+            "https://127.0.0.1:9999"
+        );
+    }
+
+    #[test]
+    fn mistakes_are_reported_in_words() {
+        let e = load("[ingest]\nmode = \"later\"", &[]).unwrap_err();
+        assert!(e.0.contains("later"), "{e}");
+        let e = load("[ingest]\nlisten_addr = \"x\"", &[]).unwrap_err();
+        assert!(e.0.contains("listen_addr"), "{e}");
+        let e = load(
+            "[[apps]]\nid = \"a\"\nplatform = \"apple\"\ntype = \"sylk\"\n[apps.apns]\nkey_id = \"K\"",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.0.contains("key_file"), "{e}");
+        let e = load(
+            "[[apps]]\nid = \"a\"\nplatform = \"apple\"\ntype = \"sylk\"\n[apps.apns]\ncert_file = \"/nonexistent.pem\"",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.0.contains("cannot read /nonexistent.pem"), "{e}");
+        let e = load("[events.ring]\nttl_secs = 5", &[]).unwrap_err();
+        assert!(e.0.contains("unknown event"), "{e}");
+    }
+}

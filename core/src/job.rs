@@ -1,0 +1,255 @@
+//! The messages that travel through RabbitMQ: push jobs (ingest → worker), outcome events
+//! (worker → audit sink) and synchronous replies (worker → the waiting ingest request).
+//! Each carries a version so that a rolling upgrade can tell old messages from new ones.
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::config::Platform;
+use crate::policy::{Event, Lane};
+
+pub const JOB_VERSION: u8 = 1;
+
+/// Milliseconds since the Unix epoch: the one time representation on the wire.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub fn system_time(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// One push to one device, as accepted by ingest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Job {
+    pub v: u8,
+    pub id: Uuid,
+    pub app_id: String,
+    pub platform: Platform,
+    pub event: Event,
+    pub lane: Lane,
+    pub received_at_ms: u64,
+    /// After this instant the push is worthless: it is recorded as `expired`, never sent.
+    pub deadline_ms: u64,
+    /// Attempts already made (0 for a fresh job).
+    #[serde(default)]
+    pub attempt: u32,
+    pub push: PushData,
+}
+
+impl Job {
+    pub fn remaining(&self, now_ms: u64) -> Duration {
+        Duration::from_millis(self.deadline_ms.saturating_sub(now_ms))
+    }
+
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        now_ms >= self.deadline_ms
+    }
+}
+
+/// The push request's own fields, normalised (Sylk v1 names in snake case).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PushData {
+    pub token: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    pub call_id: String,
+    pub from: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_display_name: Option<String>,
+    pub to: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media_type: Option<String>,
+    #[serde(default = "default_true")]
+    pub silent: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default = "default_badge")]
+    pub badge: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filename: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filetype: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_badge() -> i64 {
+    1
+}
+
+/// The terminal states of a job (contract: DESIGN.md "Outcomes and retries").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryStatus {
+    Delivered,
+    Rejected,
+    TokenInvalid,
+    Expired,
+    Failed,
+    Cancelled,
+}
+
+impl DeliveryStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Rejected => "rejected",
+            DeliveryStatus::TokenInvalid => "token_invalid",
+            DeliveryStatus::Expired => "expired",
+            DeliveryStatus::Failed => "failed",
+            DeliveryStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl fmt::Display for DeliveryStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One send to a provider.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AttemptRecord {
+    pub number: u32,
+    pub at_ms: u64,
+    /// HTTP status from the provider; `None` when no answer came (connection error, timeout).
+    pub provider_status: Option<u16>,
+    pub reason: Option<String>,
+    pub duration_ms: u64,
+    pub worker: String,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Terminal {
+    pub status: DeliveryStatus,
+    pub attempts: u32,
+    pub provider_status: Option<u16>,
+    pub reason: Option<String>,
+    /// `apns-id` or the FCM message name.
+    pub provider_message_id: Option<String>,
+    pub finished_at_ms: u64,
+}
+
+/// What the worker reports after handling a job once: the attempt it made (if it sent anything)
+/// and, when the job is done, its terminal state. The audit sink turns these into rows.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OutcomeEvent {
+    pub v: u8,
+    pub job_id: Uuid,
+    pub app_id: String,
+    pub platform: Platform,
+    pub event: Event,
+    pub lane: Lane,
+    pub call_id: String,
+    pub account: Option<String>,
+    pub device_id: Option<String>,
+    pub token_fingerprint: String,
+    pub received_at_ms: u64,
+    pub attempt: Option<AttemptRecord>,
+    pub terminal: Option<Terminal>,
+}
+
+impl OutcomeEvent {
+    pub fn for_job(job: &Job) -> OutcomeEvent {
+        OutcomeEvent {
+            v: JOB_VERSION,
+            job_id: job.id,
+            app_id: job.app_id.clone(),
+            platform: job.platform,
+            event: job.event,
+            lane: job.lane,
+            call_id: job.push.call_id.clone(),
+            account: job.push.account.clone(),
+            device_id: job.push.device_id.clone(),
+            token_fingerprint: token_fingerprint(&job.push.token),
+            received_at_ms: job.received_at_ms,
+            attempt: None,
+            terminal: None,
+        }
+    }
+}
+
+/// The answer a worker sends to an ingest request waiting in sync mode (RabbitMQ direct
+/// reply-to, correlated by job id). `code`, `reason`, `body` and `url` are Sylk-shaped.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SyncReply {
+    pub job_id: Uuid,
+    pub status: DeliveryStatus,
+    pub code: u16,
+    pub reason: String,
+    pub body: serde_json::Value,
+    pub url: String,
+}
+
+/// Audit rows never hold a raw device token; this stable fingerprint lets an auditor find the
+/// deliveries of a token they have (the first 16 hex digits of its SHA-256).
+pub fn token_fingerprint(token: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The Sylk apps' `session-id`: the MD5 of the call-id formatted 8-4-4-4-12. Not a valid UUID,
+/// but clients key CallKit on it, so it is reproduced exactly.
+pub fn sylk_session_id(call_id: &str) -> String {
+    let hex = format!("{:x}", md5::compute(call_id.as_bytes()));
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_id_matches_the_reference() {
+        assert_eq!(
+            sylk_session_id("call-123@host"),
+            "a78d482c-1b67-8af8-091a-5a8be2fcf260"
+        );
+    }
+
+    #[test]
+    fn fingerprint_is_a_sha256_prefix() {
+        // sha256("abc") = ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad
+        assert_eq!(token_fingerprint("abc"), "ba7816bf8f01cfea");
+    }
+
+    #[test]
+    fn job_round_trips_and_defaults_are_tolerant() {
+        let json = r#"{"v":1,"id":"6f1c1c3e-4a43-4c3e-9d6f-5a1f8a2b0c11","app_id":"a","platform":"apple",
+            "event":"cancel","lane":"calls","received_at_ms":1,"deadline_ms":2,
+            "push":{"token":"t","call_id":"c","from":"f","to":"t"}}"#;
+        let job: Job = serde_json::from_str(json).unwrap();
+        assert_eq!(job.attempt, 0);
+        assert!(job.push.silent);
+        assert_eq!(job.push.badge, 1);
+        let again: Job = serde_json::from_slice(&serde_json::to_vec(&job).unwrap()).unwrap();
+        assert_eq!(job, again);
+    }
+}

@@ -1,0 +1,15 @@
+//! pushfleet-core: what ingest and workers agree on — configuration, the event policy, the job
+//! and outcome messages, the RabbitMQ topology and the Postgres schema.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod db;
+pub mod job;
+pub mod policy;
+pub mod service;
+pub mod topology;
+
+pub use config::{AppSettings, AppType, Platform, ResponseMode, Settings};
+pub use job::{DeliveryStatus, Job, OutcomeEvent, PushData, SyncReply};
+pub use policy::{Event, EventPolicies, EventPolicy, Lane};
+pub use topology::Topology;

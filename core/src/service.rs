@@ -1,0 +1,135 @@
+//! What every pushfleet binary does the same way: read its command line, set up logs and the
+//! metrics recorder, and wait for a shutdown signal.
+
+use std::path::PathBuf;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogFormat, LogSettings, Settings};
+
+/// `<binary> --config <file> [command]`.
+#[derive(Debug)]
+pub struct CommandLine {
+    pub config: PathBuf,
+    pub command: Option<String>,
+}
+
+impl CommandLine {
+    /// Parses the process arguments; `usage` lists the binary's commands for the help text.
+    pub fn parse(binary: &str, usage: &str) -> Result<CommandLine, String> {
+        Self::parse_from(binary, usage, std::env::args().skip(1))
+    }
+
+    pub fn parse_from(
+        binary: &str,
+        usage: &str,
+        args: impl IntoIterator<Item = String>,
+    ) -> Result<CommandLine, String> {
+        let help = format!("usage: {binary} --config <file> {usage}");
+        let mut config = None;
+        let mut command = None;
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "--config" | "-c" => {
+                    config = Some(
+                        args.next()
+                            .ok_or_else(|| format!("--config needs a file\n{help}"))?,
+                    )
+                }
+                "--help" | "-h" => return Err(help),
+                other if other.starts_with("--config=") => {
+                    config = Some(other["--config=".len()..].to_string())
+                }
+                other if !other.starts_with('-') && command.is_none() => {
+                    command = Some(other.to_string())
+                }
+                other => return Err(format!("unexpected argument {other:?}\n{help}")),
+            }
+        }
+        let config = config.ok_or_else(|| format!("missing --config <file>\n{help}"))?;
+        Ok(CommandLine {
+            config: PathBuf::from(config),
+            command,
+        })
+    }
+
+    /// Loads the settings this command line names.
+    pub fn settings(&self) -> Result<Settings, String> {
+        Settings::load(&self.config).map_err(|e| e.to_string())
+    }
+}
+
+/// Logs to stderr; `RUST_LOG` overrides the configured level.
+pub fn init_logging(settings: &LogSettings) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&settings.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match settings.format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Installs the process-wide Prometheus recorder (once; later calls return the same handle).
+pub fn metrics_recorder() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let latency_buckets = [
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ];
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency_buckets)
+                .expect("valid buckets")
+                .build_recorder();
+            let handle = recorder.handle();
+            // A second recorder (several services in one test process) keeps the first.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<CommandLine, String> {
+        CommandLine::parse_from(
+            "pushfleet-worker",
+            "[migrate]",
+            args.iter().map(|s| s.to_string()),
+        )
+    }
+
+    #[test]
+    fn config_and_command() {
+        let c = parse(&["--config", "a.toml", "migrate"]).unwrap();
+        assert_eq!(c.config, PathBuf::from("a.toml"));
+        assert_eq!(c.command.as_deref(), Some("migrate"));
+        assert!(parse(&["--config=b.toml"]).unwrap().command.is_none());
+        assert!(parse(&[]).unwrap_err().contains("missing --config"));
+        assert!(parse(&["--verbose"]).unwrap_err().contains("unexpected"));
+    }
+}
