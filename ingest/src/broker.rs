@@ -1,0 +1,228 @@
+//! Ingest's link to RabbitMQ: publishes jobs with publisher confirms and collects the workers'
+//! synchronous answers over direct reply-to. The link owns its reconnect loop; while the broker
+//! is away, publishing fails at once so that callers get a 503 instead of a hang.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use pushfleet_core::config::RabbitSettings;
+use pushfleet_core::job::{Job, SyncReply};
+use pushfleet_core::topology::{self, Topology, DIRECT_REPLY_TO, PERSISTENT};
+use tokio::sync::{oneshot, watch};
+use tracing::{info, warn};
+use uuid::Uuid;
+
+#[derive(Debug)]
+pub enum PublishError {
+    /// No connection to the broker right now.
+    Disconnected,
+    /// The broker did not confirm in time, refused the message, or the channel failed.
+    Broker(String),
+}
+
+impl std::fmt::Display for PublishError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PublishError::Disconnected => f.write_str("not connected to RabbitMQ"),
+            PublishError::Broker(e) => write!(f, "RabbitMQ: {e}"),
+        }
+    }
+}
+
+type Pending = Arc<Mutex<HashMap<Uuid, oneshot::Sender<SyncReply>>>>;
+
+#[derive(Clone)]
+pub struct Broker {
+    settings: RabbitSettings,
+    topology: Topology,
+    publish_timeout: Duration,
+    channel: Arc<RwLock<Option<Channel>>>,
+    pending: Pending,
+}
+
+impl Broker {
+    /// Connects once (an unreachable broker at start-up is an error), then keeps the link up in
+    /// the background until `shutdown` flips.
+    pub async fn start(
+        settings: RabbitSettings,
+        publish_timeout: Duration,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Broker, String> {
+        let broker = Broker {
+            topology: Topology::new(&settings.namespace),
+            settings,
+            publish_timeout,
+            channel: Arc::new(RwLock::new(None)),
+            pending: Arc::new(Mutex::new(HashMap::new())),
+        };
+        let connection = broker.open().await?;
+        tokio::spawn(broker.clone().keep_alive(connection, shutdown));
+        Ok(broker)
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.channel
+            .read()
+            .expect("lock")
+            .as_ref()
+            .is_some_and(|c| c.status().connected())
+    }
+
+    /// Connects, declares the topology and sets up the publishing channel with its reply consumer.
+    async fn open(&self) -> Result<Connection, String> {
+        let connection = topology::connect(&self.settings, "pushfleet-ingest").await?;
+        let setup = async {
+            let channel = connection.create_channel().await?;
+            self.topology.declare(&channel).await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            // Direct reply-to: replies come back on the channel that published, no queue needed.
+            let replies = channel
+                .basic_consume(
+                    DIRECT_REPLY_TO.into(),
+                    "pushfleet-ingest-replies".into(),
+                    BasicConsumeOptions {
+                        no_ack: true, // required by direct reply-to
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok::<_, lapin::Error>((channel, replies))
+        };
+        let (channel, mut replies) = setup
+            .await
+            .map_err(|e| format!("RabbitMQ set-up failed: {e}"))?;
+        let pending = self.pending.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = replies.next().await {
+                match serde_json::from_slice::<SyncReply>(&delivery.data) {
+                    Ok(reply) => {
+                        let waiter = pending.lock().expect("lock").remove(&reply.job_id);
+                        if let Some(waiter) = waiter {
+                            let _ = waiter.send(reply);
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "unreadable sync reply dropped"),
+                }
+            }
+        });
+        *self.channel.write().expect("lock") = Some(channel);
+        metrics::gauge!("pushfleet_broker_connected", "service" => "ingest").set(1.0);
+        Ok(connection)
+    }
+
+    async fn keep_alive(self, mut connection: Connection, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = topology::closed(&connection) => {}
+                _ = shutdown.changed() => {
+                    let _ = connection.close(200, "shutdown".into()).await;
+                    return;
+                }
+            }
+            *self.channel.write().expect("lock") = None;
+            metrics::gauge!("pushfleet_broker_connected", "service" => "ingest").set(0.0);
+            // Waiters of the lost channel will never hear back; their requests fall back to 202.
+            warn!("lost the RabbitMQ connection; reconnecting");
+            let mut delay = Duration::from_millis(100);
+            connection = loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.changed() => return,
+                }
+                match self.open().await {
+                    Ok(c) => break c,
+                    Err(e) => {
+                        warn!(error = %e, "RabbitMQ still unreachable");
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                }
+            };
+            info!("reconnected to RabbitMQ");
+        }
+    }
+
+    /// Publishes `job` into its lane, returning once the broker has confirmed it. With
+    /// `want_reply`, also returns the receiver of the worker's answer.
+    pub async fn publish(
+        &self,
+        job: &Job,
+        ttl: Duration,
+        want_reply: bool,
+    ) -> Result<Option<oneshot::Receiver<SyncReply>>, PublishError> {
+        let channel = self
+            .channel
+            .read()
+            .expect("lock")
+            .clone()
+            .filter(|c| c.status().connected())
+            .ok_or(PublishError::Disconnected)?;
+        let body = serde_json::to_vec(job).map_err(|e| PublishError::Broker(e.to_string()))?;
+        let id = job.id.to_string();
+        let mut properties = BasicProperties::default()
+            .with_delivery_mode(PERSISTENT)
+            .with_content_type("application/json".into())
+            .with_message_id(id.clone().into())
+            .with_correlation_id(id.into())
+            .with_type("push.v1".into())
+            // The broker drops (dead-letters) the job once it is not worth delivering.
+            .with_expiration(ttl.as_millis().to_string().into());
+        let receiver = if want_reply {
+            let (tx, rx) = oneshot::channel();
+            self.pending.lock().expect("lock").insert(job.id, tx);
+            properties = properties.with_reply_to(DIRECT_REPLY_TO.into());
+            Some(rx)
+        } else {
+            None
+        };
+
+        let confirmed = tokio::time::timeout(self.publish_timeout, async {
+            channel
+                .basic_publish(
+                    self.topology.jobs_exchange().into(),
+                    Topology::lane_key(job.lane).into(),
+                    // Mandatory: a job that no queue would take comes back instead of vanishing.
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &body,
+                    properties,
+                )
+                .await?
+                .await
+        })
+        .await;
+        let result = match confirmed {
+            Ok(Ok(Confirmation::Ack(None))) => Ok(receiver),
+            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Broker(
+                "job was not routable to a queue".into(),
+            )),
+            Ok(Ok(Confirmation::Nack(_))) => {
+                Err(PublishError::Broker("broker refused the job".into()))
+            }
+            Ok(Ok(Confirmation::NotRequested)) => Ok(receiver),
+            Ok(Err(e)) => Err(PublishError::Broker(e.to_string())),
+            Err(_) => Err(PublishError::Broker(format!(
+                "no confirm within {} ms",
+                self.publish_timeout.as_millis()
+            ))),
+        };
+        if result.is_err() {
+            self.forget(job.id);
+        }
+        result
+    }
+
+    /// Drops the waiter of a job whose answer will not be awaited any more.
+    pub fn forget(&self, job_id: Uuid) {
+        self.pending.lock().expect("lock").remove(&job_id);
+    }
+}

@@ -1,0 +1,31 @@
+//! `pushfleet-ingest --config <file>`: serves the push API until SIGTERM or SIGINT.
+
+use std::process::ExitCode;
+
+use pushfleet_core::service::{init_logging, shutdown_signal, CommandLine};
+use pushfleet_ingest::Ingest;
+use tracing::info;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pushfleet-ingest: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), String> {
+    let command_line = CommandLine::parse("pushfleet-ingest", "")?;
+    if let Some(command) = command_line.command {
+        return Err(format!("unknown command {command:?}"));
+    }
+    let settings = command_line.settings()?;
+    init_logging(&settings.log);
+    let ingest = Ingest::bind(settings).await?;
+    shutdown_signal().await;
+    info!("shutting down: finishing in-flight requests");
+    ingest.stop().await
+}

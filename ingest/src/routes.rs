@@ -1,0 +1,220 @@
+//! HTTP routes: the Sylk v1 API, health, readiness and metrics.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{any, get};
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use pushfleet_core::job::{now_ms, Job, SyncReply, JOB_VERSION};
+use pushfleet_core::service::metrics_recorder;
+use pushfleet_core::{EventPolicies, ResponseMode, Settings};
+use serde_json::{json, Value};
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use crate::broker::Broker;
+use crate::error::ApiError;
+use crate::v1;
+
+pub struct AppState {
+    settings: Settings,
+    policies: EventPolicies,
+    broker: Broker,
+    metrics: PrometheusHandle,
+}
+
+impl AppState {
+    pub fn new(settings: Settings, broker: Broker) -> AppState {
+        AppState {
+            policies: settings.event_policies(),
+            settings,
+            broker,
+            metrics: metrics_recorder(),
+        }
+    }
+}
+
+type Shared = Arc<AppState>;
+
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/", get(home))
+        .route("/push", any(push_v1))
+        // Starlette's redirect_slashes, which Sylk clients may rely on.
+        .route("/push/", any(|| async { Redirect::temporary("/push") }))
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics_text))
+        .fallback(|| async { ApiError::detail(StatusCode::NOT_FOUND, "Not Found") })
+        .layer(middleware::from_fn(count_requests))
+        .with_state(state)
+}
+
+async fn home() -> Json<&'static str> {
+    Json("Welcome to sylk-push server")
+}
+
+async fn ready(State(state): State<Shared>) -> Response {
+    if state.broker.is_connected() {
+        Json(json!({"status": "ready"})).into_response()
+    } else {
+        ApiError::unavailable("not connected to RabbitMQ").into_response()
+    }
+}
+
+async fn metrics_text(State(state): State<Shared>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn count_requests(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("pushfleet_ingest_requests_total", "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("pushfleet_ingest_request_duration_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Reads the whole body, refusing more than `limit` bytes.
+async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::too_large(limit))
+}
+
+/// Parses a request body as the JSON object every API route takes.
+pub async fn json_object(
+    body: Body,
+    limit: usize,
+) -> Result<serde_json::Map<String, Value>, ApiError> {
+    let bytes = read_body(body, limit).await?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request("request body is empty"));
+    }
+    let value: Value = serde_json::from_slice(&bytes).map_err(|_| ApiError::unparsable_body())?;
+    match value {
+        Value::Object(map) => Ok(map),
+        _ => Err(ApiError::bad_request("request body must be a JSON object")),
+    }
+}
+
+async fn push_v1(
+    State(state): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response {
+    if request.method() != axum::http::Method::POST {
+        return ApiError::detail(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
+            .into_response();
+    }
+    match accept_v1(&state, peer, request.into_body()).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn accept_v1(state: &AppState, peer: SocketAddr, body: Body) -> Result<Response, ApiError> {
+    let body = json_object(body, state.settings.ingest.max_body_bytes).await?;
+    let valid = v1::validate(&body, &state.settings).inspect_err(|e| {
+        info!(peer = %peer.ip(), status = e.status.as_u16(), error = %e.body, "push request rejected");
+    })?;
+    let policy = state.policies.get(valid.event);
+    let now = now_ms();
+    let job = Job {
+        v: JOB_VERSION,
+        id: Uuid::new_v4(),
+        app_id: valid.app.id.clone(),
+        platform: valid.app.platform,
+        event: valid.event,
+        lane: policy.lane,
+        received_at_ms: now,
+        deadline_ms: now + policy.ttl.as_millis() as u64,
+        attempt: 0,
+        push: valid.push,
+    };
+    let request_id = format!("{}-{}-{}", job.event, job.app_id, job.push.call_id);
+    let sync = state.settings.ingest.mode == ResponseMode::Sync;
+    let reply = state
+        .broker
+        .publish(&job, policy.ttl, sync)
+        .await
+        .map_err(|e| {
+            warn!(%request_id, call_id = %job.push.call_id, error = %e, "push not queued");
+            ApiError::unavailable(format!("push queue unavailable: {e}"))
+        })?;
+    info!(
+        %request_id, call_id = %job.push.call_id, job_id = %job.id, peer = %peer.ip(),
+        platform = %job.platform, event = %job.event, to = %job.push.to, "push accepted"
+    );
+    metrics::counter!(
+        "pushfleet_ingest_jobs_total",
+        "app" => job.app_id.clone(), "platform" => job.platform.as_str(), "event" => job.event.as_str()
+    )
+    .increment(1);
+
+    let Some(reply) = reply else {
+        return Ok(accepted(job.id));
+    };
+    let wait = Duration::from_millis(state.settings.ingest.sync_timeout_ms);
+    match tokio::time::timeout(wait, reply).await {
+        Ok(Ok(reply)) => Ok(sync_answer(&job, reply)),
+        _ => {
+            // The job stays queued and will still be delivered and audited.
+            state.broker.forget(job.id);
+            metrics::counter!("pushfleet_ingest_sync_timeouts_total").increment(1);
+            Ok(accepted(job.id))
+        }
+    }
+}
+
+fn accepted(job_id: Uuid) -> Response {
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "code": 202,
+            "description": "accepted for delivery",
+            "data": {"job_id": job_id},
+        })),
+    )
+        .into_response()
+}
+
+/// The reference's synchronous answer: the HTTP status is the provider-derived code.
+fn sync_answer(job: &Job, reply: SyncReply) -> Response {
+    let status = StatusCode::from_u16(reply.code).unwrap_or(StatusCode::BAD_GATEWAY);
+    (
+        status,
+        Json(json!({
+            "code": reply.code,
+            "description": "push notification response",
+            "data": {
+                "body": reply.body,
+                "code": reply.code,
+                "reason": reply.reason,
+                "url": reply.url,
+                "platform": job.platform,
+                "call_id": job.push.call_id,
+                "token": job.push.token,
+            },
+        })),
+    )
+        .into_response()
+}

@@ -1,0 +1,374 @@
+//! The test stack: fake providers, a real ingest and a real worker on the machine's RabbitMQ
+//! and Postgres, each test in a namespace of its own.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+use pushfleet_core::{db, Settings};
+use pushfleet_fakes::{FakeOptions, FakeProviders, SandboxFiles};
+use pushfleet_ingest::Ingest;
+use pushfleet_worker::Worker;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::OnceCell;
+use uuid::Uuid;
+
+pub const SYLK: &str = "com.agprojects.sylk";
+pub const LINPHONE: &str = "org.linphone.phone";
+
+pub fn rabbitmq_url() -> String {
+    std::env::var("PUSHFLEET_TEST_RABBITMQ_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+pub fn postgres_url() -> String {
+    std::env::var("PUSHFLEET_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// Migrates the test database once per test process.
+async fn migrated_pool() -> Pool {
+    static MIGRATED: OnceCell<()> = OnceCell::const_new();
+    let settings = pushfleet_core::config::PostgresSettings {
+        url: postgres_url(),
+        pool_size: 4,
+        connect_timeout_ms: 5000,
+    };
+    let pool = db::pool(&settings).expect("pool");
+    MIGRATED
+        .get_or_init(|| async {
+            db::migrate(&pool).await.expect("migrations");
+            db::ensure_partitions(&pool).await.expect("partitions");
+        })
+        .await;
+    pool
+}
+
+/// How a test wants its stack.
+pub struct StackOptions {
+    pub mode: &'static str,
+    pub sync_timeout_ms: u64,
+    pub fakes: FakeOptions,
+    /// Replaces the RabbitMQ URL (a test proxy in front of the broker).
+    pub rabbitmq_url: Option<String>,
+    pub start_worker: bool,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        StackOptions {
+            mode: "sync",
+            sync_timeout_ms: 5000,
+            fakes: FakeOptions::default(),
+            rabbitmq_url: None,
+            start_worker: true,
+        }
+    }
+}
+
+pub struct Stack {
+    pub fakes: FakeProviders,
+    pub files: SandboxFiles,
+    pub settings: Settings,
+    pub ingest: Option<Ingest>,
+    pub worker: Option<Worker>,
+    pub pool: Pool,
+    pub http: reqwest::Client,
+    dir: PathBuf,
+}
+
+impl Stack {
+    pub async fn start() -> Stack {
+        Stack::start_with(StackOptions::default()).await
+    }
+
+    pub async fn start_with(options: StackOptions) -> Stack {
+        let fakes = FakeProviders::start(options.fakes).await.expect("fakes");
+        let dir = std::env::temp_dir().join(format!("pushfleet-it-{}", Uuid::new_v4()));
+        let mut files = fakes.write_sandbox_files(&dir).expect("sandbox files");
+        // The certificate-auth app needs a certificate issued for its own bundle.
+        let (cert, key) = fakes.apns.issue_client_certificate(LINPHONE);
+        files.apns_client_cert_pem = dir.join("linphone-cert.pem");
+        files.apns_client_key_pem = dir.join("linphone-key.pem");
+        std::fs::write(&files.apns_client_cert_pem, cert).unwrap();
+        std::fs::write(&files.apns_client_key_pem, key).unwrap();
+        let namespace = format!("it-{}", Uuid::new_v4().simple());
+        let config = config_toml(
+            &files,
+            &namespace,
+            options.mode,
+            options.sync_timeout_ms,
+            &options.rabbitmq_url.unwrap_or_else(rabbitmq_url),
+        );
+        let settings = Settings::from_toml(&config, Vec::new(), &dir).expect("test settings");
+        let pool = migrated_pool().await;
+        let worker = if options.start_worker {
+            Some(start_worker(&settings).await)
+        } else {
+            None
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ingest = Ingest::start(settings.clone(), listener)
+            .await
+            .expect("ingest starts");
+        Stack {
+            fakes,
+            files,
+            settings,
+            ingest: Some(ingest),
+            worker,
+            pool,
+            http: reqwest::Client::new(),
+            dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.ingest.as_ref().unwrap().addr, path)
+    }
+
+    /// POSTs a JSON body to `/push`; returns the status and the JSON answer.
+    pub async fn push(&self, body: &Value) -> (u16, Value) {
+        self.post_raw("/push", body.to_string().into_bytes()).await
+    }
+
+    pub async fn post_raw(&self, path: &str, body: Vec<u8>) -> (u16, Value) {
+        let response = self
+            .http
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("ingest answers");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        let json = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("answer {status} is not JSON: {text:?}"));
+        (status, json)
+    }
+
+    /// Waits for the audit rows of `call_id`; returns (status, attempts, event, platform) each.
+    pub async fn deliveries(&self, call_id: &str, expected: usize) -> Vec<DeliveryRow> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let client = self.pool.get().await.unwrap();
+            let rows = client
+                .query(
+                    "SELECT id, status, attempts, event, platform, app_id, provider_status,
+                            provider_message_id, token_fingerprint, device_id, lane
+                       FROM deliveries WHERE call_id = $1 ORDER BY received_at",
+                    &[&call_id],
+                )
+                .await
+                .unwrap();
+            if rows.len() >= expected || Instant::now() > deadline {
+                return rows
+                    .iter()
+                    .map(|r| DeliveryRow {
+                        id: r.get(0),
+                        status: r.get(1),
+                        attempts: r.get(2),
+                        event: r.get(3),
+                        platform: r.get(4),
+                        app_id: r.get(5),
+                        provider_status: r.get(6),
+                        provider_message_id: r.get(7),
+                        token_fingerprint: r.get(8),
+                        device_id: r.get(9),
+                        lane: r.get(10),
+                    })
+                    .collect();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn attempts(&self, job_id: Uuid) -> Vec<(i32, Option<i32>)> {
+        let client = self.pool.get().await.unwrap();
+        client
+            .query(
+                "SELECT attempt, provider_status FROM delivery_attempts WHERE job_id = $1 ORDER BY attempt",
+                &[&job_id],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    }
+
+    /// Stops the services and removes the test's queues and exchanges.
+    pub async fn stop(mut self) {
+        if let Some(ingest) = self.ingest.take() {
+            ingest.stop().await.unwrap();
+        }
+        if let Some(worker) = self.worker.take() {
+            worker.stop().await;
+        }
+        let topology = pushfleet_core::Topology::new(&self.settings.rabbitmq.namespace);
+        if let Ok(connection) =
+            pushfleet_core::topology::connect(&self.settings.rabbitmq, "it-cleanup").await
+        {
+            if let Ok(channel) = connection.create_channel().await {
+                for queue in topology.queues() {
+                    let _ = channel
+                        .queue_delete(queue.into(), QueueDeleteOptions::default())
+                        .await;
+                }
+                for exchange in topology.exchanges() {
+                    let _ = channel
+                        .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+                        .await;
+                }
+            }
+            let _ = connection.close(200, "done".into()).await;
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub async fn start_worker(settings: &Settings) -> Worker {
+    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    Worker::start(settings.clone(), http)
+        .await
+        .expect("worker starts")
+}
+
+#[derive(Debug, Clone)]
+pub struct DeliveryRow {
+    pub id: Uuid,
+    pub status: String,
+    pub attempts: i32,
+    pub event: String,
+    pub platform: String,
+    pub app_id: String,
+    pub provider_status: Option<i32>,
+    pub provider_message_id: Option<String>,
+    pub token_fingerprint: String,
+    pub device_id: Option<String>,
+    pub lane: String,
+}
+
+/// Four apps: Sylk and Linphone, each on Apple and Firebase; the Sylk Apple app uses token auth,
+/// the Linphone Apple app certificate auth.
+fn config_toml(
+    files: &SandboxFiles,
+    namespace: &str,
+    mode: &str,
+    sync_timeout_ms: u64,
+    amqp: &str,
+) -> String {
+    let p = |path: &PathBuf| path.display().to_string();
+    format!(
+        r#"
+[ingest]
+listen = "127.0.0.1:0"
+mode = "{mode}"
+sync_timeout_ms = {sync_timeout_ms}
+
+[rabbitmq]
+url = "{amqp}"
+namespace = "{namespace}"
+prefetch = 64
+
+[postgres]
+url = "{pg}"
+
+[worker]
+listen = "127.0.0.1:0"
+id = "it-worker"
+audit_flush_ms = 10
+request_timeout_ms = 5000
+
+[log]
+level = "warn"
+
+[[apps]]
+id = "{SYLK}"
+platform = "apple"
+type = "sylk"
+[apps.apns]
+endpoint = "{apns}"
+ca_file = "{ca}"
+key_file = "{p8}"
+key_id = "{key_id}"
+team_id = "{team_id}"
+
+[[apps]]
+id = "{SYLK}"
+platform = "firebase"
+type = "sylk"
+[apps.fcm]
+endpoint = "{fcm}"
+ca_file = "{ca}"
+service_account_file = "{sa}"
+
+[[apps]]
+id = "{LINPHONE}"
+platform = "apple"
+type = "linphone"
+[apps.apns]
+endpoint = "{apns}"
+ca_file = "{ca}"
+cert_file = "{cert}"
+cert_key_file = "{cert_key}"
+
+[[apps]]
+id = "{LINPHONE}"
+platform = "firebase"
+type = "linphone"
+[apps.fcm]
+endpoint = "{fcm}"
+ca_file = "{ca}"
+service_account_file = "{sa}"
+"#,
+        pg = postgres_url(),
+        apns = files.apns_url,
+        fcm = files.fcm_url,
+        ca = p(&files.ca_pem),
+        p8 = p(&files.apns_key_p8),
+        key_id = files.apns_key_id,
+        team_id = files.apns_team_id,
+        cert = p(&files.apns_client_cert_pem),
+        cert_key = p(&files.apns_client_key_pem),
+        sa = p(&files.fcm_service_account_json),
+    )
+}
+
+/// A fresh call-id, so that a test finds its own audit rows.
+pub fn call_id() -> String {
+    format!("{}@it.pushfleet", Uuid::new_v4())
+}
+
+/// A plausible APNs device token (64 hex digits), unique per call.
+pub fn apns_token() -> String {
+    format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple())
+}
+
+pub fn fcm_token() -> String {
+    format!(
+        "fcm-{}:APA91b{}",
+        Uuid::new_v4().simple(),
+        Uuid::new_v4().simple()
+    )
+}
+
+/// A v1 request as `sylk-pushclient` sends it.
+pub fn v1_body(app_id: &str, platform: &str, token: &str, event: &str, call_id: &str) -> Value {
+    json!({
+        "platform": platform,
+        "app-id": app_id,
+        "token": token,
+        "media-type": "audio",
+        "event": event,
+        "from": "alice@example.com",
+        "from-display-name": "Alice",
+        "to": "bob@example.com",
+        "device-id": "dev-1",
+        "call-id": call_id,
+        "silent": "1",
+    })
+}

@@ -1,0 +1,207 @@
+//! pushfleet-worker: consumes push jobs from RabbitMQ, sends them to APNs and FCM, reports each
+//! outcome, and (in the audit sink) writes the audit trail to Postgres.
+#![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod dispatch;
+pub mod outcome;
+pub mod payload;
+pub mod providers;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use pushfleet_core::service::metrics_recorder;
+use pushfleet_core::topology::{self, Topology};
+use pushfleet_core::{db, Settings};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::audit::AuditSink;
+use crate::dispatch::Dispatcher;
+
+/// A running worker process: senders, optionally the audit sink, and its HTTP endpoint.
+pub struct Worker {
+    pub http_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Worker {
+    /// Checks credentials, the broker and (for the audit sink) Postgres, then starts. Each
+    /// check failing is a start-up error with a one-line reason.
+    pub async fn start(settings: Settings, http: TcpListener) -> Result<Worker, String> {
+        let worker_id = settings.worker.id.clone().unwrap_or_else(default_worker_id);
+        let dispatcher = Arc::new(Dispatcher::new(&settings, worker_id.clone())?);
+        let first_connection = topology::connect(&settings.rabbitmq, &worker_id).await?;
+        let topology = Topology::new(&settings.rabbitmq.namespace);
+        let channel = first_connection
+            .create_channel()
+            .await
+            .map_err(|e| format!("RabbitMQ channel: {e}"))?;
+        topology
+            .declare(&channel)
+            .await
+            .map_err(|e| format!("RabbitMQ topology: {e}"))?;
+        let _ = channel.close(200, "declared".into()).await;
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let sink = if settings.worker.audit_sink {
+            let pool = db::pool(&settings.postgres)?;
+            db::ping(&pool, &settings.postgres).await?;
+            tasks.spawn(audit::maintain_partitions(
+                pool.clone(),
+                shutdown_rx.clone(),
+            ));
+            Some(Arc::new(AuditSink::new(
+                pool,
+                topology.clone(),
+                settings.worker.audit_batch_size,
+                Duration::from_millis(settings.worker.audit_flush_ms),
+            )))
+        } else {
+            None
+        };
+
+        let http_addr = http.local_addr().map_err(|e| format!("listener: {e}"))?;
+        tasks.spawn(serve_http(http, shutdown_rx.clone()));
+        tasks.spawn(supervise(
+            settings,
+            worker_id,
+            dispatcher,
+            sink,
+            Some(first_connection),
+            shutdown_rx,
+        ));
+        info!(%http_addr, "worker started");
+        Ok(Worker {
+            http_addr,
+            shutdown,
+            tasks,
+        })
+    }
+
+    pub async fn bind(settings: Settings) -> Result<Worker, String> {
+        let listen = settings.worker.listen;
+        let http = TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        Worker::start(settings, http).await
+    }
+
+    /// Stops consuming, finishes the jobs in hand, flushes outcomes, closes connections.
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "worker".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Owns the broker connection: runs the dispatcher and the sink on it, and reconnects when it
+/// drops, until shutdown.
+async fn supervise(
+    settings: Settings,
+    worker_id: String,
+    dispatcher: Arc<Dispatcher>,
+    sink: Option<Arc<AuditSink>>,
+    mut connection: Option<lapin::Connection>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let conn = match connection.take() {
+            Some(c) => c,
+            None => match topology::connect(&settings.rabbitmq, &worker_id).await {
+                Ok(c) => {
+                    info!("reconnected to RabbitMQ");
+                    delay = Duration::from_millis(100);
+                    c
+                }
+                Err(e) => {
+                    warn!(error = %e, "RabbitMQ unreachable; retrying");
+                    let mut stop = shutdown.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.changed() => return,
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            },
+        };
+        metrics::gauge!("pushfleet_broker_connected", "service" => "worker").set(1.0);
+        let declare = async {
+            let channel = conn.create_channel().await?;
+            Topology::new(&settings.rabbitmq.namespace)
+                .declare(&channel)
+                .await?;
+            channel.close(200, "declared".into()).await
+        };
+        let work = async {
+            declare.await?;
+            let senders = dispatcher.run(&conn, settings.rabbitmq.prefetch, shutdown.clone());
+            match &sink {
+                Some(sink) => {
+                    let (a, b) = tokio::join!(senders, sink.run(&conn, shutdown.clone()));
+                    a.and(b)
+                }
+                None => senders.await,
+            }
+        };
+        // A dead connection ends the work at once: its unacked jobs return to the queues, and
+        // the loop reconnects.
+        let result = tokio::select! {
+            result = work => result,
+            _ = topology::closed(&conn) => Ok(()),
+        };
+        metrics::gauge!("pushfleet_broker_connected", "service" => "worker").set(0.0);
+        if *shutdown.borrow() {
+            let _ = conn.close(200, "shutdown".into()).await;
+            return;
+        }
+        match result {
+            Err(e) => warn!(error = %e, "lost the RabbitMQ connection; reconnecting"),
+            Ok(()) => warn!("RabbitMQ cancelled our consumers; reconnecting"),
+        }
+        let _ = conn.close(200, "reconnecting".into()).await;
+    }
+}
+
+async fn serve_http(listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    let metrics = metrics_recorder();
+    let app = Router::new()
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        metrics.render(),
+                    )
+                        .into_response()
+                }
+            }),
+        );
+    let _ = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        })
+        .await;
+}

@@ -1,0 +1,44 @@
+//! `pushfleet-worker --config <file> [migrate]`: delivers pushes until SIGTERM or SIGINT, or
+//! applies the database migrations and exits.
+
+use std::process::ExitCode;
+
+use pushfleet_core::db;
+use pushfleet_core::service::{init_logging, shutdown_signal, CommandLine};
+use pushfleet_worker::Worker;
+use tracing::info;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pushfleet-worker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), String> {
+    let command_line = CommandLine::parse("pushfleet-worker", "[migrate]")?;
+    let settings = command_line.settings()?;
+    init_logging(&settings.log);
+    match command_line.command.as_deref() {
+        None => {
+            let worker = Worker::bind(settings).await?;
+            shutdown_signal().await;
+            info!("shutting down: finishing jobs in hand");
+            worker.stop().await;
+            Ok(())
+        }
+        Some("migrate") => {
+            let pool = db::pool(&settings.postgres)?;
+            db::ping(&pool, &settings.postgres).await?;
+            let applied = db::migrate(&pool).await?;
+            db::ensure_partitions(&pool).await?;
+            println!("migrations applied: {applied:?}");
+            Ok(())
+        }
+        Some(other) => Err(format!("unknown command {other:?} (known: migrate)")),
+    }
+}

@@ -1,0 +1,221 @@
+//! What pushfleet sends to APNs and FCM for each (app type, event): the request Sylk Pushserver
+//! builds, key for key, so existing Sylk and Linphone clients keep working, minus the reference's
+//! mistakes (expiry headers, FCM `ttl`, non-string FCM data, a bogus `content-available` header).
+//! Pure functions: no clock reads except where a wrapper says so, no I/O.
+
+mod linphone;
+mod sylk;
+
+use pushfleet_core::config::{AppSettings, AppType};
+use pushfleet_core::job::{now_ms, Job};
+use pushfleet_core::policy::EventPolicy;
+use serde_json::{Map, Value};
+
+/// The headers and body of one APNs request (the device token goes into the URL).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApnsRequest {
+    pub push_type: &'static str,
+    pub priority: u8,
+    pub topic: String,
+    /// `apns-expiration`, absolute epoch seconds.
+    pub expiration: u64,
+    pub payload: Value,
+}
+
+/// The APNs request for `job`, stamped with the current time where the payload carries one.
+pub fn apns_request(app: &AppSettings, job: &Job, policy: &EventPolicy) -> ApnsRequest {
+    apns_request_at(app, job, policy, now_ms())
+}
+
+/// [`apns_request`] with an explicit clock, for reproducible payloads.
+pub fn apns_request_at(
+    app: &AppSettings,
+    job: &Job,
+    policy: &EventPolicy,
+    now_ms: u64,
+) -> ApnsRequest {
+    match app.app_type {
+        AppType::Sylk => sylk::apns_request(&app.id, job, policy),
+        AppType::Linphone => linphone::apns_request(&app.id, job, now_ms),
+    }
+}
+
+/// The full FCM v1 body, `{"message": {...}}`.
+///
+/// The policy is not consulted: it only shapes APNs requests, and on FCM every event is a
+/// high-priority message whose lifetime comes from the job's deadline.
+pub fn fcm_message(app: &AppSettings, job: &Job, _policy: &EventPolicy, now_ms: u64) -> Value {
+    match app.app_type {
+        AppType::Sylk => sylk::fcm_message(job, now_ms),
+        AppType::Linphone => linphone::fcm_message(job, now_ms),
+    }
+}
+
+/// Sylk's topic rule: one trailing `.dev` or `.prod` label is an environment marker in the
+/// configured app id, not part of the bundle id.
+fn bundle_id(app_id: &str) -> &str {
+    app_id
+        .strip_suffix(".dev")
+        .or_else(|| app_id.strip_suffix(".prod"))
+        .unwrap_or(app_id)
+}
+
+/// APNs reads `apns-expiration` as an absolute instant; the job's deadline is exactly the moment
+/// after which the push is worthless.
+fn apns_expiration(job: &Job) -> u64 {
+    job.deadline_ms / 1000
+}
+
+/// FCM's `android.ttl` is relative, so it is the time left until the deadline, rounded up so a
+/// push with 300 ms left is still offered for a second rather than dropped at once ("0s").
+fn fcm_ttl(job: &Job, now_ms: u64) -> String {
+    const FCM_MAX_TTL_SECS: u64 = 2_419_200;
+    let remaining_ms = job.deadline_ms.saturating_sub(now_ms);
+    let secs = remaining_ms.div_ceil(1000).min(FCM_MAX_TTL_SECS);
+    format!("{secs}s")
+}
+
+/// The `android` block every pushfleet FCM message carries.
+fn android_block(job: &Job, now_ms: u64) -> Map<String, Value> {
+    let mut android = Map::new();
+    android.insert("priority".into(), "high".into());
+    android.insert("ttl".into(), fcm_ttl(job, now_ms).into());
+    android
+}
+
+/// FCM v1 rejects any `data` value that is not a string (including `null`), so absent fields are
+/// left out instead of being sent as `null` the way the reference does.
+fn string_map(entries: impl IntoIterator<Item = (&'static str, Option<String>)>) -> Value {
+    Value::Object(
+        entries
+            .into_iter()
+            .filter_map(|(key, value)| value.map(|v| (key.to_string(), Value::String(v))))
+            .collect(),
+    )
+}
+
+/// `Option<String>` as JSON, `null` when absent: APNs payloads keep the reference's nulls.
+fn nullable(value: &Option<String>) -> Value {
+    value.clone().map_or(Value::Null, Value::String)
+}
+
+/// "YYYY-MM-DD HH:MM:SS" in UTC, the shape of Linphone's `send-time`.
+fn format_send_time(epoch_ms: u64) -> String {
+    let secs = epoch_ms / 1000;
+    let (days, day_secs) = (secs / 86_400, secs % 86_400);
+    let (year, month, day) = civil_from_days(days as i64);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        day_secs / 3600,
+        day_secs % 3600 / 60,
+        day_secs % 60
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use pushfleet_core::config::{AppSettings, AppType, Platform};
+    use pushfleet_core::job::{Job, PushData};
+    use pushfleet_core::policy::{Event, EventPolicies, EventPolicy};
+    use uuid::Uuid;
+
+    /// 2024-05-06 07:08:09.500 UTC
+    pub const NOW_MS: u64 = 1_714_979_289_500;
+
+    pub fn app(id: &str, platform: Platform, app_type: AppType) -> AppSettings {
+        AppSettings {
+            id: id.into(),
+            platform,
+            app_type,
+            apns: None,
+            fcm: None,
+        }
+    }
+
+    pub fn job(platform: Platform, event: Event) -> Job {
+        let policy = EventPolicies::default();
+        Job {
+            v: 1,
+            id: Uuid::parse_str("6f1c1c3e-4a43-4c3e-9d6f-5a1f8a2b0c11").expect("literal uuid"),
+            app_id: "com.agprojects.sylk-ios.prod".into(),
+            platform,
+            event,
+            lane: policy.get(event).lane,
+            received_at_ms: NOW_MS - 500,
+            deadline_ms: NOW_MS + 59_500,
+            attempt: 0,
+            push: PushData {
+                token: "tok".into(),
+                call_id: "call-123@host".into(),
+                from: "alice@example.com".into(),
+                to: "bob@example.com".into(),
+                media_type: Some("audio".into()),
+                silent: true,
+                badge: 1,
+                ..Default::default()
+            },
+        }
+    }
+
+    pub fn policy(event: Event) -> EventPolicy {
+        *EventPolicies::default().get(event)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::*;
+    use super::*;
+    use pushfleet_core::config::Platform;
+    use pushfleet_core::policy::Event;
+
+    #[test]
+    fn send_time_is_utc_calendar_time() {
+        assert_eq!(format_send_time(NOW_MS), "2024-05-06 07:08:09");
+        assert_eq!(format_send_time(0), "1970-01-01 00:00:00");
+        assert_eq!(format_send_time(951_782_400_000), "2000-02-29 00:00:00");
+        assert_eq!(format_send_time(4_107_542_399_000), "2100-02-28 23:59:59");
+    }
+
+    #[test]
+    fn bundle_id_strips_one_environment_label() {
+        assert_eq!(
+            bundle_id("com.agprojects.sylk-ios.prod"),
+            "com.agprojects.sylk-ios"
+        );
+        assert_eq!(bundle_id("com.x.app.dev"), "com.x.app");
+        assert_eq!(bundle_id("com.x.app.dev.prod"), "com.x.app.dev");
+        assert_eq!(bundle_id("com.x.production"), "com.x.production");
+    }
+
+    #[test]
+    fn fcm_ttl_counts_down_to_the_deadline() {
+        let mut job = job(Platform::Firebase, Event::IncomingSession);
+        assert_eq!(fcm_ttl(&job, NOW_MS), "60s");
+        assert_eq!(fcm_ttl(&job, job.deadline_ms - 300), "1s");
+        assert_eq!(fcm_ttl(&job, job.deadline_ms), "0s");
+        assert_eq!(fcm_ttl(&job, job.deadline_ms + 5_000), "0s");
+        job.deadline_ms = NOW_MS + 40 * 86_400_000;
+        assert_eq!(fcm_ttl(&job, NOW_MS), "2419200s");
+    }
+
+    #[test]
+    fn apns_expiration_is_the_deadline_in_epoch_seconds() {
+        let job = job(Platform::Apple, Event::IncomingSession);
+        assert_eq!(apns_expiration(&job), 1_714_979_349);
+    }
+}

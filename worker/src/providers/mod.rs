@@ -1,0 +1,302 @@
+//! The provider side of a worker: one long-lived HTTP client per configured app, talking to APNs
+//! or FCM, and the translation of what the provider said into a [`ProviderResponse`] (for outcome
+//! classification) or into the Sylk-shaped answer synchronous callers expect.
+
+pub mod apns;
+pub mod fcm;
+pub mod oauth;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use pushfleet_core::config::{AppSettings, Platform};
+use pushfleet_core::job::{now_ms, Job};
+use pushfleet_core::policy::EventPolicy;
+use serde_json::{json, Value};
+
+use crate::payload;
+
+/// What one send produced, whether or not the provider answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderResponse {
+    /// `None` when no HTTP answer came (connect error, reset, timeout).
+    pub status: Option<u16>,
+    /// APNs `reason`; FCM `errorCode` from the FcmError detail, else `error.status`.
+    pub reason: Option<String>,
+    /// The parsed JSON body; `{}` when empty, a JSON string when the body was not JSON.
+    pub body: Value,
+    /// `apns-id` header / FCM message `name`.
+    pub message_id: Option<String>,
+    pub retry_after: Option<Duration>,
+    /// APNs 410: when the token stopped being valid, epoch milliseconds.
+    pub apns_timestamp_ms: Option<u64>,
+    pub url: String,
+    pub transport_error: Option<String>,
+    pub duration: Duration,
+}
+
+impl ProviderResponse {
+    /// A send that never got an HTTP answer.
+    pub fn transport_failure(url: String, error: String, started: Instant) -> ProviderResponse {
+        ProviderResponse {
+            status: None,
+            reason: None,
+            body: json!({}),
+            message_id: None,
+            retry_after: None,
+            apns_timestamp_ms: None,
+            url,
+            transport_error: Some(error),
+            duration: started.elapsed(),
+        }
+    }
+
+    pub fn is_success(&self) -> bool {
+        self.status == Some(200)
+    }
+}
+
+/// A ready-to-use client for one app.
+pub enum Provider {
+    Apns(apns::ApnsClient),
+    Fcm(fcm::FcmClient),
+}
+
+impl Provider {
+    /// Loads credentials and builds the client; errors are one clear line naming the app and file.
+    pub fn for_app(app: &AppSettings, request_timeout: Duration) -> Result<Provider, String> {
+        let label = format!("app {} ({})", app.id, app.platform);
+        match app.platform {
+            Platform::Apple => {
+                let settings = app
+                    .apns
+                    .as_ref()
+                    .ok_or_else(|| format!("{label}: no [apps.apns] section"))?;
+                apns::ApnsClient::new(settings, request_timeout)
+                    .map(Provider::Apns)
+                    .map_err(|e| format!("{label}: {e}"))
+            }
+            Platform::Firebase => {
+                let settings = app
+                    .fcm
+                    .as_ref()
+                    .ok_or_else(|| format!("{label}: no [apps.fcm] section"))?;
+                fcm::FcmClient::new(settings, request_timeout)
+                    .map(Provider::Fcm)
+                    .map_err(|e| format!("{label}: {e}"))
+            }
+        }
+    }
+
+    /// Sends `job` once. Never fails: every problem is described in the response.
+    ///
+    /// A rejected credential (APNs 403 ExpiredProviderToken/InvalidProviderToken, FCM 401
+    /// UNAUTHENTICATED) is replaced by the client itself, so retrying the job is enough.
+    pub async fn send(
+        &self,
+        app: &AppSettings,
+        job: &Job,
+        policy: &EventPolicy,
+    ) -> ProviderResponse {
+        match self {
+            Provider::Apns(client) => {
+                let request = payload::apns_request(app, job, policy);
+                client.send(&request, &job.push.token, job.id).await
+            }
+            Provider::Fcm(client) => {
+                let message = payload::fcm_message(app, job, policy, now_ms());
+                client.send(&message).await
+            }
+        }
+    }
+
+    /// Replaces the APNs provider token / drops the FCM access token, unless it is brand new.
+    /// `send` has already replaced a credential the provider rejected, so after a credential
+    /// error a retry is enough; calling this as well is harmless.
+    pub async fn refresh_credentials(&self) {
+        match self {
+            Provider::Apns(client) => client.refresh_token(),
+            Provider::Fcm(client) => client.invalidate_access_token().await,
+        }
+    }
+
+    pub fn platform(&self) -> Platform {
+        match self {
+            Provider::Apns(_) => Platform::Apple,
+            Provider::Fcm(_) => Platform::Firebase,
+        }
+    }
+}
+
+/// The Sylk-shaped result for sync answers: (code, reason text, body), as the reference reports
+/// it, including its mapping of "token is gone" answers to 410.
+pub fn sylk_result(platform: Platform, response: &ProviderResponse) -> (u16, String, Value) {
+    let Some(status) = response.status else {
+        let error = response
+            .transport_error
+            .as_deref()
+            .unwrap_or("no answer from the provider");
+        return (500, format!("Internal server error: {error}"), json!({}));
+    };
+    match platform {
+        Platform::Apple => apns::sylk_result(status, response),
+        Platform::Firebase => fcm::sylk_result(status, response),
+    }
+}
+
+/// An HTTP client trusting the system's usual roots plus, when configured, `ca_file` (a sandbox,
+/// a fake provider or an intercepting proxy).
+fn client_builder(
+    ca_file: Option<&Path>,
+    request_timeout: Duration,
+) -> Result<reqwest::ClientBuilder, String> {
+    let mut builder = reqwest::Client::builder()
+        .use_rustls_tls()
+        .timeout(request_timeout)
+        .connect_timeout(request_timeout)
+        // Idle connections are kept: reconnecting is what costs, and APNs treats rapid
+        // connect/disconnect cycles as abuse.
+        .pool_idle_timeout(None)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .http2_keep_alive_timeout(Duration::from_secs(10))
+        .http2_keep_alive_while_idle(true);
+    if let Some(path) = ca_file {
+        let pem = read_file(path)?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("{}: not a PEM certificate bundle: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!("{}: no certificate found", path.display()));
+        }
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    Ok(builder)
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+/// reqwest's top-level message ("error sending request") hides the cause; the chain names it
+/// (connection refused, certificate unknown, timed out...).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// The URL holds the device token, which must not reach logs or audit rows through an error
+/// message; the response's `url` field already says where the request went.
+fn send_error(error: reqwest::Error) -> String {
+    error_chain(&error.without_url())
+}
+
+/// What came back over HTTP, before provider-specific interpretation.
+struct RawAnswer {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: Value,
+    /// Set when the status arrived but the body could not be read.
+    body_error: Option<String>,
+}
+
+async fn read_answer(response: reqwest::Response) -> RawAnswer {
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let (body, body_error) = match response.bytes().await {
+        Ok(bytes) => (parse_body(&bytes), None),
+        Err(e) => (json!({}), Some(send_error(e))),
+    };
+    RawAnswer {
+        status,
+        headers,
+        body,
+        body_error,
+    }
+}
+
+fn parse_body(bytes: &[u8]) -> Value {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return json!({});
+    }
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+fn header_str<'a>(headers: &'a reqwest::header::HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// `Retry-After` in its delta-seconds form, the one FCM uses; an HTTP date is ignored and the
+/// caller falls back to its own back-off.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    header_str(headers, "retry-after")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    reqwest::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_answer_is_a_sylk_500() {
+        let r = ProviderResponse::transport_failure(
+            "https://api.push.apple.com/3/device/abc".into(),
+            "connection refused".into(),
+            Instant::now(),
+        );
+        for platform in [Platform::Apple, Platform::Firebase] {
+            assert_eq!(
+                sylk_result(platform, &r),
+                (
+                    500,
+                    "Internal server error: connection refused".to_string(),
+                    json!({})
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn bodies_are_parsed_leniently() {
+        assert_eq!(parse_body(b""), json!({}));
+        assert_eq!(parse_body(b" \n"), json!({}));
+        assert_eq!(
+            parse_body(br#"{"reason":"Shutdown"}"#),
+            json!({"reason": "Shutdown"})
+        );
+        assert_eq!(parse_body(b"upstream gone"), json!("upstream gone"));
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_only() {
+        let mut headers = reqwest::header::HeaderMap::new();
+        assert_eq!(retry_after(&headers), None);
+        headers.insert("retry-after", "120".parse().expect("header value"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(120)));
+        headers.insert(
+            "retry-after",
+            "Wed, 21 Oct 2015 07:28:00 GMT"
+                .parse()
+                .expect("header value"),
+        );
+        assert_eq!(retry_after(&headers), None);
+    }
+}

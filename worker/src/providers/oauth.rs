@@ -1,0 +1,362 @@
+//! OAuth 2.0 access tokens for FCM from a Google service account (JWT-bearer grant).
+//!
+//! The reference fetched a token for every push, which doubles latency and gets throttled; here
+//! one token is cached per client, renewed shortly before it expires, and fetched by one caller
+//! at a time while the others wait for that same fetch.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use super::{error_chain, read_file};
+
+pub const FCM_SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
+const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+const GOOGLE_TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
+/// Google caps assertions at one hour.
+const ASSERTION_LIFETIME_SECS: u64 = 3600;
+
+/// The parts of a service-account JSON key that FCM needs.
+pub struct ServiceAccount {
+    pub project_id: Option<String>,
+    pub client_email: String,
+    pub token_uri: String,
+    private_key_id: Option<String>,
+    key: EncodingKey,
+}
+
+#[derive(Deserialize)]
+struct ServiceAccountFile {
+    project_id: Option<String>,
+    private_key_id: Option<String>,
+    private_key: String,
+    client_email: String,
+    token_uri: Option<String>,
+}
+
+#[derive(Serialize)]
+struct AssertionClaims<'a> {
+    iss: &'a str,
+    scope: &'a str,
+    aud: &'a str,
+    iat: u64,
+    exp: u64,
+}
+
+impl ServiceAccount {
+    pub fn load(path: &Path) -> Result<ServiceAccount, String> {
+        let text = read_file(path)?;
+        ServiceAccount::from_json(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn from_json(text: &[u8]) -> Result<ServiceAccount, String> {
+        let file: ServiceAccountFile = serde_json::from_slice(text)
+            .map_err(|e| format!("not a Google service-account JSON key: {e}"))?;
+        let key = EncodingKey::from_rsa_pem(file.private_key.as_bytes())
+            .map_err(|e| format!("private_key is not an RSA private key in PEM: {e}"))?;
+        Ok(ServiceAccount {
+            project_id: file.project_id.filter(|p| !p.is_empty()),
+            client_email: file.client_email,
+            token_uri: file
+                .token_uri
+                .unwrap_or_else(|| GOOGLE_TOKEN_URI.to_string()),
+            private_key_id: file.private_key_id,
+            key,
+        })
+    }
+
+    /// The signed RS256 assertion exchanged for an access token.
+    pub fn assertion(&self, now_secs: u64) -> Result<String, String> {
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = self.private_key_id.clone();
+        let claims = AssertionClaims {
+            iss: &self.client_email,
+            scope: FCM_SCOPE,
+            aud: &self.token_uri,
+            iat: now_secs,
+            exp: now_secs + ASSERTION_LIFETIME_SECS,
+        };
+        jsonwebtoken::encode(&header, &claims, &self.key)
+            .map_err(|e| format!("cannot sign the OAuth assertion: {e}"))
+    }
+}
+
+/// The cached access token of one service account.
+pub struct AccessTokens {
+    account: ServiceAccount,
+    http: reqwest::Client,
+    state: Mutex<TokenState>,
+    fetches: AtomicU64,
+}
+
+#[derive(Default)]
+struct TokenState {
+    token: Option<AccessToken>,
+    /// The last failed fetch, handed to the callers that were waiting for it.
+    failure: Option<(Instant, String)>,
+}
+
+struct AccessToken {
+    value: Arc<str>,
+    fetched_at: Instant,
+    refresh_at: Instant,
+    expires_at: Instant,
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    expires_in: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+struct TokenError {
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+impl AccessTokens {
+    /// `http` is the FCM client's, so the app's `ca_file` is trusted for `token_uri` too.
+    pub fn new(account: ServiceAccount, http: reqwest::Client) -> AccessTokens {
+        AccessTokens {
+            account,
+            http,
+            state: Mutex::new(TokenState::default()),
+            fetches: AtomicU64::new(0),
+        }
+    }
+
+    /// The process's cache for this service account: every app (and so every FCM client) using
+    /// the same account shares one access token, so a worker fetches once per account, not once
+    /// per app. The first app to register an account decides the HTTP client used for `token_uri`.
+    pub fn shared(account: ServiceAccount, http: reqwest::Client) -> Arc<AccessTokens> {
+        type Registry =
+            std::sync::Mutex<std::collections::HashMap<(String, String), Arc<AccessTokens>>>;
+        static REGISTRY: std::sync::OnceLock<Registry> = std::sync::OnceLock::new();
+        let key = (account.client_email.clone(), account.token_uri.clone());
+        let mut registry = REGISTRY
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        registry
+            .entry(key)
+            .or_insert_with(|| Arc::new(AccessTokens::new(account, http)))
+            .clone()
+    }
+
+    pub fn account(&self) -> &ServiceAccount {
+        &self.account
+    }
+
+    /// Token requests made so far.
+    pub fn fetches(&self) -> u64 {
+        self.fetches.load(Ordering::Relaxed)
+    }
+
+    /// A valid access token, fetched only when the cached one is missing or about to expire.
+    pub async fn get(&self) -> Result<Arc<str>, String> {
+        let asked = Instant::now();
+        let mut state = self.state.lock().await;
+        let now = Instant::now();
+        if let Some(token) = state.token.as_ref().filter(|t| now < t.refresh_at) {
+            return Ok(token.value.clone());
+        }
+        // Whoever queued behind a fetch that just failed shares its error instead of hammering
+        // a token endpoint that is down, one request timeout after another.
+        if let Some((failed_at, error)) = &state.failure {
+            if *failed_at >= asked {
+                return Err(error.clone());
+            }
+        }
+        match self.fetch().await {
+            Ok(token) => {
+                let value = token.value.clone();
+                state.token = Some(token);
+                state.failure = None;
+                Ok(value)
+            }
+            Err(error) => {
+                state.failure = Some((Instant::now(), error.clone()));
+                // Early renewal failed, but the old token still works for a while.
+                match state
+                    .token
+                    .as_ref()
+                    .filter(|t| Instant::now() < t.expires_at)
+                {
+                    Some(token) => {
+                        tracing::warn!(token_uri = %self.account.token_uri, "renewing the FCM access token failed, using the current one: {error}");
+                        Ok(token.value.clone())
+                    }
+                    None => Err(error),
+                }
+            }
+        }
+    }
+
+    /// Forgets the cached token.
+    pub async fn invalidate(&self) {
+        self.state.lock().await.token = None;
+    }
+
+    /// Forgets the cached token unless it was fetched less than `min_age` ago.
+    pub async fn invalidate_unless_younger(&self, min_age: Duration) {
+        let mut state = self.state.lock().await;
+        if state
+            .token
+            .as_ref()
+            .is_some_and(|t| t.fetched_at.elapsed() >= min_age)
+        {
+            state.token = None;
+        }
+    }
+
+    /// Forgets the cached token if it is `rejected`: after a burst of 401s for one expired
+    /// token, only one new token is fetched.
+    pub async fn invalidate_if_current(&self, rejected: &str) {
+        let mut state = self.state.lock().await;
+        if state.token.as_ref().is_some_and(|t| &*t.value == rejected) {
+            state.token = None;
+        }
+    }
+
+    async fn fetch(&self) -> Result<AccessToken, String> {
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        let uri = &self.account.token_uri;
+        let sent = Instant::now();
+        let assertion = self.account.assertion(unix_secs())?;
+        let response = self
+            .http
+            .post(uri)
+            .form(&[
+                ("grant_type", GRANT_TYPE),
+                ("assertion", assertion.as_str()),
+            ])
+            .send()
+            .await
+            .map_err(|e| format!("token request to {uri} failed: {}", error_chain(&e)))?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| format!("token response from {uri} cut short: {}", error_chain(&e)))?;
+        if !status.is_success() {
+            let detail: TokenError = serde_json::from_slice(&body).unwrap_or_default();
+            let detail = match (detail.error, detail.error_description) {
+                (Some(error), Some(description)) => format!("{error}: {description}"),
+                (Some(error), None) => error,
+                _ => String::from_utf8_lossy(&body).into_owned(),
+            };
+            return Err(format!("token endpoint {uri} answered {status}: {detail}"));
+        }
+        let token: TokenResponse = serde_json::from_slice(&body)
+            .map_err(|e| format!("token endpoint {uri} sent an unexpected answer: {e}"))?;
+        let lifetime = Duration::from_secs(token.expires_in.unwrap_or(3600));
+        tracing::debug!(token_uri = %uri, expires_in = lifetime.as_secs(), "fetched an FCM access token");
+        Ok(AccessToken {
+            value: token.access_token.into(),
+            fetched_at: sent,
+            refresh_at: sent + lifetime - refresh_margin(lifetime),
+            expires_at: sent + lifetime,
+        })
+    }
+}
+
+/// Renew a minute early, or a tenth early for short-lived tokens, so a token never expires
+/// between being handed out and reaching FCM.
+fn refresh_margin(lifetime: Duration) -> Duration {
+    (lifetime / 10).min(Duration::from_secs(60))
+}
+
+fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use jsonwebtoken::{DecodingKey, Validation};
+
+    /// A throwaway RSA key pair made for these tests, trusted nowhere.
+    const TEST_KEY: &str = include_str!("testdata/service-account-test-key.pem");
+    const TEST_PUBLIC_KEY: &[u8] = include_bytes!("testdata/service-account-test-key.pub.pem");
+
+    pub(crate) fn service_account_json(project_id: Option<&str>, token_uri: &str) -> String {
+        serde_json::json!({
+            "type": "service_account",
+            "project_id": project_id,
+            "private_key_id": "0123456789abcdef",
+            "private_key": TEST_KEY,
+            "client_email": "pushfleet@example-project.iam.gserviceaccount.com",
+            "client_id": "123456789012345678901",
+            "token_uri": token_uri,
+        })
+        .to_string()
+    }
+
+    #[derive(Deserialize, Debug)]
+    struct Claims {
+        iss: String,
+        scope: String,
+        aud: String,
+        iat: u64,
+        exp: u64,
+    }
+
+    #[test]
+    fn assertion_carries_googles_claims() {
+        let uri = "https://127.0.0.1:9443/token";
+        let account = ServiceAccount::from_json(service_account_json(Some("p"), uri).as_bytes())
+            .expect("parses");
+        let jwt = account.assertion(1_700_000_000).expect("signs");
+        let header = jsonwebtoken::decode_header(&jwt).expect("header");
+        assert_eq!(header.alg, Algorithm::RS256);
+        assert_eq!(header.kid.as_deref(), Some("0123456789abcdef"));
+        let mut validation = Validation::new(Algorithm::RS256);
+        validation.validate_exp = false;
+        validation.set_audience(&[uri]);
+        let key = DecodingKey::from_rsa_pem(TEST_PUBLIC_KEY).expect("public key");
+        let claims = jsonwebtoken::decode::<Claims>(&jwt, &key, &validation)
+            .expect("signature verifies")
+            .claims;
+        assert_eq!(
+            claims.iss,
+            "pushfleet@example-project.iam.gserviceaccount.com"
+        );
+        assert_eq!(claims.scope, FCM_SCOPE);
+        assert_eq!(claims.aud, uri);
+        assert_eq!((claims.iat, claims.exp), (1_700_000_000, 1_700_003_600));
+    }
+
+    #[test]
+    fn bad_key_files_are_explained() {
+        let Err(e) = ServiceAccount::from_json(b"{}") else {
+            panic!("empty JSON accepted");
+        };
+        assert!(e.contains("service-account"), "{e}");
+        let text = service_account_json(None, "https://x/token").replace("PRIVATE KEY", "KEY");
+        let Err(e) = ServiceAccount::from_json(text.as_bytes()) else {
+            panic!("garbage key accepted");
+        };
+        assert!(e.contains("private_key"), "{e}");
+    }
+
+    #[test]
+    fn renewal_margin_scales_with_short_lifetimes() {
+        assert_eq!(
+            refresh_margin(Duration::from_secs(3599)),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            refresh_margin(Duration::from_secs(30)),
+            Duration::from_secs(3)
+        );
+    }
+}
