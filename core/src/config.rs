@@ -657,3 +657,16 @@ mod tests {
         assert!(e.0.contains("unknown event"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod example_file {
+    use super::Settings;
+
+    /// The shipped example must stay in step with the settings structs (unknown keys fail).
+    #[test]
+    fn example_config_has_only_known_keys() {
+        let text = include_str!("../../config/example.toml");
+        let settings: Settings = toml::from_str(text).expect("config/example.toml parses");
+        assert_eq!(settings.apps.len(), 2);
+    }
+}
