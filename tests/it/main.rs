@@ -4,5 +4,6 @@
 
 mod bad_input;
 mod broker_outage;
+mod startup;
 mod support;
 mod v1_push;

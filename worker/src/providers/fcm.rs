@@ -524,9 +524,9 @@ mod tests {
             let error = response.transport_error.clone().expect("described");
             assert!(error.contains("127.0.0.1:9/token"), "{error}");
             let (code, reason, _) = sylk(Platform::Firebase, &response);
-            assert_eq!(code, 500);
+            assert_eq!(code, 502);
             assert!(
-                reason.starts_with("Internal server error: no OAuth access token"),
+                reason.starts_with("Bad Gateway: no OAuth access token"),
                 "{reason}"
             );
         }

@@ -129,14 +129,15 @@ impl Provider {
 }
 
 /// The Sylk-shaped result for sync answers: (code, reason text, body), as the reference reports
-/// it, including its mapping of "token is gone" answers to 410.
+/// it, including its mapping of "token is gone" answers to 410. When the provider gave no answer
+/// at all the reference crashed with a 500; pushfleet says 502, the gateway's own word for it.
 pub fn sylk_result(platform: Platform, response: &ProviderResponse) -> (u16, String, Value) {
     let Some(status) = response.status else {
         let error = response
             .transport_error
             .as_deref()
             .unwrap_or("no answer from the provider");
-        return (500, format!("Internal server error: {error}"), json!({}));
+        return (502, format!("Bad Gateway: {error}"), json!({}));
     };
     match platform {
         Platform::Apple => apns::sylk_result(status, response),
@@ -256,7 +257,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn no_answer_is_a_sylk_500() {
+    fn no_answer_is_a_502() {
         let r = ProviderResponse::transport_failure(
             "https://api.push.apple.com/3/device/abc".into(),
             "connection refused".into(),
@@ -266,8 +267,8 @@ mod tests {
             assert_eq!(
                 sylk_result(platform, &r),
                 (
-                    500,
-                    "Internal server error: connection refused".to_string(),
+                    502,
+                    "Bad Gateway: connection refused".to_string(),
                     json!({})
                 )
             );

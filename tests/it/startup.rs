@@ -1,0 +1,80 @@
+//! Start-up problems are reported in one clear line instead of a hang or a crash.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use pushfleet_core::Settings;
+use pushfleet_ingest::Ingest;
+use pushfleet_worker::Worker;
+use tokio::net::TcpListener;
+
+use crate::support::*;
+
+fn settings(extra: &str) -> Settings {
+    let text = format!(
+        "[rabbitmq]\nurl = \"{}\"\nconnect_timeout_ms = 2000\n[postgres]\nurl = \"{}\"\nconnect_timeout_ms = 2000\n{extra}",
+        rabbitmq_url(),
+        postgres_url()
+    );
+    Settings::from_toml(&text, Vec::new(), Path::new(".")).unwrap()
+}
+
+/// A local port nobody listens on.
+async fn closed_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_stops_ingest_and_worker_at_start() {
+    let port = closed_port().await;
+    let mut s = settings("");
+    s.rabbitmq.url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+    let started = Instant::now();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let error = Ingest::start(s.clone(), listener)
+        .await
+        .err()
+        .expect("start fails");
+    assert!(
+        error.starts_with("cannot connect to RabbitMQ at amqp://guest:***@127.0.0.1:"),
+        "{error}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let error = Worker::start(s, listener).await.err().expect("start fails");
+    assert!(error.starts_with("cannot connect to RabbitMQ"), "{error}");
+}
+
+#[tokio::test]
+async fn an_unreachable_database_stops_the_audit_worker_at_start() {
+    let port = closed_port().await;
+    let mut s = settings("");
+    s.postgres.url = format!("postgres://postgres@127.0.0.1:{port}/pushfleet");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let error = Worker::start(s, listener).await.err().expect("start fails");
+    assert!(
+        error.starts_with("cannot connect to Postgres at postgres://postgres@127.0.0.1:"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn an_unreadable_credential_is_named_at_start() {
+    let dir = std::env::temp_dir().join(format!("pushfleet-it-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("AuthKey.p8"), "not a key").unwrap();
+    let text = format!(
+        "[rabbitmq]\nurl = \"{}\"\n[[apps]]\nid = \"com.example\"\nplatform = \"apple\"\ntype = \"sylk\"\n\
+         [apps.apns]\nkey_file = \"AuthKey.p8\"\nkey_id = \"ABCDEFGHIJ\"\nteam_id = \"TEAM123456\"\n",
+        rabbitmq_url()
+    );
+    let s = Settings::from_toml(&text, Vec::new(), &dir).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let error = Worker::start(s, listener).await.err().expect("start fails");
+    assert!(
+        error.contains("com.example") && error.contains("AuthKey.p8"),
+        "{error}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
