@@ -149,7 +149,7 @@ async fn every_app_type_platform_and_event_is_delivered_and_audited() {
         assert_eq!(answer["data"]["platform"], platform);
 
         if platform == "apple" {
-            let seen = stack.fakes.apns.requests_for_token(&token);
+            let seen = stack.fakes.apns.journal().requests_for_token(&token);
             assert_eq!(
                 seen.len(),
                 1,
@@ -164,7 +164,7 @@ async fn every_app_type_platform_and_event_is_delivered_and_audited() {
                 format!("{}/3/device/{token}", stack.files.apns_url)
             );
         } else {
-            let seen = stack.fakes.fcm.requests_for_token(&token);
+            let seen = stack.fakes.fcm.journal().requests_for_token(&token);
             assert_eq!(seen.len(), 1, "{app_type} {event}: exactly one FCM request");
             assert_eq!(
                 seen[0].path,
@@ -237,7 +237,7 @@ async fn apns_token_and_certificate_auth_and_one_provider_token_for_many_pushes(
     assert_eq!(status, 200, "{answer}");
 
     for t in &sylk_tokens {
-        let req = &stack.fakes.apns.requests_for_token(t)[0];
+        let req = &stack.fakes.apns.journal().requests_for_token(t)[0];
         assert!(
             matches!(req.auth, AuthKind::ApnsJwt { ref key_id, .. } if *key_id == stack.files.apns_key_id),
             "{:?}",
@@ -245,7 +245,7 @@ async fn apns_token_and_certificate_auth_and_one_provider_token_for_many_pushes(
         );
         assert!(req.header("authorization").unwrap().starts_with("bearer "));
     }
-    let req = &stack.fakes.apns.requests_for_token(&token)[0];
+    let req = &stack.fakes.apns.journal().requests_for_token(&token)[0];
     assert!(
         matches!(req.auth, AuthKind::ApnsCertificate { .. }),
         "{:?}",

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256};
 use serde_json::json;
 
-use crate::journal::{self, AuthKind, Journal, RecordedRequest};
+use crate::journal::{self, AuthKind, Journal};
 use crate::script::{DelaySpec, FakeClock, ScriptAction, ScriptBook, ScriptSpec, Scripted};
 use crate::server::{self, ConnInfo, ConnSettings, ServerHandle};
 use crate::tls::TestCa;
@@ -310,30 +310,9 @@ impl FakeApns {
         self.state.seen_jwts.lock().unwrap().len()
     }
 
-    pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.state.journal.snapshot()
-    }
-
-    pub fn requests_for_token(&self, token: &str) -> Vec<RecordedRequest> {
-        self.state.journal.for_token(token)
-    }
-
-    /// Waits until `n` requests were recorded (since start or the last
-    /// [`FakeApns::clear_journal`]), then returns the journal.
-    pub async fn wait_for_requests(
-        &self,
-        n: usize,
-        timeout: Duration,
-    ) -> Result<Vec<RecordedRequest>> {
-        self.state.journal.wait_for(n, timeout).await
-    }
-
-    pub fn clear_journal(&self) {
-        self.state.journal.clear();
-    }
-
-    pub fn set_journal_enabled(&self, on: bool) {
-        self.state.journal.set_enabled(on);
+    /// What this fake received.
+    pub fn journal(&self) -> &Journal {
+        &self.state.journal
     }
 }
 

@@ -15,7 +15,7 @@ use axum::{Extension, Json, Router};
 use serde_json::{json, Map, Value};
 
 use crate::apns::control_error;
-use crate::journal::{self, AuthKind, Journal, RecordedRequest};
+use crate::journal::{self, AuthKind, Journal};
 use crate::oauth::{FakeOAuth, OAuthState};
 use crate::script::{DelaySpec, ScriptAction, ScriptBook, ScriptSpec, Scripted};
 use crate::server::{self, ConnInfo, ConnSettings, ServerHandle};
@@ -215,29 +215,14 @@ impl FakeFcm {
         self.state.delivered.lock().unwrap().clone()
     }
 
-    pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.state.journal.snapshot()
-    }
-
-    pub fn requests_for_token(&self, token: &str) -> Vec<RecordedRequest> {
-        self.state.journal.for_token(token)
-    }
-
-    pub async fn wait_for_requests(
-        &self,
-        n: usize,
-        timeout: Duration,
-    ) -> Result<Vec<RecordedRequest>> {
-        self.state.journal.wait_for(n, timeout).await
+    /// What this fake received.
+    pub fn journal(&self) -> &Journal {
+        &self.state.journal
     }
 
     pub fn clear_journal(&self) {
         self.state.journal.clear();
         self.state.delivered.lock().unwrap().clear();
-    }
-
-    pub fn set_journal_enabled(&self, on: bool) {
-        self.state.journal.set_enabled(on);
     }
 }
 

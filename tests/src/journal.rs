@@ -68,7 +68,8 @@ impl RecordedRequest {
 /// Default number of requests kept; older ones are dropped first.
 pub const DEFAULT_JOURNAL_CAPACITY: usize = 100_000;
 
-pub(crate) struct Journal {
+/// What one fake received; each fake hands it out through `journal()`.
+pub struct Journal {
     enabled: AtomicBool,
     capacity: usize,
     entries: Mutex<VecDeque<RecordedRequest>>,
@@ -91,7 +92,8 @@ impl Journal {
         self.enabled.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn set_enabled(&self, on: bool) {
+    /// Turns recording on or off; counters elsewhere keep running.
+    pub fn set_enabled(&self, on: bool) {
         self.enabled.store(on, Ordering::Relaxed);
     }
 
@@ -110,11 +112,13 @@ impl Journal {
         self.recorded.send_modify(|n| *n += 1);
     }
 
-    pub(crate) fn snapshot(&self) -> Vec<RecordedRequest> {
+    /// Every recorded request, oldest first.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
         self.entries.lock().unwrap().iter().cloned().collect()
     }
 
-    pub(crate) fn for_token(&self, token: &str) -> Vec<RecordedRequest> {
+    /// The recorded requests for one device token.
+    pub fn requests_for_token(&self, token: &str) -> Vec<RecordedRequest> {
         self.entries
             .lock()
             .unwrap()
@@ -124,12 +128,14 @@ impl Journal {
             .collect()
     }
 
-    pub(crate) fn clear(&self) {
+    pub fn clear(&self) {
         self.entries.lock().unwrap().clear();
         self.recorded.send_replace(0);
     }
 
-    pub(crate) async fn wait_for(
+    /// Waits until `n` requests were recorded (since start or the last [`Journal::clear`]),
+    /// then returns them.
+    pub async fn wait_for_requests(
         &self,
         n: usize,
         timeout: Duration,
@@ -137,7 +143,7 @@ impl Journal {
         let mut rx = self.recorded.subscribe();
         let reached = tokio::time::timeout(timeout, rx.wait_for(|count| *count >= n as u64)).await;
         match reached {
-            Ok(Ok(_)) => Ok(self.snapshot()),
+            Ok(Ok(_)) => Ok(self.requests()),
             _ => Err(anyhow!(
                 "only {} of {n} requests arrived within {timeout:?}",
                 *self.recorded.borrow()

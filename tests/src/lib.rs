@@ -15,7 +15,7 @@
 //! fakes.fcm.script(tok, Scripted::status(503).retry_after(2).times(1));
 //! fakes.apns.script(tok, Scripted::drop_connection());
 //!
-//! let seen = fakes.apns.wait_for_requests(2, Duration::from_secs(5)).await?;
+//! let seen = fakes.apns.journal().wait_for_requests(2, Duration::from_secs(5)).await?;
 //! assert_eq!(fakes.oauth.token_fetches(), 1);
 //! assert_eq!(fakes.apns.distinct_jwt_count(), 1);
 //! let files = fakes.write_sandbox_files(dir)?; // ca.pem, AuthKey_<id>.p8, …
@@ -66,7 +66,7 @@ use serde::Serialize;
 
 pub use apns::{ApnsOptions, ApnsTokenKey, ApnsTokenState, FakeApns};
 pub use fcm::{DeliveredMessage, FakeFcm, FcmOptions, FcmTokenState};
-pub use journal::{AuthKind, RecordedRequest, DEFAULT_JOURNAL_CAPACITY};
+pub use journal::{AuthKind, Journal, RecordedRequest, DEFAULT_JOURNAL_CAPACITY};
 pub use oauth::FakeOAuth;
 pub use script::{FakeClock, ScriptAction, Scripted};
 pub use tls::TestCa;
@@ -188,9 +188,9 @@ impl FakeProviders {
 
     /// Turns every journal on or off (counters keep running).
     pub fn set_journal_enabled(&self, on: bool) {
-        self.apns.set_journal_enabled(on);
-        self.fcm.set_journal_enabled(on);
-        self.oauth.set_journal_enabled(on);
+        self.apns.journal().set_enabled(on);
+        self.fcm.journal().set_enabled(on);
+        self.oauth.journal().set_enabled(on);
     }
 
     /// Writes credentials for one APNs app and one FCM project, with default identities.

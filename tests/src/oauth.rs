@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use axum::extract::{Request, State};
@@ -14,7 +14,7 @@ use axum::{Extension, Json, Router};
 use serde_json::json;
 
 use crate::apns::{parse_jwt, random_id};
-use crate::journal::{self, AuthKind, Journal, RecordedRequest};
+use crate::journal::{self, AuthKind, Journal};
 use crate::script::FakeClock;
 use crate::server::{self, ConnInfo, ConnSettings, ServerHandle};
 use crate::tls::TestCa;
@@ -203,24 +203,9 @@ impl FakeOAuth {
             .insert(project_id.to_string());
     }
 
-    pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.state.journal.snapshot()
-    }
-
-    pub async fn wait_for_requests(
-        &self,
-        n: usize,
-        timeout: Duration,
-    ) -> Result<Vec<RecordedRequest>> {
-        self.state.journal.wait_for(n, timeout).await
-    }
-
-    pub fn clear_journal(&self) {
-        self.state.journal.clear();
-    }
-
-    pub fn set_journal_enabled(&self, on: bool) {
-        self.state.journal.set_enabled(on);
+    /// What this fake received.
+    pub fn journal(&self) -> &Journal {
+        &self.state.journal
     }
 }
 

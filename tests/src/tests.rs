@@ -89,6 +89,7 @@ async fn apns_token_auth_success_echoes_apns_id() {
     assert_eq!(fakes.apns.distinct_jwt_count(), 1);
     let seen = fakes
         .apns
+        .journal()
         .wait_for_requests(2, Duration::from_secs(2))
         .await
         .unwrap();
@@ -380,7 +381,7 @@ async fn apns_certificate_auth_needs_no_jwt() {
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
-    let seen = fakes.apns.requests();
+    let seen = fakes.apns.journal().requests();
     assert_eq!(
         seen[0].auth,
         AuthKind::ApnsCertificate {
@@ -430,7 +431,7 @@ async fn apns_scripts_then_normal_state() {
         .await;
     assert!(err.is_err());
     assert_eq!(push(&c, &fakes, TOKEN, Some(&jwt), &[], ALERT).await.0, 200);
-    let seen = fakes.apns.requests();
+    let seen = fakes.apns.journal().requests();
     assert_eq!(seen.len(), 5);
     assert_eq!(seen[3].status, None);
     assert_ne!(seen[3].connection_id, seen[4].connection_id);
@@ -656,7 +657,7 @@ async fn fcm_registry_and_scripts() {
     assert_eq!(body["error"]["details"][0]["errorCode"], "UNAVAILABLE");
     let (status, _, _) = fcm_send(&c, &fakes, "p", bearer, send("t1")).await;
     assert_eq!(status, 200);
-    assert_eq!(fakes.fcm.requests_for_token("t1").len(), 2);
+    assert_eq!(fakes.fcm.journal().requests_for_token("t1").len(), 2);
 
     for (body, want) in [
         (
@@ -746,7 +747,7 @@ async fn journal_can_be_switched_off() {
         assert_eq!(status, 200);
     }
     assert_eq!(fakes.apns.accepted_count(), 20);
-    assert!(fakes.apns.requests().is_empty());
+    assert!(fakes.apns.journal().requests().is_empty());
 }
 
 #[tokio::test]
@@ -763,7 +764,7 @@ async fn apns_shutdown_then_goaway_moves_client_to_a_new_connection() {
     assert_eq!((status, body), (503, json!({"reason": "Shutdown"})));
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(push(&c, &fakes, TOKEN, Some(&jwt), &[], ALERT).await.0, 200);
-    let seen = fakes.apns.requests();
+    let seen = fakes.apns.journal().requests();
     assert_eq!(seen[0].connection_id, seen[1].connection_id);
     assert_ne!(seen[1].connection_id, seen[2].connection_id);
 }
