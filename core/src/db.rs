@@ -8,8 +8,14 @@ use tokio_postgres::NoTls;
 use crate::config::PostgresSettings;
 
 /// The migrations, in order; each runs once, in its own transaction.
-const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "init", include_str!("../../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "init", include_str!("../../migrations/0001_init.sql")),
+    (
+        2,
+        "token_hygiene",
+        include_str!("../../migrations/0002_token_hygiene.sql"),
+    ),
+];
 
 /// A pool whose connections are checked before reuse, so that a database restart costs one
 /// failed checkout instead of a stream of errors.
