@@ -5,14 +5,17 @@
 
 pub mod broker;
 pub mod error;
+pub mod rfc8599;
 pub mod routes;
+pub mod tokens;
 pub mod v1;
+pub mod v2;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pushfleet_core::Settings;
+use pushfleet_core::{db, Settings};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -28,11 +31,15 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    /// Connects to the broker (an error if it is unreachable) and serves on `listener`.
+    /// Connects to Postgres and the broker (an error if either is unreachable) and serves on
+    /// `listener`.
     pub async fn start(settings: Settings, listener: TcpListener) -> Result<Ingest, String> {
         let addr = listener
             .local_addr()
             .map_err(|e| format!("listener: {e}"))?;
+        // The v2 token API and audit queries need the database from the first request on.
+        let db = db::pool(&settings.postgres)?;
+        db::ping(&db, &settings.postgres).await?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let broker = Broker::start(
             settings.rabbitmq.clone(),
@@ -40,7 +47,7 @@ impl Ingest {
             shutdown_rx.clone(),
         )
         .await?;
-        let state = Arc::new(routes::AppState::new(settings, broker));
+        let state = Arc::new(routes::AppState::new(settings, broker, db));
         let app = routes::router(state).into_make_service_with_connect_info::<SocketAddr>();
         let mut stop = shutdown_rx;
         let server = tokio::spawn(async move {

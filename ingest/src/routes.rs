@@ -1,4 +1,5 @@
-//! HTTP routes: the Sylk v1 API, health, readiness and metrics.
+//! HTTP routes: the Sylk v1 API, the v2 token API, the RFC 8599 push, audit queries, health,
+//! readiness and metrics.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,39 +10,46 @@ use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::routing::{any, get};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
+use deadpool_postgres::Pool;
 use metrics_exporter_prometheus::PrometheusHandle;
 use pushfleet_core::job::{now_ms, Job, SyncReply, JOB_VERSION};
 use pushfleet_core::service::metrics_recorder;
 use pushfleet_core::{EventPolicies, ResponseMode, Settings};
 use serde_json::{json, Value};
+use tokio::sync::oneshot;
 use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::broker::Broker;
 use crate::error::ApiError;
-use crate::v1;
+use crate::{rfc8599, v1, v2};
 
 pub struct AppState {
-    settings: Settings,
-    policies: EventPolicies,
-    broker: Broker,
+    pub(crate) settings: Settings,
+    pub(crate) policies: EventPolicies,
+    pub(crate) broker: Broker,
+    /// Device tokens (v2) and audit queries.
+    pub(crate) db: Pool,
+    pub(crate) fcm_projects: rfc8599::FcmProjects,
     metrics: PrometheusHandle,
 }
 
 impl AppState {
-    pub fn new(settings: Settings, broker: Broker) -> AppState {
+    pub fn new(settings: Settings, broker: Broker, db: Pool) -> AppState {
         AppState {
             policies: settings.event_policies(),
+            fcm_projects: rfc8599::FcmProjects::load(&settings),
             settings,
             broker,
+            db,
             metrics: metrics_recorder(),
         }
     }
 }
 
-type Shared = Arc<AppState>;
+pub(crate) type Shared = Arc<AppState>;
 
 pub fn router(state: Shared) -> Router {
     Router::new()
@@ -49,12 +57,36 @@ pub fn router(state: Shared) -> Router {
         .route("/push", any(push_v1))
         // Starlette's redirect_slashes, which Sylk clients may rely on.
         .route("/push/", any(|| async { Redirect::temporary("/push") }))
+        .route(
+            "/v2/tokens/{account}",
+            post(v2::add_token)
+                .delete(v2::remove_token)
+                .get(v2::list_tokens)
+                .fallback(method_not_allowed),
+        )
+        .route(
+            "/v2/tokens/{account}/push",
+            post(v2::push_account).fallback(method_not_allowed),
+        )
+        .route(
+            "/v2/tokens/{account}/push/{device}",
+            post(v2::push_device).fallback(method_not_allowed),
+        )
+        .route(
+            "/rfc8599/push",
+            post(rfc8599::push).fallback(method_not_allowed),
+        )
+        .route("/audit", get(v2::audit).fallback(method_not_allowed))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))
         .fallback(|| async { ApiError::detail(StatusCode::NOT_FOUND, "Not Found") })
         .layer(middleware::from_fn(count_requests))
         .with_state(state)
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::detail(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
 }
 
 async fn home() -> Json<&'static str> {
@@ -122,20 +154,18 @@ async fn push_v1(
     request: Request,
 ) -> Response {
     if request.method() != axum::http::Method::POST {
-        return ApiError::detail(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
-            .into_response();
+        return method_not_allowed().await.into_response();
     }
-    match accept_v1(&state, peer, request.into_body()).await {
-        Ok(response) => response,
-        Err(error) => error.into_response(),
-    }
+    let accepted =
+        match json_object(request.into_body(), state.settings.ingest.max_body_bytes).await {
+            Ok(body) => accept_push(&state, peer, &body).await,
+            Err(error) => Err(error),
+        };
+    accepted.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn accept_v1(state: &AppState, peer: SocketAddr, body: Body) -> Result<Response, ApiError> {
-    let body = json_object(body, state.settings.ingest.max_body_bytes).await?;
-    let valid = v1::validate(&body, &state.settings).inspect_err(|e| {
-        info!(peer = %peer.ip(), status = e.status.as_u16(), error = %e.body, "push request rejected");
-    })?;
+/// A job for a validated push, and the time it is worth delivering.
+pub(crate) fn new_job(state: &AppState, valid: v1::ValidPush<'_>) -> (Job, Duration) {
     let policy = state.policies.get(valid.event);
     let now = now_ms();
     let job = Job {
@@ -150,16 +180,47 @@ async fn accept_v1(state: &AppState, peer: SocketAddr, body: Body) -> Result<Res
         attempt: 0,
         push: valid.push,
     };
+    (job, policy.ttl)
+}
+
+/// Validates a v1-shaped push (from `/push` or built from RFC 8599 parameters), queues it and
+/// answers as the reference does.
+pub(crate) async fn accept_push(
+    state: &AppState,
+    peer: SocketAddr,
+    body: &serde_json::Map<String, Value>,
+) -> Result<Response, ApiError> {
+    let valid = v1::validate(body, &state.settings).inspect_err(|e| {
+        info!(peer = %peer.ip(), status = e.status.as_u16(), error = %e.body, "push request rejected");
+    })?;
+    let (job, ttl) = new_job(state, valid);
     let request_id = format!("{}-{}-{}", job.event, job.app_id, job.push.call_id);
     let sync = state.settings.ingest.mode == ResponseMode::Sync;
-    let reply = state
-        .broker
-        .publish(&job, policy.ttl, sync)
-        .await
-        .map_err(|e| {
-            warn!(%request_id, call_id = %job.push.call_id, error = %e, "push not queued");
-            ApiError::unavailable(format!("push queue unavailable: {e}"))
-        })?;
+    let reply = enqueue(state, &job, ttl, sync, &request_id, peer).await?;
+    let Some(reply) = reply else {
+        return Ok(accepted(job.id));
+    };
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(state.settings.ingest.sync_timeout_ms);
+    Ok(match await_reply(state, job.id, reply, deadline).await {
+        Some(reply) => sync_answer(&job, reply),
+        None => accepted(job.id),
+    })
+}
+
+/// Publishes one job (logging and counting it); a broker problem is the caller's 503.
+pub(crate) async fn enqueue(
+    state: &AppState,
+    job: &Job,
+    ttl: Duration,
+    sync: bool,
+    request_id: &str,
+    peer: SocketAddr,
+) -> Result<Option<oneshot::Receiver<SyncReply>>, ApiError> {
+    let reply = state.broker.publish(job, ttl, sync).await.map_err(|e| {
+        warn!(%request_id, call_id = %job.push.call_id, error = %e, "push not queued");
+        ApiError::unavailable(format!("push queue unavailable: {e}"))
+    })?;
     info!(
         %request_id, call_id = %job.push.call_id, job_id = %job.id, peer = %peer.ip(),
         platform = %job.platform, event = %job.event, to = %job.push.to, "push accepted"
@@ -169,18 +230,23 @@ async fn accept_v1(state: &AppState, peer: SocketAddr, body: Body) -> Result<Res
         "app" => job.app_id.clone(), "platform" => job.platform.as_str(), "event" => job.event.as_str()
     )
     .increment(1);
+    Ok(reply)
+}
 
-    let Some(reply) = reply else {
-        return Ok(accepted(job.id));
-    };
-    let wait = Duration::from_millis(state.settings.ingest.sync_timeout_ms);
-    match tokio::time::timeout(wait, reply).await {
-        Ok(Ok(reply)) => Ok(sync_answer(&job, reply)),
+/// The worker's answer, or `None` once `deadline` passes.
+pub(crate) async fn await_reply(
+    state: &AppState,
+    job_id: Uuid,
+    reply: oneshot::Receiver<SyncReply>,
+    deadline: tokio::time::Instant,
+) -> Option<SyncReply> {
+    match tokio::time::timeout_at(deadline, reply).await {
+        Ok(Ok(reply)) => Some(reply),
         _ => {
             // The job stays queued and will still be delivered and audited.
-            state.broker.forget(job.id);
+            state.broker.forget(job_id);
             metrics::counter!("pushfleet_ingest_sync_timeouts_total").increment(1);
-            Ok(accepted(job.id))
+            None
         }
     }
 }
@@ -205,16 +271,21 @@ fn sync_answer(job: &Job, reply: SyncReply) -> Response {
         Json(json!({
             "code": reply.code,
             "description": "push notification response",
-            "data": {
-                "body": reply.body,
-                "code": reply.code,
-                "reason": reply.reason,
-                "url": reply.url,
-                "platform": job.platform,
-                "call_id": job.push.call_id,
-                "token": job.push.token,
-            },
+            "data": push_result(job, &reply),
         })),
     )
         .into_response()
+}
+
+/// One device's result, in the reference's shape.
+pub(crate) fn push_result(job: &Job, reply: &SyncReply) -> Value {
+    json!({
+        "body": reply.body,
+        "code": reply.code,
+        "reason": reply.reason,
+        "url": reply.url,
+        "platform": job.platform,
+        "call_id": job.push.call_id,
+        "token": job.push.token,
+    })
 }

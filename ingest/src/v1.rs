@@ -21,7 +21,7 @@ const MEDIA_TYPES: [&str; 6] = ["audio", "video", "image", "chat", "sms", "file-
 
 /// Looks a field up under its dashed name (the reference's only accepted spelling) or the
 /// underscore spelling its README uses (`from_display_name`).
-fn field<'v>(body: &'v Map<String, Value>, dashed: &str) -> Option<&'v Value> {
+pub(crate) fn field<'v>(body: &'v Map<String, Value>, dashed: &str) -> Option<&'v Value> {
     body.get(dashed)
         .or_else(|| body.get(&dashed.replace('-', "_")))
 }
@@ -32,7 +32,7 @@ fn given<'v>(body: &'v Map<String, Value>, dashed: &str) -> Option<&'v Value> {
 }
 
 /// Python truthiness, as the reference's `if not values.get(...)` checks.
-fn truthy(value: Option<&Value>) -> bool {
+pub(crate) fn truthy(value: Option<&Value>) -> bool {
     match value {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
@@ -44,7 +44,7 @@ fn truthy(value: Option<&Value>) -> bool {
 }
 
 /// How a value prints in the reference's messages (Python's `str()` of it).
-fn python_str(value: &Value) -> String {
+pub(crate) fn python_str(value: &Value) -> String {
     match value {
         Value::String(s) => s.clone(),
         Value::Bool(true) => "True".into(),
@@ -192,14 +192,17 @@ fn coerce_str(value: &Value) -> Result<String, &'static str> {
     }
 }
 
-fn required_str(body: &Map<String, Value>, name: &str) -> Result<String, ApiError> {
+pub(crate) fn required_str(body: &Map<String, Value>, name: &str) -> Result<String, ApiError> {
     match field(body, name) {
         None => Err(ApiError::bad_request(format!("field required: {name}"))),
         Some(v) => coerce_str(v).map_err(|m| ApiError::bad_request(format!("{m}: {name}"))),
     }
 }
 
-fn optional_str(body: &Map<String, Value>, name: &str) -> Result<Option<String>, ApiError> {
+pub(crate) fn optional_str(
+    body: &Map<String, Value>,
+    name: &str,
+) -> Result<Option<String>, ApiError> {
     match field(body, name) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => coerce_str(v)
@@ -209,7 +212,7 @@ fn optional_str(body: &Map<String, Value>, name: &str) -> Result<Option<String>,
 }
 
 /// pydantic v1's `bool`.
-fn parse_bool(value: &Value) -> Result<bool, &'static str> {
+pub(crate) fn parse_bool(value: &Value) -> Result<bool, &'static str> {
     const INVALID: &str = "value could not be parsed to a boolean";
     match value {
         Value::Bool(b) => Ok(*b),

@@ -4,6 +4,8 @@
 
 mod bad_input;
 mod broker_outage;
+mod rfc8599;
 mod startup;
 mod support;
 mod v1_push;
+mod v2_tokens;

@@ -134,10 +134,27 @@ impl Stack {
         self.post_raw("/push", body.to_string().into_bytes()).await
     }
 
+    /// POSTs a JSON body to `/rfc8599/push`.
+    pub async fn push_rfc8599(&self, body: &Value) -> (u16, Value) {
+        self.post_raw("/rfc8599/push", body.to_string().into_bytes())
+            .await
+    }
+
+    /// Any method, a JSON body or none; returns the status and the JSON answer.
+    pub async fn call(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let body = body.map(Value::to_string).unwrap_or_default().into_bytes();
+        self.send_raw(method, path, body).await
+    }
+
     pub async fn post_raw(&self, path: &str, body: Vec<u8>) -> (u16, Value) {
+        self.send_raw(reqwest::Method::POST, path, body).await
+    }
+
+    async fn send_raw(&self, method: reqwest::Method, path: &str, body: Vec<u8>) -> (u16, Value) {
         let response = self
             .http
-            .post(self.url(path))
+            .request(method, self.url(path))
             .header("content-type", "application/json")
             .body(body)
             .send()
