@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod broker_outage;
+mod client;
 mod rfc8599;
 mod startup;
 mod support;

@@ -84,6 +84,15 @@ impl Stack {
         Stack::start_with(StackOptions::default()).await
     }
 
+    /// A stack whose ingest answers 202 at once.
+    pub async fn start_async() -> Stack {
+        Stack::start_with(StackOptions {
+            mode: "async",
+            ..Default::default()
+        })
+        .await
+    }
+
     pub async fn start_with(options: StackOptions) -> Stack {
         let fakes = FakeProviders::start(options.fakes).await.expect("fakes");
         let dir = std::env::temp_dir().join(format!("pushfleet-it-{}", Uuid::new_v4()));

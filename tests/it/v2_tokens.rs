@@ -509,11 +509,7 @@ async fn an_account_push_fans_out_and_skips_dead_tokens() {
 
 #[tokio::test]
 async fn async_mode_lists_one_job_per_device() {
-    let stack = Stack::start_with(StackOptions {
-        mode: "async",
-        ..Default::default()
-    })
-    .await;
+    let stack = Stack::start_async().await;
     let account = account();
     register(
         &stack,
