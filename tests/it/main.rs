@@ -5,6 +5,7 @@
 mod bad_input;
 mod broker_outage;
 mod client;
+mod import;
 mod rfc8599;
 mod startup;
 mod support;

@@ -29,7 +29,7 @@ pub fn postgres_url() -> String {
 }
 
 /// Migrates the test database once per test process.
-async fn migrated_pool() -> Pool {
+pub async fn migrated_pool() -> Pool {
     static MIGRATED: OnceCell<()> = OnceCell::const_new();
     let settings = pushfleet_core::config::PostgresSettings {
         url: postgres_url(),
