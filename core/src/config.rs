@@ -68,6 +68,9 @@ pub struct IngestSettings {
     pub max_body_bytes: usize,
     /// How long a publish may wait for the broker before the caller gets 503.
     pub publish_timeout_ms: u64,
+    /// Addresses and networks (`10.0.0.0/8`, `192.0.2.7`) allowed to call the API; empty allows
+    /// everyone. Checked by ingest at start-up.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for IngestSettings {
@@ -78,6 +81,7 @@ impl Default for IngestSettings {
             sync_timeout_ms: 5000,
             max_body_bytes: 64 * 1024,
             publish_timeout_ms: 1000,
+            allowed_hosts: Vec::new(),
         }
     }
 }

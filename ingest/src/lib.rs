@@ -3,6 +3,7 @@
 //! worker's answer (sync mode, what Sylk clients expect) or answers 202 at once (async mode).
 #![forbid(unsafe_code)]
 
+pub mod acl;
 pub mod broker;
 pub mod error;
 pub mod rfc8599;
@@ -21,6 +22,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::info;
 
+use crate::acl::AccessList;
 use crate::broker::Broker;
 
 /// A running ingest server.
@@ -37,6 +39,7 @@ impl Ingest {
         let addr = listener
             .local_addr()
             .map_err(|e| format!("listener: {e}"))?;
+        let acl = AccessList::parse(&settings.ingest.allowed_hosts)?;
         // The v2 token API and audit queries need the database from the first request on.
         let db = db::pool(&settings.postgres)?;
         db::ping(&db, &settings.postgres).await?;
@@ -47,7 +50,7 @@ impl Ingest {
             shutdown_rx.clone(),
         )
         .await?;
-        let state = Arc::new(routes::AppState::new(settings, broker, db));
+        let state = Arc::new(routes::AppState::new(settings, broker, db, acl));
         let app = routes::router(state).into_make_service_with_connect_info::<SocketAddr>();
         let mut stop = shutdown_rx;
         let server = tokio::spawn(async move {

@@ -22,6 +22,7 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 use uuid::Uuid;
 
+use crate::acl::{self, AccessList};
 use crate::broker::Broker;
 use crate::error::ApiError;
 use crate::{rfc8599, v1, v2};
@@ -33,12 +34,14 @@ pub struct AppState {
     /// Device tokens (v2) and audit queries.
     pub(crate) db: Pool,
     pub(crate) fcm_projects: rfc8599::FcmProjects,
+    acl: Arc<AccessList>,
     metrics: PrometheusHandle,
 }
 
 impl AppState {
-    pub fn new(settings: Settings, broker: Broker, db: Pool) -> AppState {
+    pub fn new(settings: Settings, broker: Broker, db: Pool, acl: AccessList) -> AppState {
         AppState {
+            acl: Arc::new(acl),
             policies: settings.event_policies(),
             fcm_projects: rfc8599::FcmProjects::load(&settings),
             settings,
@@ -81,6 +84,10 @@ pub fn router(state: Shared) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))
         .fallback(|| async { ApiError::detail(StatusCode::NOT_FOUND, "Not Found") })
+        .layer(middleware::from_fn_with_state(
+            state.acl.clone(),
+            acl::guard,
+        ))
         .layer(middleware::from_fn(count_requests))
         .with_state(state)
 }

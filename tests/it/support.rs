@@ -54,6 +54,8 @@ pub struct StackOptions {
     /// Replaces the RabbitMQ URL (a test proxy in front of the broker).
     pub rabbitmq_url: Option<String>,
     pub start_worker: bool,
+    /// `[ingest] allowed_hosts`.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for StackOptions {
@@ -64,6 +66,7 @@ impl Default for StackOptions {
             fakes: FakeOptions::default(),
             rabbitmq_url: None,
             start_worker: true,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -111,7 +114,8 @@ impl Stack {
             options.sync_timeout_ms,
             &options.rabbitmq_url.unwrap_or_else(rabbitmq_url),
         );
-        let settings = Settings::from_toml(&config, Vec::new(), &dir).expect("test settings");
+        let mut settings = Settings::from_toml(&config, Vec::new(), &dir).expect("test settings");
+        settings.ingest.allowed_hosts = options.allowed_hosts;
         let pool = migrated_pool().await;
         let worker = if options.start_worker {
             Some(start_worker(&settings).await)

@@ -544,6 +544,78 @@ async fn async_mode_lists_one_job_per_device() {
 }
 
 #[tokio::test]
+async fn the_access_list_guards_every_route() {
+    let stack = Stack::start_with(StackOptions {
+        allowed_hosts: vec!["192.0.2.0/24".into(), "2001:db8::1".into()],
+        start_worker: false,
+        ..Default::default()
+    })
+    .await;
+    let denied = json!({"code": 403, "description": "access denied by access list", "data": {}});
+    let account = account();
+    let calls: [(&str, String, Option<Value>); 8] = [
+        ("POST", "/push".into(), Some(json!({"bad": "body"}))),
+        (
+            "POST",
+            tokens_path(&account),
+            Some(add_body(SYLK, "apple", "t", "d")),
+        ),
+        (
+            "DELETE",
+            tokens_path(&account),
+            Some(json!({"app-id": SYLK})),
+        ),
+        ("GET", tokens_path(&account), None),
+        (
+            "POST",
+            format!("{}/push", tokens_path(&account)),
+            Some(push_body("cancel", "c")),
+        ),
+        (
+            "POST",
+            format!("{}/push/d", tokens_path(&account)),
+            Some(push_body("cancel", "c")),
+        ),
+        ("POST", "/rfc8599/push".into(), Some(json!({}))),
+        ("GET", "/audit?call_id=c".into(), None),
+    ];
+    for (method, path, body) in calls {
+        let answer = stack.call(method, &path, body.as_ref()).await;
+        assert_eq!(answer, (403, denied.clone()), "{method} {path}");
+    }
+    assert_eq!(stored(&stack, &account, "d").await, None);
+    stack.stop().await;
+
+    // A list that lets the caller in; an entry that is not a network stops the start-up.
+    let allowed = Stack::start_with(StackOptions {
+        allowed_hosts: vec!["127.0.0.0/8".into()],
+        start_worker: false,
+        ..Default::default()
+    })
+    .await;
+    let (status, _) = allowed
+        .call(
+            "POST",
+            &tokens_path(&account),
+            Some(&add_body(SYLK, "apple", "t", "d")),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let mut settings = allowed.settings.clone();
+    settings.ingest.allowed_hosts = vec!["10.0.0.1, 10.0.0.2".into()];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let error = pushfleet_ingest::Ingest::start(settings, listener)
+        .await
+        .err()
+        .expect("start fails");
+    assert_eq!(
+        error,
+        "[ingest] allowed_hosts: \"10.0.0.1, 10.0.0.2\" is not an IP address or network"
+    );
+    allowed.stop().await;
+}
+
+#[tokio::test]
 async fn an_unreachable_database_stops_ingest_at_start() {
     let port = {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
