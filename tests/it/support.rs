@@ -208,7 +208,7 @@ impl Stack {
         if let Some(worker) = self.worker.take() {
             worker.stop().await;
         }
-        let topology = pushfleet_core::Topology::new(&self.settings.rabbitmq.namespace);
+        let topology = pushfleet_core::Topology::new(&self.settings.rabbitmq);
         if let Ok(connection) =
             pushfleet_core::topology::connect(&self.settings.rabbitmq, "it-cleanup").await
         {
