@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod broker_outage;
+mod delivery;
 mod startup;
 mod support;
 mod v1_push;

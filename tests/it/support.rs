@@ -54,6 +54,8 @@ pub struct StackOptions {
     /// Replaces the RabbitMQ URL (a test proxy in front of the broker).
     pub rabbitmq_url: Option<String>,
     pub start_worker: bool,
+    /// TOML appended to the test configuration (`[events.…]`, `[retry]` tables).
+    pub extra_config: String,
 }
 
 impl Default for StackOptions {
@@ -64,6 +66,7 @@ impl Default for StackOptions {
             fakes: FakeOptions::default(),
             rabbitmq_url: None,
             start_worker: true,
+            extra_config: String::new(),
         }
     }
 }
@@ -95,13 +98,14 @@ impl Stack {
         std::fs::write(&files.apns_client_cert_pem, cert).unwrap();
         std::fs::write(&files.apns_client_key_pem, key).unwrap();
         let namespace = format!("it-{}", Uuid::new_v4().simple());
-        let config = config_toml(
+        let mut config = config_toml(
             &files,
             &namespace,
             options.mode,
             options.sync_timeout_ms,
             &options.rabbitmq_url.unwrap_or_else(rabbitmq_url),
         );
+        config.push_str(&options.extra_config);
         let settings = Settings::from_toml(&config, Vec::new(), &dir).expect("test settings");
         let pool = migrated_pool().await;
         let worker = if options.start_worker {
@@ -123,6 +127,11 @@ impl Stack {
             http: reqwest::Client::new(),
             dir,
         }
+    }
+
+    /// Starts the worker of a stack created without one.
+    pub async fn start_worker(&mut self) {
+        self.worker = Some(start_worker(&self.settings).await);
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -184,6 +193,16 @@ impl Stack {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Runs a query on the test database.
+    pub async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Vec<tokio_postgres::Row> {
+        let client = self.pool.get().await.unwrap();
+        client.query(sql, params).await.unwrap()
     }
 
     pub async fn attempts(&self, job_id: Uuid) -> Vec<(i32, Option<i32>)> {
