@@ -5,6 +5,7 @@
 mod bad_input;
 mod broker_outage;
 mod delivery;
+mod lifecycle;
 mod startup;
 mod support;
 mod v1_push;

@@ -1,7 +1,8 @@
 //! The test stack: fake providers, a real ingest and a real worker on the machine's RabbitMQ
 //! and Postgres, each test in a namespace of its own.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
@@ -11,8 +12,9 @@ use pushfleet_fakes::{FakeOptions, FakeProviders, SandboxFiles};
 use pushfleet_ingest::Ingest;
 use pushfleet_worker::Worker;
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
-use tokio::sync::OnceCell;
+use tokio::io::copy_bidirectional;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OnceCell};
 use uuid::Uuid;
 
 pub const SYLK: &str = "com.agprojects.sylk";
@@ -54,6 +56,8 @@ pub struct StackOptions {
     /// Replaces the RabbitMQ URL (a test proxy in front of the broker).
     pub rabbitmq_url: Option<String>,
     pub start_worker: bool,
+    /// Replaces the Postgres URL of the services (not of the test's own pool).
+    pub postgres_url: Option<String>,
     /// TOML appended to the test configuration (`[events.…]`, `[retry]` tables).
     pub extra_config: String,
 }
@@ -65,6 +69,7 @@ impl Default for StackOptions {
             sync_timeout_ms: 5000,
             fakes: FakeOptions::default(),
             rabbitmq_url: None,
+            postgres_url: None,
             start_worker: true,
             extra_config: String::new(),
         }
@@ -79,6 +84,8 @@ pub struct Stack {
     pub worker: Option<Worker>,
     pub pool: Pool,
     pub http: reqwest::Client,
+    /// The configuration file, for services started as processes.
+    pub config_path: PathBuf,
     dir: PathBuf,
 }
 
@@ -104,8 +111,11 @@ impl Stack {
             options.mode,
             options.sync_timeout_ms,
             &options.rabbitmq_url.unwrap_or_else(rabbitmq_url),
+            &options.postgres_url.unwrap_or_else(postgres_url),
         );
         config.push_str(&options.extra_config);
+        let config_path = dir.join("pushfleet.toml");
+        std::fs::write(&config_path, &config).expect("config file");
         let settings = Settings::from_toml(&config, Vec::new(), &dir).expect("test settings");
         let pool = migrated_pool().await;
         let worker = if options.start_worker {
@@ -125,6 +135,7 @@ impl Stack {
             worker,
             pool,
             http: reqwest::Client::new(),
+            config_path,
             dir,
         }
     }
@@ -279,6 +290,7 @@ fn config_toml(
     mode: &str,
     sync_timeout_ms: u64,
     amqp: &str,
+    pg: &str,
 ) -> String {
     let p = |path: &PathBuf| path.display().to_string();
     format!(
@@ -344,7 +356,6 @@ endpoint = "{fcm}"
 ca_file = "{ca}"
 service_account_file = "{sa}"
 "#,
-        pg = postgres_url(),
         apns = files.apns_url,
         fcm = files.fcm_url,
         ca = p(&files.ca_pem),
@@ -355,6 +366,74 @@ service_account_file = "{sa}"
         cert_key = p(&files.apns_client_key_pem),
         sa = p(&files.fcm_service_account_json),
     )
+}
+
+/// Starts `pushfleet-worker` as a process, as it runs in production (the binary comes from the
+/// workspace build that `ops/test` makes before the tests).
+pub fn spawn_worker_process(config: &Path) -> tokio::process::Child {
+    let exe = std::env::current_exe().expect("test binary path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory")
+        .join("pushfleet-worker");
+    assert!(
+        bin.exists(),
+        "{} is missing: build the workspace first (ops/test does)",
+        bin.display()
+    );
+    tokio::process::Command::new(bin)
+        .arg("--config")
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("worker process starts")
+}
+
+/// Forwards a local port to `target` until cut: `cut` drops every connection and refuses new
+/// ones (the service looks down), `restore` accepts again.
+pub struct TcpProxy {
+    pub port: u16,
+    open: watch::Sender<bool>,
+}
+
+impl TcpProxy {
+    pub async fn start(target: String) -> TcpProxy {
+        let listener = Arc::new(TcpListener::bind("127.0.0.1:0").await.unwrap());
+        let port = listener.local_addr().unwrap().port();
+        let (open, open_rx) = watch::channel(true);
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut open = open_rx.clone();
+                if !*open.borrow() {
+                    continue; // refused: dropped at once
+                }
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut upstream) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = copy_bidirectional(&mut client, &mut upstream) => {}
+                        _ = open.wait_for(|o| !*o) => {}
+                    }
+                });
+            }
+        });
+        TcpProxy { port, open }
+    }
+
+    pub fn cut(&self) {
+        let _ = self.open.send(false);
+    }
+
+    pub fn restore(&self) {
+        let _ = self.open.send(true);
+    }
 }
 
 /// A fresh call-id, so that a test finds its own audit rows.
