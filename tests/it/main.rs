@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod broker_outage;
+mod connections;
 mod delivery;
 mod lifecycle;
 mod startup;

@@ -58,6 +58,8 @@ pub struct StackOptions {
     pub start_worker: bool,
     /// Replaces the Postgres URL of the services (not of the test's own pool).
     pub postgres_url: Option<String>,
+    /// `PUSHFLEET__…` overrides, as the services would read them from the environment.
+    pub env: Vec<(String, String)>,
     /// TOML appended to the test configuration (`[events.…]`, `[retry]` tables).
     pub extra_config: String,
 }
@@ -70,6 +72,7 @@ impl Default for StackOptions {
             fakes: FakeOptions::default(),
             rabbitmq_url: None,
             postgres_url: None,
+            env: Vec::new(),
             start_worker: true,
             extra_config: String::new(),
         }
@@ -116,7 +119,7 @@ impl Stack {
         config.push_str(&options.extra_config);
         let config_path = dir.join("pushfleet.toml");
         std::fs::write(&config_path, &config).expect("config file");
-        let settings = Settings::from_toml(&config, Vec::new(), &dir).expect("test settings");
+        let settings = Settings::from_toml(&config, options.env, &dir).expect("test settings");
         let pool = migrated_pool().await;
         let worker = if options.start_worker {
             Some(start_worker(&settings).await)

@@ -65,7 +65,7 @@ impl Dispatcher {
     pub fn new(settings: &Settings, worker_id: String) -> Result<Dispatcher, String> {
         let mut apps = HashMap::new();
         for app in &settings.apps {
-            let provider = Provider::for_app(app, settings.worker.request_timeout())?;
+            let provider = Provider::for_app(app, &settings.worker)?;
             apps.insert((app.id.clone(), app.platform), (app.clone(), provider));
         }
         let topology = Topology::new(&settings.rabbitmq);
