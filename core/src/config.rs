@@ -42,6 +42,8 @@ pub struct Settings {
     #[serde(default)]
     pub worker: WorkerSettings,
     #[serde(default)]
+    pub retry: RetrySettings,
+    #[serde(default)]
     pub log: LogSettings,
     /// Per-event overrides of the event policy, keyed by event name.
     #[serde(default)]
@@ -96,6 +98,9 @@ pub struct RabbitSettings {
     /// Unacknowledged jobs a worker holds per lane: the bound on its in-flight pushes.
     pub prefetch: u16,
     pub connect_timeout_ms: u64,
+    /// The delays a job can wait before its next attempt: one retry queue per delay and lane.
+    /// A computed back-off is rounded up to the next tier.
+    pub retry_tiers_ms: Vec<u64>,
 }
 
 impl Default for RabbitSettings {
@@ -105,6 +110,7 @@ impl Default for RabbitSettings {
             namespace: "pushfleet".into(),
             prefetch: 256,
             connect_timeout_ms: 5000,
+            retry_tiers_ms: vec![1_000, 2_000, 5_000, 15_000, 60_000, 300_000],
         }
     }
 }
@@ -142,6 +148,39 @@ pub struct WorkerSettings {
     pub audit_flush_ms: u64,
     /// Whether this process runs the audit sink (Postgres writer) next to the senders.
     pub audit_sink: bool,
+    /// HTTP/2 connections a worker may open per app when the open ones are saturated.
+    pub max_connections_per_app: usize,
+    /// Requests in flight on one connection; the provider's own SETTINGS_MAX_CONCURRENT_STREAMS
+    /// is respected below this bound.
+    pub max_streams_per_connection: usize,
+    /// How often the list of tokens providers declared dead is reloaded from Postgres.
+    pub invalid_tokens_refresh_secs: u64,
+}
+
+/// Retries of pushes that may succeed later (429, 5xx, no answer): exponential back-off with
+/// jitter, a `Retry-After` taking precedence, never past the job's deadline.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetrySettings {
+    /// Sends per job, the first included; a job still failing after them ends `failed`.
+    pub max_attempts: u32,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    pub multiplier: f64,
+    /// Randomisation of each delay: 0.3 spreads it over ±30 %.
+    pub jitter: f64,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        RetrySettings {
+            max_attempts: 8,
+            initial_backoff_ms: 1_000,
+            max_backoff_ms: 300_000,
+            multiplier: 2.0,
+            jitter: 0.3,
+        }
+    }
 }
 
 impl Default for WorkerSettings {
@@ -153,6 +192,9 @@ impl Default for WorkerSettings {
             audit_batch_size: 500,
             audit_flush_ms: 50,
             audit_sink: true,
+            max_connections_per_app: 4,
+            max_streams_per_connection: 1000,
+            invalid_tokens_refresh_secs: 30,
         }
     }
 }
@@ -438,6 +480,31 @@ impl Settings {
         }
         if self.worker.audit_batch_size == 0 {
             return err("[worker] audit_batch_size must be at least 1");
+        }
+        if self.worker.max_connections_per_app == 0 || self.worker.max_streams_per_connection == 0 {
+            return err(
+                "[worker] max_connections_per_app and max_streams_per_connection must be at least 1",
+            );
+        }
+        if self.worker.invalid_tokens_refresh_secs == 0 {
+            return err("[worker] invalid_tokens_refresh_secs must be at least 1");
+        }
+        let tiers = &self.rabbitmq.retry_tiers_ms;
+        if tiers.is_empty() || tiers[0] < 100 || tiers.windows(2).any(|w| w[0] >= w[1]) {
+            return err("[rabbitmq] retry_tiers_ms must list increasing delays of at least 100 ms");
+        }
+        let retry = &self.retry;
+        if retry.max_attempts == 0 {
+            return err("[retry] max_attempts must be at least 1");
+        }
+        if retry.initial_backoff_ms == 0 || retry.max_backoff_ms < retry.initial_backoff_ms {
+            return err("[retry] need 0 < initial_backoff_ms <= max_backoff_ms");
+        }
+        if !(retry.multiplier >= 1.0 && retry.multiplier <= 10.0) {
+            return err("[retry] multiplier must be between 1 and 10");
+        }
+        if !(0.0..1.0).contains(&retry.jitter) {
+            return err("[retry] jitter must be at least 0 and below 1");
         }
         EventPolicies::default()
             .with_overrides(&self.events)

@@ -164,6 +164,19 @@ pub struct OutcomeEvent {
     pub received_at_ms: u64,
     pub attempt: Option<AttemptRecord>,
     pub terminal: Option<Terminal>,
+    /// Set when the provider declared the token dead: the audit sink marks it invalid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_invalidation: Option<TokenInvalidation>,
+}
+
+/// A token the provider declared dead. The raw token travels only inside the broker, like the
+/// job itself; audit rows keep its fingerprint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TokenInvalidation {
+    pub token: String,
+    pub reason: String,
+    /// APNs 410: when the token stopped being valid. A registration after it wins.
+    pub provider_timestamp_ms: Option<u64>,
 }
 
 impl OutcomeEvent {
@@ -182,6 +195,7 @@ impl OutcomeEvent {
             received_at_ms: job.received_at_ms,
             attempt: None,
             terminal: None,
+            token_invalidation: None,
         }
     }
 }
@@ -198,14 +212,27 @@ pub struct SyncReply {
     pub url: String,
 }
 
+/// The SHA-256 of a token.
+pub fn token_digest(token: &str) -> [u8; 32] {
+    let mut bytes = [0u8; 32];
+    bytes.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref());
+    bytes
+}
+
+/// The full hex SHA-256 of a token: the key of `invalid_tokens`.
+pub fn token_hash(token: &str) -> String {
+    hex(&token_digest(token))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Audit rows never hold a raw device token; this stable fingerprint lets an auditor find the
 /// deliveries of a token they have (the first 16 hex digits of its SHA-256).
 pub fn token_fingerprint(token: &str) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-    digest.as_ref()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&digest.as_ref()[..8])
 }
 
 /// The Sylk apps' `session-id`: the MD5 of the call-id formatted 8-4-4-4-12. Not a valid UUID,

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod db;
 pub mod job;
+pub mod ledger;
 pub mod policy;
 pub mod service;
 pub mod topology;

@@ -51,6 +51,14 @@ impl Event {
         }
     }
 
+    /// The events that ring a phone: what a cancel supersedes.
+    pub fn is_incoming_call(self) -> bool {
+        matches!(
+            self,
+            Event::IncomingSession | Event::IncomingConferenceRequest
+        )
+    }
+
     fn index(self) -> usize {
         self as usize
     }
@@ -115,7 +123,14 @@ pub struct EventPolicy {
     pub ttl: Duration,
     pub apns_push_type: ApnsPushType,
     pub apns_priority: u8,
+    /// The same (app, token, event, call-id) accepted again within this window is a duplicate:
+    /// delivered once. Never longer than the TTL; zero turns duplicate suppression off.
+    pub dedupe_window: Duration,
 }
+
+/// How long a duplicate is recognised by default: the whole TTL for calls, five minutes for
+/// messages (SIP retransmissions stop after 32 s; a day of keys would not fit in memory).
+const MAX_DEFAULT_DEDUPE: Duration = Duration::from_secs(300);
 
 /// Overrides for one event, as written in `[events.<name>]`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -125,6 +140,7 @@ pub struct EventPolicyOverride {
     pub ttl_secs: Option<u64>,
     pub apns_push_type: Option<ApnsPushType>,
     pub apns_priority: Option<u8>,
+    pub dedupe_secs: Option<u64>,
 }
 
 /// The policy for every event.
@@ -140,12 +156,14 @@ impl Default for EventPolicies {
             ttl: Duration::from_secs(60),
             apns_push_type: push_type,
             apns_priority: priority,
+            dedupe_window: Duration::from_secs(60),
         };
         let message = EventPolicy {
             lane: Lane::Messages,
             ttl: Duration::from_secs(24 * 3600),
             apns_push_type: ApnsPushType::Alert,
             apns_priority: 5,
+            dedupe_window: MAX_DEFAULT_DEDUPE,
         };
         // Indexed by `Event as usize`, in declaration order.
         EventPolicies {
@@ -186,6 +204,7 @@ impl EventPolicies {
                     ));
                 }
                 policy.ttl = Duration::from_secs(ttl);
+                policy.dedupe_window = policy.ttl.min(MAX_DEFAULT_DEDUPE);
             }
             if let Some(push_type) = o.apns_push_type {
                 policy.apns_push_type = push_type;
@@ -197,6 +216,15 @@ impl EventPolicies {
                     ));
                 }
                 policy.apns_priority = priority;
+            }
+            if let Some(secs) = o.dedupe_secs {
+                if secs > policy.ttl.as_secs() {
+                    return Err(format!(
+                        "[events.{name}] dedupe_secs = {secs}: must not exceed the TTL ({} s)",
+                        policy.ttl.as_secs()
+                    ));
+                }
+                policy.dedupe_window = Duration::from_secs(secs);
             }
         }
         Ok(self)
@@ -245,6 +273,7 @@ mod tests {
         );
         let p = EventPolicies::default().with_overrides(&o).unwrap();
         assert_eq!(p.get(Event::Message).ttl.as_secs(), 600);
+        assert_eq!(p.get(Event::Message).dedupe_window.as_secs(), 300);
 
         o.insert("ring".to_string(), EventPolicyOverride::default());
         assert!(EventPolicies::default().with_overrides(&o).is_err());

@@ -4,8 +4,10 @@
 //!
 //! ```text
 //! <ns>.jobs (direct) ──calls──► <ns>.calls      (quorum)  ──dead-letter──► <ns>.dead (fanout) ──► <ns>.dead
-//!                    ──messages──► <ns>.messages (quorum)
+//!                    ──messages──► <ns>.messages (quorum)                                      └─► <ns>.dead.audit
+//! <ns>.retry.<lane>.<delay> (quorum, per-queue TTL) ──dead-letter──► <ns>.jobs, routing key <lane>
 //! <ns>.outcomes (fanout) ──► <ns>.audit (quorum)
+//! <ns>.ledger (stream): cancels and dedupe claims, read by every worker
 //! ```
 
 use std::time::Duration;
@@ -16,6 +18,12 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use crate::config::RabbitSettings;
+
+/// How long the ledger keeps cancels and claims: longer than any dedupe window or call TTL a
+/// worker joining late needs to catch up on.
+const LEDGER_MAX_AGE: &str = "1h";
+/// Small segments, so that the stream's retention actually drops old entries.
+const LEDGER_SEGMENT_BYTES: i64 = 8 * 1024 * 1024;
 use crate::policy::Lane;
 
 /// AMQP's persistent delivery mode: the broker writes the message to disk.
@@ -27,13 +35,46 @@ pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 #[derive(Debug, Clone)]
 pub struct Topology {
     namespace: String,
+    retry_tiers_ms: Vec<u64>,
 }
 
 impl Topology {
-    pub fn new(namespace: &str) -> Topology {
+    pub fn new(settings: &RabbitSettings) -> Topology {
         Topology {
-            namespace: namespace.to_string(),
+            namespace: settings.namespace.clone(),
+            retry_tiers_ms: settings.retry_tiers_ms.clone(),
         }
+    }
+
+    pub fn retry_tiers_ms(&self) -> &[u64] {
+        &self.retry_tiers_ms
+    }
+
+    /// The queue where a job of `lane` waits `delay_ms` (one of the tiers) before going back to
+    /// its lane.
+    pub fn retry_queue(&self, lane: Lane, delay_ms: u64) -> String {
+        format!("{}.retry.{}.{}ms", self.namespace, lane.as_str(), delay_ms)
+    }
+
+    /// The tier to wait in for a wanted delay: the shortest one at least as long (so that a
+    /// `Retry-After` is honoured), or the longest there is.
+    pub fn retry_tier(&self, wanted_ms: u64) -> u64 {
+        self.retry_tiers_ms
+            .iter()
+            .copied()
+            .find(|&tier| tier >= wanted_ms)
+            .or(self.retry_tiers_ms.last().copied())
+            .unwrap_or(wanted_ms)
+    }
+
+    pub fn ledger_queue(&self) -> String {
+        format!("{}.ledger", self.namespace)
+    }
+
+    /// A copy of every dead letter, consumed by workers to write its terminal audit row; the
+    /// `dead` queue itself is left for operators to inspect and re-drive.
+    pub fn dead_audit_queue(&self) -> String {
+        format!("{}.dead.audit", self.namespace)
     }
 
     pub fn jobs_exchange(&self) -> String {
@@ -67,12 +108,20 @@ impl Topology {
 
     /// Every queue, for tools and tests that clean a namespace up.
     pub fn queues(&self) -> Vec<String> {
-        vec![
+        let mut queues = vec![
             self.lane_queue(Lane::Calls),
             self.lane_queue(Lane::Messages),
             self.audit_queue(),
             self.dead_queue(),
-        ]
+            self.dead_audit_queue(),
+            self.ledger_queue(),
+        ];
+        for lane in Lane::ALL {
+            for &tier in &self.retry_tiers_ms {
+                queues.push(self.retry_queue(lane, tier));
+            }
+        }
+        queues
     }
 
     pub fn exchanges(&self) -> Vec<String> {
@@ -116,22 +165,8 @@ impl Topology {
 
         for lane in Lane::ALL {
             let queue = self.lane_queue(lane);
-            let mut args = quorum_args();
-            // Jobs that expire in the queue or are rejected go to the dead-letter exchange, and
-            // at-least-once dead-lettering means the broker cannot drop them on the way.
-            args.insert(
-                "x-dead-letter-exchange".into(),
-                AMQPValue::LongString(self.dead_exchange().into()),
-            );
-            args.insert(
-                "x-dead-letter-strategy".into(),
-                AMQPValue::LongString("at-least-once".into()),
-            );
-            // Required by at-least-once dead-lettering.
-            args.insert(
-                "x-overflow".into(),
-                AMQPValue::LongString("reject-publish".into()),
-            );
+            // Jobs that expire in the queue or are rejected go to the dead-letter exchange.
+            let args = dead_lettering_args(&self.dead_exchange());
             declare_queue(channel, &queue, args).await?;
             channel
                 .queue_bind(
@@ -155,18 +190,69 @@ impl Topology {
             )
             .await?;
 
-        declare_queue(channel, &self.dead_queue(), quorum_args()).await?;
-        channel
-            .queue_bind(
-                self.dead_queue().into(),
-                self.dead_exchange().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        for dead in [self.dead_queue(), self.dead_audit_queue()] {
+            declare_queue(channel, &dead, quorum_args()).await?;
+            channel
+                .queue_bind(
+                    dead.into(),
+                    self.dead_exchange().into(),
+                    "".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+
+        // A waiting retry lives in the broker, not in a worker: it survives a worker crash and
+        // costs no worker memory. When its tier's TTL runs out it goes back to its lane.
+        for lane in Lane::ALL {
+            for &tier in &self.retry_tiers_ms {
+                let mut args = dead_lettering_args(&self.jobs_exchange());
+                args.insert(
+                    "x-dead-letter-routing-key".into(),
+                    AMQPValue::LongString(Self::lane_key(lane).into()),
+                );
+                args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(tier as i64));
+                declare_queue(channel, &self.retry_queue(lane, tier), args).await?;
+            }
+        }
+
+        let mut ledger = FieldTable::default();
+        ledger.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("stream".into()),
+        );
+        ledger.insert(
+            "x-max-age".into(),
+            AMQPValue::LongString(LEDGER_MAX_AGE.into()),
+        );
+        ledger.insert(
+            "x-stream-max-segment-size-bytes".into(),
+            AMQPValue::LongLongInt(LEDGER_SEGMENT_BYTES),
+        );
+        declare_queue(channel, &self.ledger_queue(), ledger).await?;
         Ok(())
     }
+}
+
+/// A quorum queue that dead-letters to `exchange` at least once: the broker cannot drop a
+/// message on the way.
+fn dead_lettering_args(exchange: &str) -> FieldTable {
+    let mut args = quorum_args();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(exchange.into()),
+    );
+    args.insert(
+        "x-dead-letter-strategy".into(),
+        AMQPValue::LongString("at-least-once".into()),
+    );
+    // Required by at-least-once dead-lettering.
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    args
 }
 
 /// Quorum queues: replicated and durable, the queue type RabbitMQ recommends for data safety.
@@ -256,10 +342,29 @@ mod tests {
 
     #[test]
     fn names_live_under_the_namespace() {
-        let t = Topology::new("pf-test");
+        let t = Topology::new(&RabbitSettings {
+            namespace: "pf-test".into(),
+            ..Default::default()
+        });
         assert_eq!(t.jobs_exchange(), "pf-test.jobs");
         assert_eq!(t.lane_queue(Lane::Calls), "pf-test.calls");
         assert_eq!(t.audit_queue(), "pf-test.audit");
+        assert_eq!(
+            t.retry_queue(Lane::Messages, 5000),
+            "pf-test.retry.messages.5000ms"
+        );
+    }
+
+    #[test]
+    fn a_delay_rounds_up_to_a_tier() {
+        let t = Topology::new(&RabbitSettings {
+            retry_tiers_ms: vec![1000, 5000, 60_000],
+            ..Default::default()
+        });
+        assert_eq!(t.retry_tier(0), 1000);
+        assert_eq!(t.retry_tier(1000), 1000);
+        assert_eq!(t.retry_tier(1001), 5000);
+        assert_eq!(t.retry_tier(3_600_000), 60_000);
     }
 
     #[test]

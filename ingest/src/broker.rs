@@ -12,7 +12,9 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use pushfleet_core::config::RabbitSettings;
 use pushfleet_core::job::{Job, SyncReply};
+use pushfleet_core::ledger::LedgerEntry;
 use pushfleet_core::topology::{self, Topology, DIRECT_REPLY_TO, PERSISTENT};
+use pushfleet_core::Event;
 use tokio::sync::{oneshot, watch};
 use tracing::{info, warn};
 use uuid::Uuid;
@@ -54,7 +56,7 @@ impl Broker {
         shutdown: watch::Receiver<bool>,
     ) -> Result<Broker, String> {
         let broker = Broker {
-            topology: Topology::new(&settings.namespace),
+            topology: Topology::new(&settings),
             settings,
             publish_timeout,
             channel: Arc::new(RwLock::new(None)),
@@ -150,7 +152,8 @@ impl Broker {
     }
 
     /// Publishes `job` into its lane, returning once the broker has confirmed it. With
-    /// `want_reply`, also returns the receiver of the worker's answer.
+    /// `want_reply`, also returns the receiver of the worker's answer. A cancel is first written
+    /// to the ledger, so that every worker knows the call is over before the cancel is queued.
     pub async fn publish(
         &self,
         job: &Job,
@@ -164,6 +167,13 @@ impl Broker {
             .clone()
             .filter(|c| c.status().connected())
             .ok_or(PublishError::Disconnected)?;
+        if job.event == Event::Cancel {
+            let entry = LedgerEntry::Cancel {
+                call_id: job.push.call_id.clone(),
+                at_ms: job.received_at_ms,
+            };
+            self.publish_to_ledger(&channel, &entry).await?;
+        }
         let body = serde_json::to_vec(job).map_err(|e| PublishError::Broker(e.to_string()))?;
         let id = job.id.to_string();
         let mut properties = BasicProperties::default()
@@ -219,6 +229,40 @@ impl Broker {
             self.forget(job.id);
         }
         result
+    }
+
+    async fn publish_to_ledger(
+        &self,
+        channel: &Channel,
+        entry: &LedgerEntry,
+    ) -> Result<(), PublishError> {
+        let body = serde_json::to_vec(entry).map_err(|e| PublishError::Broker(e.to_string()))?;
+        let confirmed = tokio::time::timeout(self.publish_timeout, async {
+            channel
+                .basic_publish(
+                    "".into(),
+                    self.topology.ledger_queue().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default()
+                        .with_delivery_mode(PERSISTENT)
+                        .with_content_type("application/json".into()),
+                )
+                .await?
+                .await
+        })
+        .await;
+        match confirmed {
+            Ok(Ok(Confirmation::Ack(_) | Confirmation::NotRequested)) => Ok(()),
+            Ok(Ok(Confirmation::Nack(_))) => {
+                Err(PublishError::Broker("broker refused the cancel".into()))
+            }
+            Ok(Err(e)) => Err(PublishError::Broker(e.to_string())),
+            Err(_) => Err(PublishError::Broker(format!(
+                "no confirm within {} ms",
+                self.publish_timeout.as_millis()
+            ))),
+        }
     }
 
     /// Drops the waiter of a job whose answer will not be awaited any more.

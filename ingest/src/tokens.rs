@@ -5,6 +5,8 @@
 use pushfleet_core::config::Platform;
 use pushfleet_core::job::token_fingerprint;
 use serde_json::{json, Value};
+use std::time::SystemTime;
+
 use tokio_postgres::GenericClient;
 use tokio_postgres::Row;
 
@@ -195,24 +197,37 @@ pub async fn list(
         .collect())
 }
 
-/// Marks a device's token dead after a 410-class answer, as the worker does; a later
-/// registration of the device makes it alive again.
+/// A device whose token a provider declared dead.
+pub struct DeadToken<'a> {
+    pub account: &'a str,
+    pub app_id: &'a str,
+    pub device_id: &'a str,
+    pub token: &'a str,
+    pub reason: &'a str,
+    /// APNs 410: when the token stopped being valid; a registration after it keeps it alive.
+    pub since: Option<SystemTime>,
+}
+
+/// Marks a device's token dead after a 410-class answer, as the worker's audit sink does (this
+/// makes it visible to the very next push); a later registration makes it alive again.
 pub async fn mark_invalid(
     client: &impl GenericClient,
-    account: &str,
-    app_id: &str,
-    device_id: &str,
-    token: &str,
-    reason: &str,
+    dead: &DeadToken<'_>,
 ) -> Result<u64, tokio_postgres::Error> {
     client
         .execute(
-            "UPDATE device_tokens
-                SET invalidated_at = coalesce(invalidated_at, now()),
-                    invalid_reason = coalesce(invalid_reason, $5)
+            "UPDATE device_tokens SET invalidated_at = now(), invalid_reason = $5
               WHERE account = $1 AND app_id = $2 AND device_id = $3
-                AND (token = $4 OR background_token = $4)",
-            &[&account, &app_id, &device_id, &token, &reason],
+                AND (token = $4 OR background_token = $4) AND invalidated_at IS NULL
+                AND ($6::timestamptz IS NULL OR updated_at < $6)",
+            &[
+                &dead.account,
+                &dead.app_id,
+                &dead.device_id,
+                &dead.token,
+                &dead.reason,
+                &dead.since,
+            ],
         )
         .await
 }

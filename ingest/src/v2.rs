@@ -17,13 +17,14 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::future::join_all;
 use pushfleet_core::config::{AppSettings, Platform, Settings};
+use pushfleet_core::job::system_time;
 use pushfleet_core::{Job, ResponseMode};
 use serde_json::{json, Map, Value};
 use tracing::{info, warn};
 
 use crate::error::ApiError;
 use crate::routes::{self, json_object, Shared};
-use crate::tokens::{self, NewToken, StoredToken};
+use crate::tokens::{self, DeadToken, NewToken, StoredToken};
 use crate::v1::{self, field, optional_str, parse_bool, python_str, required_str, truthy};
 
 /// Handlers answer with a response or an error, both JSON.
@@ -331,15 +332,15 @@ async fn push(
     for result in &results {
         if let DeviceResult::Answered(job, reply) = result {
             if reply.code == 410 {
-                let marked = tokens::mark_invalid(
-                    &**client,
+                let dead = DeadToken {
                     account,
-                    &job.app_id,
-                    job.push.device_id.as_deref().unwrap_or_default(),
-                    &job.push.token,
-                    &reply.reason,
-                )
-                .await;
+                    app_id: &job.app_id,
+                    device_id: job.push.device_id.as_deref().unwrap_or_default(),
+                    token: &job.push.token,
+                    reason: &reply.reason,
+                    since: reply.body["timestamp"].as_u64().map(system_time),
+                };
+                let marked = tokens::mark_invalid(&**client, &dead).await;
                 if let Err(e) = marked {
                     warn!(%account, job_id = %job.id, error = %e, "could not mark a dead token");
                 }

@@ -1,63 +1,13 @@
 //! While RabbitMQ is unreachable, ingest answers 503 at once instead of hanging, and recovers
 //! by itself. The outage is made with a TCP proxy in front of the broker that the test cuts.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use tokio::io::copy_bidirectional;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
 use crate::support::*;
 
-/// Forwards 127.0.0.1:<port> to the broker until cut; `cut` drops every connection and refuses
-/// new ones, `restore` accepts again.
-struct BrokerProxy {
-    port: u16,
-    open: watch::Sender<bool>,
-}
-
-impl BrokerProxy {
-    async fn start(target: String) -> BrokerProxy {
-        let listener = Arc::new(TcpListener::bind("127.0.0.1:0").await.unwrap());
-        let port = listener.local_addr().unwrap().port();
-        let (open, open_rx) = watch::channel(true);
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut client, _)) = listener.accept().await else {
-                    return;
-                };
-                let mut open = open_rx.clone();
-                if !*open.borrow() {
-                    continue; // refused: dropped at once
-                }
-                let target = target.clone();
-                tokio::spawn(async move {
-                    let Ok(mut upstream) = TcpStream::connect(target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = copy_bidirectional(&mut client, &mut upstream) => {}
-                        _ = open.wait_for(|o| !*o) => {}
-                    }
-                });
-            }
-        });
-        BrokerProxy { port, open }
-    }
-
-    fn cut(&self) {
-        let _ = self.open.send(false);
-    }
-
-    fn restore(&self) {
-        let _ = self.open.send(true);
-    }
-}
-
 #[tokio::test]
 async fn broker_outage_gives_503_quickly_and_ingest_recovers() {
-    let proxy = BrokerProxy::start("127.0.0.1:5672".into()).await;
+    let proxy = TcpProxy::start("127.0.0.1:5672".into()).await;
     let base = rabbitmq_url();
     let vhost = base.rsplit('/').next().unwrap().to_string();
     let url = format!("amqp://guest:guest@127.0.0.1:{}/{vhost}", proxy.port);

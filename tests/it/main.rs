@@ -5,7 +5,10 @@
 mod bad_input;
 mod broker_outage;
 mod client;
+mod connections;
+mod delivery;
 mod import;
+mod lifecycle;
 mod rfc8599;
 mod startup;
 mod support;

@@ -1,7 +1,8 @@
 //! The test stack: fake providers, a real ingest and a real worker on the machine's RabbitMQ
 //! and Postgres, each test in a namespace of its own.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
@@ -11,8 +12,9 @@ use pushfleet_fakes::{FakeOptions, FakeProviders, SandboxFiles};
 use pushfleet_ingest::Ingest;
 use pushfleet_worker::Worker;
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
-use tokio::sync::OnceCell;
+use tokio::io::copy_bidirectional;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OnceCell};
 use uuid::Uuid;
 
 pub const SYLK: &str = "com.agprojects.sylk";
@@ -54,6 +56,12 @@ pub struct StackOptions {
     /// Replaces the RabbitMQ URL (a test proxy in front of the broker).
     pub rabbitmq_url: Option<String>,
     pub start_worker: bool,
+    /// Replaces the Postgres URL of the services (not of the test's own pool).
+    pub postgres_url: Option<String>,
+    /// `PUSHFLEET__…` overrides, as the services would read them from the environment.
+    pub env: Vec<(String, String)>,
+    /// TOML appended to the test configuration (`[events.…]`, `[retry]` tables).
+    pub extra_config: String,
     /// `[ingest] allowed_hosts`.
     pub allowed_hosts: Vec<String>,
 }
@@ -65,7 +73,10 @@ impl Default for StackOptions {
             sync_timeout_ms: 5000,
             fakes: FakeOptions::default(),
             rabbitmq_url: None,
+            postgres_url: None,
+            env: Vec::new(),
             start_worker: true,
+            extra_config: String::new(),
             allowed_hosts: Vec::new(),
         }
     }
@@ -79,6 +90,8 @@ pub struct Stack {
     pub worker: Option<Worker>,
     pub pool: Pool,
     pub http: reqwest::Client,
+    /// The configuration file, for services started as processes.
+    pub config_path: PathBuf,
     dir: PathBuf,
 }
 
@@ -107,14 +120,18 @@ impl Stack {
         std::fs::write(&files.apns_client_cert_pem, cert).unwrap();
         std::fs::write(&files.apns_client_key_pem, key).unwrap();
         let namespace = format!("it-{}", Uuid::new_v4().simple());
-        let config = config_toml(
+        let mut config = config_toml(
             &files,
             &namespace,
             options.mode,
             options.sync_timeout_ms,
             &options.rabbitmq_url.unwrap_or_else(rabbitmq_url),
+            &options.postgres_url.unwrap_or_else(postgres_url),
         );
-        let mut settings = Settings::from_toml(&config, Vec::new(), &dir).expect("test settings");
+        config.push_str(&options.extra_config);
+        let config_path = dir.join("pushfleet.toml");
+        std::fs::write(&config_path, &config).expect("config file");
+        let mut settings = Settings::from_toml(&config, options.env, &dir).expect("test settings");
         settings.ingest.allowed_hosts = options.allowed_hosts;
         let pool = migrated_pool().await;
         let worker = if options.start_worker {
@@ -134,8 +151,14 @@ impl Stack {
             worker,
             pool,
             http: reqwest::Client::new(),
+            config_path,
             dir,
         }
+    }
+
+    /// Starts the worker of a stack created without one.
+    pub async fn start_worker(&mut self) {
+        self.worker = Some(start_worker(&self.settings).await);
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -216,6 +239,16 @@ impl Stack {
         }
     }
 
+    /// Runs a query on the test database.
+    pub async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Vec<tokio_postgres::Row> {
+        let client = self.pool.get().await.unwrap();
+        client.query(sql, params).await.unwrap()
+    }
+
     pub async fn attempts(&self, job_id: Uuid) -> Vec<(i32, Option<i32>)> {
         let client = self.pool.get().await.unwrap();
         client
@@ -238,7 +271,7 @@ impl Stack {
         if let Some(worker) = self.worker.take() {
             worker.stop().await;
         }
-        let topology = pushfleet_core::Topology::new(&self.settings.rabbitmq.namespace);
+        let topology = pushfleet_core::Topology::new(&self.settings.rabbitmq);
         if let Ok(connection) =
             pushfleet_core::topology::connect(&self.settings.rabbitmq, "it-cleanup").await
         {
@@ -290,6 +323,7 @@ fn config_toml(
     mode: &str,
     sync_timeout_ms: u64,
     amqp: &str,
+    pg: &str,
 ) -> String {
     let p = |path: &PathBuf| path.display().to_string();
     format!(
@@ -355,7 +389,6 @@ endpoint = "{fcm}"
 ca_file = "{ca}"
 service_account_file = "{sa}"
 "#,
-        pg = postgres_url(),
         apns = files.apns_url,
         fcm = files.fcm_url,
         ca = p(&files.ca_pem),
@@ -366,6 +399,74 @@ service_account_file = "{sa}"
         cert_key = p(&files.apns_client_key_pem),
         sa = p(&files.fcm_service_account_json),
     )
+}
+
+/// Starts `pushfleet-worker` as a process, as it runs in production (the binary comes from the
+/// workspace build that `ops/test` makes before the tests).
+pub fn spawn_worker_process(config: &Path) -> tokio::process::Child {
+    let exe = std::env::current_exe().expect("test binary path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory")
+        .join("pushfleet-worker");
+    assert!(
+        bin.exists(),
+        "{} is missing: build the workspace first (ops/test does)",
+        bin.display()
+    );
+    tokio::process::Command::new(bin)
+        .arg("--config")
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("worker process starts")
+}
+
+/// Forwards a local port to `target` until cut: `cut` drops every connection and refuses new
+/// ones (the service looks down), `restore` accepts again.
+pub struct TcpProxy {
+    pub port: u16,
+    open: watch::Sender<bool>,
+}
+
+impl TcpProxy {
+    pub async fn start(target: String) -> TcpProxy {
+        let listener = Arc::new(TcpListener::bind("127.0.0.1:0").await.unwrap());
+        let port = listener.local_addr().unwrap().port();
+        let (open, open_rx) = watch::channel(true);
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut open = open_rx.clone();
+                if !*open.borrow() {
+                    continue; // refused: dropped at once
+                }
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut upstream) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = copy_bidirectional(&mut client, &mut upstream) => {}
+                        _ = open.wait_for(|o| !*o) => {}
+                    }
+                });
+            }
+        });
+        TcpProxy { port, open }
+    }
+
+    pub fn cut(&self) {
+        let _ = self.open.send(false);
+    }
+
+    pub fn restore(&self) {
+        let _ = self.open.send(true);
+    }
 }
 
 /// A fresh call-id, so that a test finds its own audit rows.

@@ -2,7 +2,7 @@
 //! FCM HTTP v1 and Google's OAuth2 token endpoint, each an HTTP/2 + TLS server on
 //! 127.0.0.1 behind a throw-away test CA.
 //!
-//! ```ignore
+//! ```text
 //! use pushfleet_fakes::*;
 //! let fakes = FakeProviders::start(FakeOptions::default()).await?;
 //! let ca_pem = fakes.ca_pem();                       // trust this root in the client

@@ -18,7 +18,7 @@ pub enum ScriptAction {
 
 /// One scripted outcome for a device token (or for every token), used `times` times.
 ///
-/// ```ignore
+/// ```text
 /// fakes.fcm.script(tok, Scripted::status(503).retry_after(2).times(1));
 /// fakes.apns.script(tok, Scripted::status(503).reason("Shutdown").goaway());
 /// fakes.apns.script(tok, Scripted::normal().delay_ms(2000)); // slow, then the usual answer

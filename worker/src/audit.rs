@@ -8,10 +8,13 @@ use deadpool_postgres::Pool;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::types::AMQPValue;
 use lapin::types::FieldTable;
 use lapin::Connection;
-use pushfleet_core::job::{system_time, OutcomeEvent};
+use pushfleet_core::job::{now_ms, system_time, Job, OutcomeEvent, Terminal};
 use pushfleet_core::topology::Topology;
+use pushfleet_core::DeliveryStatus;
+use serde_json::Value;
 use tokio::sync::watch;
 use tracing::{info, warn};
 use uuid::Uuid;
@@ -82,6 +85,58 @@ impl AuditSink {
                 }
             }
             self.write(batch, &mut shutdown).await;
+        }
+    }
+
+    /// Gives every dead letter its terminal audit row: jobs that expired in a lane queue, and
+    /// jobs a worker could not read. (Jobs that exhausted their retries were audited by their
+    /// worker and carry [`AUDITED_HEADER`].) The `dead` queue keeps its own copy for operators.
+    pub async fn run_dead_letters(
+        &self,
+        connection: &Connection,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), lapin::Error> {
+        let channel = connection.create_channel().await?;
+        channel.basic_qos(64, BasicQosOptions::default()).await?;
+        let mut consumer = channel
+            .basic_consume(
+                self.topology.dead_audit_queue().into(),
+                "pushfleet-dead-letters".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        loop {
+            let delivery = tokio::select! {
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => delivery,
+                    Some(Err(e)) => return Err(e),
+                    None => return Ok(()),
+                },
+                _ = shutdown.changed() => return Ok(()),
+            };
+            let headers = delivery.properties.headers().clone().unwrap_or_default();
+            let header = |name: &str| match headers.inner().get(name) {
+                Some(AMQPValue::LongString(s)) => Some(s.to_string()),
+                Some(AMQPValue::ShortString(s)) => Some(s.to_string()),
+                _ => None,
+            };
+            let death = header("x-first-death-reason").unwrap_or_else(|| "unknown".into());
+            metrics::counter!("pushfleet_dead_letters_total", "reason" => death.clone())
+                .increment(1);
+            if header(AUDITED_HEADER).is_none() {
+                let row = dead_letter_row(&delivery, &death);
+                let mut delay = Duration::from_millis(200);
+                while let Err(e) = write_dead_letter(&self.pool, &row).await {
+                    warn!(error = %e, "dead letter not audited yet; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.changed() => return Ok(()),
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+            delivery.ack(BasicAckOptions::default()).await?;
         }
     }
 
@@ -218,7 +273,166 @@ pub async fn write_outcomes(pool: &Pool, outcomes: &[OutcomeEvent]) -> Result<()
         .await
         .map_err(|e| format!("deliveries: {e}"))?;
     }
+
+    for outcome in outcomes {
+        if let Some(dead) = &outcome.token_invalidation {
+            invalidate_token(&tx, outcome, dead).await?;
+        }
+    }
     tx.commit().await.map_err(|e| e.to_string())
+}
+
+/// Marks a token the provider declared dead: its registrations in `device_tokens`, and the
+/// `invalid_tokens` list workers check before sending. For an APNs 410 the token stays alive
+/// if it was registered again after Apple's timestamp.
+async fn invalidate_token(
+    tx: &deadpool_postgres::Transaction<'_>,
+    outcome: &OutcomeEvent,
+    dead: &pushfleet_core::job::TokenInvalidation,
+) -> Result<(), String> {
+    let since = dead.provider_timestamp_ms.map(system_time);
+    let platform = outcome.platform.as_str();
+    let marked = tx
+        .execute(
+            "UPDATE device_tokens SET invalidated_at = now(), invalid_reason = $4
+             WHERE app_id = $1 AND platform = $2 AND (token = $3 OR background_token = $3)
+               AND invalidated_at IS NULL AND ($5::timestamptz IS NULL OR updated_at < $5)",
+            &[
+                &outcome.app_id,
+                &platform,
+                &dead.token,
+                &dead.reason,
+                &since,
+            ],
+        )
+        .await
+        .map_err(|e| format!("device_tokens: {e}"))?;
+    let listed = tx
+        .execute(
+            "INSERT INTO invalid_tokens (app_id, platform, token_hash, reason, provider_timestamp)
+             SELECT $1, $2, $3, $4, $5
+             WHERE NOT EXISTS (
+                 SELECT 1 FROM device_tokens
+                 WHERE app_id = $1 AND platform = $2 AND (token = $6 OR background_token = $6)
+                   AND $5::timestamptz IS NOT NULL AND updated_at >= $5)
+             ON CONFLICT (app_id, platform, token_hash) DO UPDATE
+                 SET reason = EXCLUDED.reason, provider_timestamp = EXCLUDED.provider_timestamp,
+                     invalidated_at = now()",
+            &[
+                &outcome.app_id,
+                &platform,
+                &pushfleet_core::job::token_hash(&dead.token),
+                &dead.reason,
+                &since,
+                &dead.token,
+            ],
+        )
+        .await
+        .map_err(|e| format!("invalid_tokens: {e}"))?;
+    if listed > 0 {
+        metrics::counter!(
+            "pushfleet_tokens_invalidated_total",
+            "app" => outcome.app_id.clone(), "platform" => platform, "reason" => dead.reason.clone()
+        )
+        .increment(1);
+    }
+    info!(
+        app = %outcome.app_id, token = %outcome.token_fingerprint, reason = %dead.reason,
+        registrations = marked, "token marked invalid"
+    );
+    Ok(())
+}
+
+/// Set on the dead-letter copy of a job whose terminal row its worker already wrote.
+pub const AUDITED_HEADER: &str = "x-pushfleet-audited";
+
+/// The audit row of a dead letter: the job's own when it can be read, else what can be made out.
+enum DeadLetterRow {
+    Job(Box<OutcomeEvent>),
+    Unreadable {
+        id: Uuid,
+        fields: Value,
+        reason: String,
+    },
+}
+
+fn dead_letter_row(delivery: &Delivery, death: &str) -> DeadLetterRow {
+    match serde_json::from_slice::<Job>(&delivery.data) {
+        Ok(job) => {
+            let (status, reason) = match death {
+                "expired" => (DeliveryStatus::Expired, "expired in the queue".to_string()),
+                "rejected" => (DeliveryStatus::Rejected, "rejected by a worker".to_string()),
+                other => (
+                    DeliveryStatus::Failed,
+                    format!("dropped by the broker ({other})"),
+                ),
+            };
+            let mut outcome = OutcomeEvent::for_job(&job);
+            outcome.terminal = Some(Terminal {
+                status,
+                attempts: job.attempt,
+                provider_status: None,
+                reason: Some(reason),
+                provider_message_id: None,
+                finished_at_ms: now_ms(),
+            });
+            DeadLetterRow::Job(Box::new(outcome))
+        }
+        Err(e) => {
+            let fields: Value = serde_json::from_slice(&delivery.data).unwrap_or(Value::Null);
+            let id = fields["id"]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .or_else(|| {
+                    delivery
+                        .properties
+                        .message_id()
+                        .as_ref()
+                        .and_then(|m| m.as_str().parse().ok())
+                })
+                .unwrap_or_else(Uuid::new_v4);
+            DeadLetterRow::Unreadable {
+                id,
+                fields,
+                reason: format!("unreadable job: {e}"),
+            }
+        }
+    }
+}
+
+async fn write_dead_letter(pool: &Pool, row: &DeadLetterRow) -> Result<(), String> {
+    match row {
+        DeadLetterRow::Job(outcome) => write_outcomes(pool, std::slice::from_ref(outcome)).await,
+        DeadLetterRow::Unreadable { id, fields, reason } => {
+            let text = |v: &Value| v.as_str().unwrap_or("").to_string();
+            let received = fields["received_at_ms"]
+                .as_u64()
+                .map(system_time)
+                .unwrap_or_else(std::time::SystemTime::now);
+            let client = pool.get().await.map_err(|e| e.to_string())?;
+            client
+                .execute(
+                    "INSERT INTO deliveries
+                         (id, received_at, app_id, platform, event, call_id, token_fingerprint, lane,
+                          status, attempts, provider_reason, latency_ms, finished_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, '', $7, 'rejected', 0, $8, 0, now())
+                     ON CONFLICT DO NOTHING",
+                    &[
+                        id,
+                        &received,
+                        &text(&fields["app_id"]),
+                        &text(&fields["platform"]),
+                        &text(&fields["event"]),
+                        &text(&fields["push"]["call_id"]),
+                        &text(&fields["lane"]),
+                        reason,
+                    ],
+                )
+                .await
+                .map_err(|e| format!("deliveries: {e}"))?;
+            Ok(())
+        }
+    }
 }
 
 /// Keeps this month's and next month's partitions in place, checking a few times a day.

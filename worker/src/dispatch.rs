@@ -1,6 +1,7 @@
 //! The delivery loop: consume jobs from both lanes, send each to its provider, report the outcome
 //! to the audit exchange, answer a waiting sync caller, and only then acknowledge the job — so a
 //! worker that dies mid-push leaves the job in the queue for another worker (at-least-once).
+//! A push that may succeed later is parked in a retry queue of the broker, never in memory.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,10 +13,12 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
-use pushfleet_core::config::{AppSettings, Platform, Settings};
-use pushfleet_core::job::{now_ms, AttemptRecord, Job, OutcomeEvent, SyncReply, Terminal};
+use pushfleet_core::config::{AppSettings, Platform, RetrySettings, Settings};
+use pushfleet_core::job::{
+    now_ms, AttemptRecord, Job, OutcomeEvent, SyncReply, Terminal, TokenInvalidation,
+};
 use pushfleet_core::topology::{Topology, PERSISTENT};
 use pushfleet_core::{DeliveryStatus, EventPolicies, Lane};
 use serde_json::json;
@@ -23,15 +26,37 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::audit::AUDITED_HEADER;
+use crate::dead_tokens::DeadTokens;
+use crate::ledger::{Ledger, Verdict};
 use crate::outcome::{classify, Class};
 use crate::providers::{sylk_result, Provider, ProviderResponse};
+use crate::retry::{self, RetryPlan};
 
 /// Everything a job handler needs, shared by all in-flight jobs.
 pub struct Dispatcher {
     apps: HashMap<(String, Platform), (AppSettings, Provider)>,
     policies: EventPolicies,
     topology: Topology,
+    retry: RetrySettings,
     worker_id: String,
+    pub ledger: Arc<Ledger>,
+    pub dead_tokens: Arc<DeadTokens>,
+}
+
+/// What handling a job once came to.
+pub enum Step {
+    /// The job is done; `dead_letter` when it gave up and a copy goes to the dead letters.
+    Done {
+        outcome: Box<OutcomeEvent>,
+        reply: SyncReply,
+        dead_letter: bool,
+    },
+    /// The job waits in the retry tier of `tier_ms`; `outcome` records the attempt.
+    Retry {
+        outcome: Box<OutcomeEvent>,
+        tier_ms: u64,
+    },
 }
 
 impl Dispatcher {
@@ -40,14 +65,19 @@ impl Dispatcher {
     pub fn new(settings: &Settings, worker_id: String) -> Result<Dispatcher, String> {
         let mut apps = HashMap::new();
         for app in &settings.apps {
-            let provider = Provider::for_app(app, settings.worker.request_timeout())?;
+            let provider = Provider::for_app(app, &settings.worker)?;
             apps.insert((app.id.clone(), app.platform), (app.clone(), provider));
         }
+        let topology = Topology::new(&settings.rabbitmq);
+        let policies = settings.event_policies();
         Ok(Dispatcher {
             apps,
-            policies: settings.event_policies(),
-            topology: Topology::new(&settings.rabbitmq.namespace),
+            ledger: Arc::new(Ledger::new(topology.clone(), policies.clone())),
+            policies,
+            topology,
+            retry: settings.retry.clone(),
             worker_id,
+            dead_tokens: Arc::new(DeadTokens::default()),
         })
     }
 
@@ -65,6 +95,8 @@ impl Dispatcher {
         publisher
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
+        // Cancels and claims of the recent past first, so that no superseded push slips out.
+        self.ledger.wait_caught_up(Duration::from_secs(5)).await;
         let mut consumers = Vec::new();
         for lane in Lane::ALL {
             // One channel per lane, so that a full messages lane never holds up calls.
@@ -130,22 +162,53 @@ impl Dispatcher {
                 return;
             }
         };
-        let span = tracing::info_span!("job", job_id = %job.id, call_id = %job.push.call_id, event = %job.event, app = %job.app_id);
+        let span = tracing::info_span!("job", job_id = %job.id, call_id = %job.push.call_id, event = %job.event, app = %job.app_id, attempt = job.attempt + 1);
         async {
-            let (outcome, reply) = self.deliver(&job).await;
-            if let Some(reply_to) = delivery.properties.reply_to() {
-                // Best effort: if the caller gave up waiting, the reply simply goes nowhere.
-                let _ = publisher
-                    .basic_publish(
-                        "".into(),
-                        reply_to.clone(),
-                        BasicPublishOptions::default(),
-                        &serde_json::to_vec(&reply).unwrap_or_default(),
-                        BasicProperties::default().with_correlation_id(job.id.to_string().into()),
-                    )
-                    .await;
-            }
-            match self.publish_outcome(publisher, &outcome).await {
+            let saved = match self.process(&job).await {
+                Step::Done {
+                    outcome,
+                    reply,
+                    dead_letter,
+                } => {
+                    if let Some(reply_to) = delivery.properties.reply_to() {
+                        // Best effort: if the caller gave up waiting, the reply goes nowhere.
+                        let _ = publisher
+                            .basic_publish(
+                                "".into(),
+                                reply_to.clone(),
+                                BasicPublishOptions::default(),
+                                &serde_json::to_vec(&reply).unwrap_or_default(),
+                                BasicProperties::default()
+                                    .with_correlation_id(job.id.to_string().into()),
+                            )
+                            .await;
+                    }
+                    let mut saved = self.publish_outcome(publisher, &outcome).await;
+                    if saved.is_ok() && dead_letter {
+                        let reason = outcome
+                            .terminal
+                            .as_ref()
+                            .and_then(|t| t.reason.clone())
+                            .unwrap_or_default();
+                        saved = self
+                            .publish_dead_letter(publisher, &delivery, &reason)
+                            .await;
+                    }
+                    saved
+                }
+                Step::Retry { outcome, tier_ms } => {
+                    let mut next = job.clone();
+                    next.attempt += 1;
+                    match self
+                        .publish_retry(publisher, &next, tier_ms, &delivery.properties)
+                        .await
+                    {
+                        Ok(()) => self.publish_outcome(publisher, &outcome).await,
+                        Err(e) => Err(e),
+                    }
+                }
+            };
+            match saved {
                 Ok(()) => {
                     let _ = delivery.ack(BasicAckOptions::default()).await;
                 }
@@ -165,97 +228,251 @@ impl Dispatcher {
         .await
     }
 
-    /// Sends the job once and decides its terminal state.
-    pub async fn deliver(&self, job: &Job) -> (OutcomeEvent, SyncReply) {
-        let mut outcome = OutcomeEvent::for_job(job);
+    /// Handles the job once: decides whether it may be sent, sends it, and classifies the
+    /// answer into a terminal state or a retry.
+    pub async fn process(&self, job: &Job) -> Step {
         let now = now_ms();
-        let labels = |status: DeliveryStatus| {
-            metrics::counter!(
-                "pushfleet_deliveries_total",
-                "app" => job.app_id.clone(), "platform" => job.platform.as_str(),
-                "event" => job.event.as_str(), "outcome" => status.as_str()
-            )
-            .increment(1);
+        let done = |status: DeliveryStatus, reason: String, code: u16, answer: String| {
+            count_terminal(job, status);
+            let mut outcome = OutcomeEvent::for_job(job);
+            outcome.terminal = Some(terminal(status, job.attempt, None, Some(reason), None));
+            Step::Done {
+                outcome: Box::new(outcome),
+                reply: reply(job, status, code, answer, json!({}), String::new()),
+                dead_letter: false,
+            }
         };
 
         let Some((app, provider)) = self.apps.get(&(job.app_id.clone(), job.platform)) else {
             // Ingest only accepts configured apps; this worker's configuration lacks one.
             warn!("no such app in this worker's configuration");
-            labels(DeliveryStatus::Rejected);
-            outcome.terminal = Some(terminal(
+            return done(
                 DeliveryStatus::Rejected,
-                job.attempt,
-                None,
-                Some("app not configured on worker".into()),
-                None,
-            ));
-            let reply = reply(
-                job,
-                DeliveryStatus::Rejected,
+                "app not configured on worker".into(),
                 404,
                 format!(
                     "{} {} app is not configured",
                     job.platform.title(),
                     job.app_id
                 ),
-                json!({}),
-                String::new(),
             );
-            return (outcome, reply);
         };
         if job.is_expired(now) {
             info!("expired before it could be sent");
-            labels(DeliveryStatus::Expired);
-            outcome.terminal = Some(terminal(
+            return done(
                 DeliveryStatus::Expired,
-                job.attempt,
-                None,
-                Some("deadline passed before sending".into()),
-                None,
-            ));
-            let reply = reply(
-                job,
-                DeliveryStatus::Expired,
+                "deadline passed before sending".into(),
                 410,
                 "push expired before it could be sent".into(),
-                json!({}),
-                String::new(),
             );
-            return (outcome, reply);
+        }
+        match self.ledger.check(job, now) {
+            Verdict::Send => {}
+            Verdict::Cancelled => {
+                info!("superseded by a cancel of the call; not sent");
+                return done(
+                    DeliveryStatus::Cancelled,
+                    "superseded by a cancel".into(),
+                    200,
+                    "not sent: the call was cancelled".into(),
+                );
+            }
+            Verdict::Duplicate(first) => {
+                info!(duplicate_of = %first, "duplicate push; not sent again");
+                metrics::counter!("pushfleet_duplicates_total", "app" => job.app_id.clone(), "event" => job.event.as_str())
+                    .increment(1);
+                return done(
+                    DeliveryStatus::Cancelled,
+                    format!("duplicate of job {first}"),
+                    200,
+                    format!("duplicate of job {first}, which delivers it"),
+                );
+            }
+        }
+        if self
+            .dead_tokens
+            .contains(&job.app_id, job.platform, &job.push.token)
+        {
+            info!("token known to be invalid; not sent");
+            return done(
+                DeliveryStatus::TokenInvalid,
+                "token known to be invalid".into(),
+                410,
+                "token is no longer valid".into(),
+            );
         }
 
         let policy = self.policies.get(job.event);
+        let started = now_ms();
         let response = provider.send(app, job, policy).await;
         let class = classify(job.platform, &response);
         record_provider_metrics(job.platform, &response);
-        let status = class.terminal_status();
-        let number = job.attempt + 1;
         log_answer(&response, class);
-        labels(status);
+        let number = job.attempt + 1;
+        let answer_reason = response
+            .reason
+            .clone()
+            .or_else(|| response.transport_error.clone());
+        let mut outcome = OutcomeEvent::for_job(job);
         outcome.attempt = Some(AttemptRecord {
             number,
-            at_ms: now,
+            at_ms: started,
             provider_status: response.status,
-            reason: response
-                .reason
-                .clone()
-                .or_else(|| response.transport_error.clone()),
+            reason: answer_reason.clone(),
             duration_ms: response.duration.as_millis() as u64,
             worker: self.worker_id.clone(),
         });
+
+        let (status, reason, dead_letter) = match class {
+            Class::Retryable => match retry::plan(
+                &self.retry,
+                &self.topology,
+                job,
+                number,
+                response.retry_after,
+                now_ms(),
+            ) {
+                RetryPlan::WaitInTier(tier_ms) => {
+                    info!(
+                        retry_in_ms = tier_ms,
+                        status = response.status,
+                        "will try again"
+                    );
+                    metrics::counter!("pushfleet_retries_total", "app" => job.app_id.clone(), "platform" => job.platform.as_str())
+                        .increment(1);
+                    return Step::Retry {
+                        outcome: Box::new(outcome),
+                        tier_ms,
+                    };
+                }
+                RetryPlan::GiveUp(status, why) => {
+                    let last = answer_reason.as_deref().unwrap_or("no answer");
+                    let failed = status == DeliveryStatus::Failed;
+                    (status, Some(format!("{why}; last answer: {last}")), failed)
+                }
+            },
+            Class::Credential => {
+                // The client already replaced the credential once inside `send`.
+                warn!(
+                    status = response.status,
+                    reason = answer_reason.as_deref(),
+                    "credentials refused by the provider"
+                );
+                metrics::counter!(
+                    "pushfleet_credential_failures_total",
+                    "app" => job.app_id.clone(), "platform" => job.platform.as_str()
+                )
+                .increment(1);
+                (DeliveryStatus::Failed, answer_reason.clone(), false)
+            }
+            Class::TokenInvalid => {
+                let dead = TokenInvalidation {
+                    token: job.push.token.clone(),
+                    reason: answer_reason
+                        .clone()
+                        .unwrap_or_else(|| "token invalid".into()),
+                    provider_timestamp_ms: response.apns_timestamp_ms,
+                };
+                // A 410 with a timestamp is for the database to judge against the token's
+                // registration time; every other verdict applies at once.
+                if dead.provider_timestamp_ms.is_none() {
+                    self.dead_tokens
+                        .insert(&job.app_id, job.platform, &job.push.token);
+                }
+                outcome.token_invalidation = Some(dead);
+                (DeliveryStatus::TokenInvalid, answer_reason.clone(), false)
+            }
+            Class::Delivered | Class::Rejected => {
+                (class.terminal_status(), answer_reason.clone(), false)
+            }
+        };
+        count_terminal(job, status);
         outcome.terminal = Some(terminal(
             status,
             number,
             response.status,
-            response
-                .reason
-                .clone()
-                .or_else(|| response.transport_error.clone()),
+            reason,
             response.message_id.clone(),
         ));
-        let (code, reason, body) = sylk_result(job.platform, &response);
-        let reply = reply(job, status, code, reason, body, response.url.clone());
-        (outcome, reply)
+        let (code, text, body) = sylk_result(job.platform, &response);
+        Step::Done {
+            outcome: Box::new(outcome),
+            reply: reply(job, status, code, text, body, response.url.clone()),
+            dead_letter,
+        }
+    }
+
+    /// Parks `job` in a retry queue; it comes back to its lane when the tier's TTL runs out.
+    async fn publish_retry(
+        &self,
+        publisher: &Channel,
+        job: &Job,
+        tier_ms: u64,
+        original: &BasicProperties,
+    ) -> Result<(), String> {
+        let body = serde_json::to_vec(job).map_err(|e| e.to_string())?;
+        let mut properties = BasicProperties::default()
+            .with_delivery_mode(PERSISTENT)
+            .with_content_type("application/json".into())
+            .with_message_id(job.id.to_string().into())
+            .with_correlation_id(job.id.to_string().into())
+            .with_type("push.v1".into());
+        // A sync caller still waiting gets the answer of the attempt that ends the job.
+        if let Some(reply_to) = original.reply_to() {
+            properties = properties.with_reply_to(reply_to.clone());
+        }
+        confirm(
+            publisher
+                .basic_publish(
+                    "".into(),
+                    self.topology.retry_queue(job.lane, tier_ms).into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    properties,
+                )
+                .await,
+        )
+        .await
+    }
+
+    /// Keeps a copy of a job that gave up in the dead letters, for operators to inspect and
+    /// re-drive; its terminal row is already written.
+    async fn publish_dead_letter(
+        &self,
+        publisher: &Channel,
+        delivery: &Delivery,
+        reason: &str,
+    ) -> Result<(), String> {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            AUDITED_HEADER.into(),
+            AMQPValue::LongString("failed".into()),
+        );
+        headers.insert(
+            "x-first-death-reason".into(),
+            AMQPValue::LongString("retries-exhausted".into()),
+        );
+        headers.insert(
+            "x-pushfleet-reason".into(),
+            AMQPValue::LongString(reason.into()),
+        );
+        let properties = delivery
+            .properties
+            .clone()
+            .with_headers(headers)
+            .with_delivery_mode(PERSISTENT);
+        confirm(
+            publisher
+                .basic_publish(
+                    self.topology.dead_exchange().into(),
+                    "".into(),
+                    BasicPublishOptions::default(),
+                    &delivery.data,
+                    properties,
+                )
+                .await,
+        )
+        .await
     }
 
     async fn publish_outcome(
@@ -264,26 +481,42 @@ impl Dispatcher {
         outcome: &OutcomeEvent,
     ) -> Result<(), String> {
         let body = serde_json::to_vec(outcome).map_err(|e| e.to_string())?;
-        let confirm = publisher
-            .basic_publish(
-                self.topology.outcomes_exchange().into(),
-                "".into(),
-                BasicPublishOptions::default(),
-                &body,
-                BasicProperties::default()
-                    .with_delivery_mode(PERSISTENT)
-                    .with_content_type("application/json".into())
-                    .with_type("outcome.v1".into()),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        match tokio::time::timeout(Duration::from_secs(30), confirm).await {
-            Ok(Ok(Confirmation::Ack(_) | Confirmation::NotRequested)) => Ok(()),
-            Ok(Ok(Confirmation::Nack(_))) => Err("broker refused the outcome".into()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("no confirm within 30 s".into()),
-        }
+        confirm(
+            publisher
+                .basic_publish(
+                    self.topology.outcomes_exchange().into(),
+                    "".into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default()
+                        .with_delivery_mode(PERSISTENT)
+                        .with_content_type("application/json".into())
+                        .with_type("outcome.v1".into()),
+                )
+                .await,
+        )
+        .await
     }
+}
+
+/// Waits for the broker's confirm of a publish.
+async fn confirm(published: Result<lapin::PublisherConfirm, lapin::Error>) -> Result<(), String> {
+    let confirm = published.map_err(|e| e.to_string())?;
+    match tokio::time::timeout(Duration::from_secs(30), confirm).await {
+        Ok(Ok(Confirmation::Ack(_) | Confirmation::NotRequested)) => Ok(()),
+        Ok(Ok(Confirmation::Nack(_))) => Err("broker refused the message".into()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no confirm within 30 s".into()),
+    }
+}
+
+fn count_terminal(job: &Job, status: DeliveryStatus) {
+    metrics::counter!(
+        "pushfleet_deliveries_total",
+        "app" => job.app_id.clone(), "platform" => job.platform.as_str(),
+        "event" => job.event.as_str(), "outcome" => status.as_str()
+    )
+    .increment(1);
 }
 
 fn terminal(

@@ -3,10 +3,13 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod dead_tokens;
 pub mod dispatch;
+pub mod ledger;
 pub mod outcome;
 pub mod payload;
 pub mod providers;
+pub mod retry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,7 +45,7 @@ impl Worker {
         let worker_id = settings.worker.id.clone().unwrap_or_else(default_worker_id);
         let dispatcher = Arc::new(Dispatcher::new(&settings, worker_id.clone())?);
         let first_connection = topology::connect(&settings.rabbitmq, &worker_id).await?;
-        let topology = Topology::new(&settings.rabbitmq.namespace);
+        let topology = Topology::new(&settings.rabbitmq);
         let channel = first_connection
             .create_channel()
             .await
@@ -55,15 +58,16 @@ impl Worker {
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
+        // Every worker reads the dead-token list; only audit sinks need Postgres at start-up.
+        let pool = db::pool(&settings.postgres)?;
         let sink = if settings.worker.audit_sink {
-            let pool = db::pool(&settings.postgres)?;
             db::ping(&pool, &settings.postgres).await?;
             tasks.spawn(audit::maintain_partitions(
                 pool.clone(),
                 shutdown_rx.clone(),
             ));
             Some(Arc::new(AuditSink::new(
-                pool,
+                pool.clone(),
                 topology.clone(),
                 settings.worker.audit_batch_size,
                 Duration::from_millis(settings.worker.audit_flush_ms),
@@ -71,6 +75,10 @@ impl Worker {
         } else {
             None
         };
+        let dead_tokens = dispatcher.dead_tokens.clone();
+        let refresh = Duration::from_secs(settings.worker.invalid_tokens_refresh_secs);
+        let stop = shutdown_rx.clone();
+        tasks.spawn(async move { dead_tokens.keep_loaded(pool, refresh, stop).await });
 
         let http_addr = http.local_addr().map_err(|e| format!("listener: {e}"))?;
         tasks.spawn(serve_http(http, shutdown_rx.clone()));
@@ -147,20 +155,25 @@ async fn supervise(
         metrics::gauge!("pushfleet_broker_connected", "service" => "worker").set(1.0);
         let declare = async {
             let channel = conn.create_channel().await?;
-            Topology::new(&settings.rabbitmq.namespace)
-                .declare(&channel)
-                .await?;
+            Topology::new(&settings.rabbitmq).declare(&channel).await?;
             channel.close(200, "declared".into()).await
         };
         let work = async {
             declare.await?;
             let senders = dispatcher.run(&conn, settings.rabbitmq.prefetch, shutdown.clone());
+            let ledger = dispatcher.ledger.run(&conn, shutdown.clone());
             match &sink {
                 Some(sink) => {
-                    let (a, b) = tokio::join!(senders, sink.run(&conn, shutdown.clone()));
-                    a.and(b)
+                    // Any part failing ends the work, and the connection is opened anew.
+                    tokio::try_join!(
+                        senders,
+                        ledger,
+                        sink.run(&conn, shutdown.clone()),
+                        sink.run_dead_letters(&conn, shutdown.clone())
+                    )
+                    .map(|_| ())
                 }
-                None => senders.await,
+                None => tokio::try_join!(senders, ledger).map(|_| ()),
             }
         };
         // A dead connection ends the work at once: its unacked jobs return to the queues, and

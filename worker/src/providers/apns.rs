@@ -18,8 +18,8 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::{
-    client_builder, error_chain, header_str, read_answer, read_file, reason_phrase, retry_after,
-    send_error, ProviderResponse, RawAnswer,
+    client_builder, error_chain, header_str, read_file, reason_phrase, retry_after, send_error,
+    ConnectionLimits, Connections, ProviderResponse, RawAnswer,
 };
 use crate::payload::ApnsRequest;
 
@@ -28,7 +28,7 @@ const FRESH_TOKEN_SECS: u64 = 60;
 
 /// A client for one APNs app (one endpoint, one credential).
 pub struct ApnsClient {
-    http: reqwest::Client,
+    connections: Connections,
     base_url: String,
     /// `None` with certificate auth, where the TLS client certificate is the credential.
     token: Option<Arc<ProviderToken>>,
@@ -36,20 +36,20 @@ pub struct ApnsClient {
 
 impl ApnsClient {
     pub fn new(settings: &ApnsSettings, request_timeout: Duration) -> Result<ApnsClient, String> {
-        let mut builder = client_builder(settings.ca_file.as_deref(), request_timeout)?
-            // APNs speaks nothing but HTTP/2.
-            .http2_prior_knowledge();
-        let token = match settings.auth() {
+        let (token, identity) = match settings.auth() {
             ApnsAuth::Token {
                 key_file,
                 key_id,
                 team_id,
-            } => Some(ProviderToken::shared(
-                key_file,
-                key_id,
-                team_id,
-                Duration::from_secs(settings.token_refresh_secs),
-            )?),
+            } => (
+                Some(ProviderToken::shared(
+                    key_file,
+                    key_id,
+                    team_id,
+                    Duration::from_secs(settings.token_refresh_secs),
+                )?),
+                None,
+            ),
             ApnsAuth::Certificate {
                 cert_file,
                 key_file,
@@ -59,7 +59,7 @@ impl ApnsClient {
                     pem.push(b'\n');
                     pem.extend(read_file(key_file)?);
                 }
-                let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+                reqwest::Identity::from_pem(&pem).map_err(|e| {
                     format!(
                         "{} / {}: not a PEM certificate and private key: {}",
                         cert_file.display(),
@@ -67,18 +67,42 @@ impl ApnsClient {
                         error_chain(&e)
                     )
                 })?;
-                builder = builder.identity(identity);
-                None
+                (None, Some(pem))
             }
         };
-        let http = builder
-            .build()
-            .map_err(|e| format!("cannot build the APNs HTTP client: {}", error_chain(&e)))?;
+        let ca_file = settings.ca_file.clone();
+        let build = move || {
+            // APNs speaks nothing but HTTP/2.
+            let mut builder =
+                client_builder(ca_file.as_deref(), request_timeout)?.http2_prior_knowledge();
+            if let Some(pem) = &identity {
+                let identity = reqwest::Identity::from_pem(pem).map_err(|e| error_chain(&e))?;
+                builder = builder.identity(identity);
+            }
+            builder
+                .build()
+                .map_err(|e| format!("cannot build the APNs HTTP client: {}", error_chain(&e)))
+        };
         Ok(ApnsClient {
-            http,
+            connections: Connections::new(Box::new(build), ConnectionLimits::default())?,
             base_url: settings.endpoint.trim_end_matches('/').to_string(),
             token,
         })
+    }
+
+    pub fn with_limits(self, limits: ConnectionLimits) -> ApnsClient {
+        ApnsClient {
+            connections: self.connections.with_limits(limits),
+            ..self
+        }
+    }
+
+    pub fn connections(&self) -> &Connections {
+        &self.connections
+    }
+
+    pub fn uses_token_auth(&self) -> bool {
+        self.token.is_some()
     }
 
     pub fn device_url(&self, device_token: &str) -> String {
@@ -94,28 +118,36 @@ impl ApnsClient {
     ) -> ProviderResponse {
         let url = self.device_url(device_token);
         let started = Instant::now();
-        let mut builder = self
-            .http
-            .post(&url)
-            .header("apns-push-type", request.push_type)
-            .header("apns-expiration", request.expiration.to_string())
-            .header("apns-priority", request.priority.to_string())
-            .header("apns-topic", request.topic.as_str())
-            .header("apns-id", apns_id.hyphenated().to_string())
-            .header(CONTENT_TYPE, "application/json")
-            .body(request.payload.to_string());
         let mut jwt = None;
         if let Some(token) = &self.token {
             match token.bearer() {
-                Ok(bearer) => {
-                    builder = builder.header(AUTHORIZATION, format!("bearer {bearer}"));
-                    jwt = Some(bearer);
-                }
+                Ok(bearer) => jwt = Some(bearer),
                 Err(e) => return ProviderResponse::transport_failure(url, e, started),
             }
         }
-        let answer = match builder.send().await {
-            Ok(response) => read_answer(response).await,
+        let authorization = jwt.as_ref().map(|bearer| format!("bearer {bearer}"));
+        let body = request.payload.to_string();
+        let apns_id = apns_id.hyphenated().to_string();
+        let sent = self
+            .connections
+            .send(|http| {
+                let builder = http
+                    .post(&url)
+                    .header("apns-push-type", request.push_type)
+                    .header("apns-expiration", request.expiration.to_string())
+                    .header("apns-priority", request.priority.to_string())
+                    .header("apns-topic", request.topic.as_str())
+                    .header("apns-id", apns_id.as_str())
+                    .header(CONTENT_TYPE, "application/json")
+                    .body(body.clone());
+                match &authorization {
+                    Some(value) => builder.header(AUTHORIZATION, value.as_str()),
+                    None => builder,
+                }
+            })
+            .await;
+        let answer = match sent {
+            Ok(answer) => answer,
             Err(e) => return ProviderResponse::transport_failure(url, send_error(e), started),
         };
         let response = parse_answer(url, answer, started);
@@ -127,8 +159,10 @@ impl ApnsClient {
                 )
             {
                 // Only the token this request used is replaced: when a burst of in-flight pushes
-                // all come back 403, the first mints a new token and the rest reuse it.
+                // all come back 403, the first mints a new token and the rest reuse it. The new
+                // token goes out on a new connection, as Apple limits token changes per connection.
                 token.refresh_if_current(jwt, unix_secs());
+                self.connections.renew(started);
             }
         }
         response

@@ -10,15 +10,15 @@ use serde_json::{json, Value};
 
 use super::oauth::{AccessTokens, ServiceAccount};
 use super::{
-    client_builder, error_chain, read_answer, reason_phrase, retry_after, send_error,
-    ProviderResponse, RawAnswer,
+    client_builder, error_chain, reason_phrase, retry_after, send_error, ConnectionLimits,
+    Connections, ProviderResponse, RawAnswer,
 };
 
 const FCM_ERROR_TYPE: &str = "type.googleapis.com/google.firebase.fcm.v1.FcmError";
 
 /// A client for one FCM app (one project, one service account).
 pub struct FcmClient {
-    http: reqwest::Client,
+    connections: Connections,
     send_url: String,
     /// Shared with every other client of the same service account.
     tokens: Arc<AccessTokens>,
@@ -37,18 +37,29 @@ impl FcmClient {
                     settings.service_account_file.display()
                 )
             })?;
+        let ca_file = settings.ca_file.clone();
         // HTTP/2 is negotiated by ALPN where the server offers it (fcm.googleapis.com does).
-        let http = client_builder(settings.ca_file.as_deref(), request_timeout)?
-            .build()
-            .map_err(|e| format!("cannot build the FCM HTTP client: {}", error_chain(&e)))?;
+        let build = move || {
+            client_builder(ca_file.as_deref(), request_timeout)?
+                .build()
+                .map_err(|e| format!("cannot build the FCM HTTP client: {}", error_chain(&e)))
+        };
+        let connections = Connections::new(Box::new(build), ConnectionLimits::default())?;
         Ok(FcmClient {
             send_url: format!(
                 "{}/v1/projects/{project}/messages:send",
                 settings.endpoint.trim_end_matches('/')
             ),
-            tokens: AccessTokens::shared(account, http.clone()),
-            http,
+            tokens: AccessTokens::shared(account, connections.first()),
+            connections,
         })
+    }
+
+    pub fn with_limits(self, limits: ConnectionLimits) -> FcmClient {
+        FcmClient {
+            connections: self.connections.with_limits(limits),
+            ..self
+        }
     }
 
     pub fn send_url(&self) -> &str {
@@ -73,16 +84,18 @@ impl FcmClient {
                 )
             }
         };
+        let body = message.to_string();
         let sent = self
-            .http
-            .post(&url)
-            .bearer_auth(&token)
-            .header(CONTENT_TYPE, "application/json")
-            .body(message.to_string())
-            .send()
+            .connections
+            .send(|http| {
+                http.post(&url)
+                    .bearer_auth(&token)
+                    .header(CONTENT_TYPE, "application/json")
+                    .body(body.clone())
+            })
             .await;
         let answer = match sent {
-            Ok(response) => read_answer(response).await,
+            Ok(answer) => answer,
             Err(e) => return ProviderResponse::transport_failure(url, send_error(e), started),
         };
         let oauth_rejected = answer.status == 401 && fcm_error_code(&answer.body).is_none();

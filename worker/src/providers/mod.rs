@@ -7,9 +7,11 @@ pub mod fcm;
 pub mod oauth;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use pushfleet_core::config::{AppSettings, Platform};
+use pushfleet_core::config::{AppSettings, Platform, WorkerSettings};
 use pushfleet_core::job::{now_ms, Job};
 use pushfleet_core::policy::EventPolicy;
 use serde_json::{json, Value};
@@ -64,8 +66,13 @@ pub enum Provider {
 
 impl Provider {
     /// Loads credentials and builds the client; errors are one clear line naming the app and file.
-    pub fn for_app(app: &AppSettings, request_timeout: Duration) -> Result<Provider, String> {
+    pub fn for_app(app: &AppSettings, worker: &WorkerSettings) -> Result<Provider, String> {
         let label = format!("app {} ({})", app.id, app.platform);
+        let request_timeout = worker.request_timeout();
+        let limits = ConnectionLimits {
+            connections: worker.max_connections_per_app,
+            streams_per_connection: worker.max_streams_per_connection,
+        };
         match app.platform {
             Platform::Apple => {
                 let settings = app
@@ -73,7 +80,7 @@ impl Provider {
                     .as_ref()
                     .ok_or_else(|| format!("{label}: no [apps.apns] section"))?;
                 apns::ApnsClient::new(settings, request_timeout)
-                    .map(Provider::Apns)
+                    .map(|client| Provider::Apns(client.with_limits(limits)))
                     .map_err(|e| format!("{label}: {e}"))
             }
             Platform::Firebase => {
@@ -82,17 +89,51 @@ impl Provider {
                     .as_ref()
                     .ok_or_else(|| format!("{label}: no [apps.fcm] section"))?;
                 fcm::FcmClient::new(settings, request_timeout)
-                    .map(Provider::Fcm)
+                    .map(|client| Provider::Fcm(client.with_limits(limits)))
                     .map_err(|e| format!("{label}: {e}"))
             }
         }
     }
 
-    /// Sends `job` once. Never fails: every problem is described in the response.
+    /// Sends `job`: one attempt. Never fails: every problem is described in the response.
     ///
     /// A rejected credential (APNs 403 ExpiredProviderToken/InvalidProviderToken, FCM 401
-    /// UNAUTHENTICATED) is replaced by the client itself, so retrying the job is enough.
+    /// UNAUTHENTICATED) is replaced by the client itself and the push sent once more; a second
+    /// refusal is the answer.
     pub async fn send(
+        &self,
+        app: &AppSettings,
+        job: &Job,
+        policy: &EventPolicy,
+    ) -> ProviderResponse {
+        let first = self.send_once(app, job, policy).await;
+        if !self.credential_replaced(&first) {
+            return first;
+        }
+        metrics::counter!("pushfleet_credential_refreshes_total", "platform" => self.platform().as_str())
+            .increment(1);
+        let mut second = self.send_once(app, job, policy).await;
+        second.duration += first.duration;
+        second
+    }
+
+    /// Whether the answer refused a credential the client has just replaced.
+    fn credential_replaced(&self, response: &ProviderResponse) -> bool {
+        let reason = response.reason.as_deref();
+        match self {
+            Provider::Apns(client) => {
+                client.uses_token_auth()
+                    && response.status == Some(403)
+                    && matches!(
+                        reason,
+                        Some("ExpiredProviderToken" | "InvalidProviderToken")
+                    )
+            }
+            Provider::Fcm(_) => response.status == Some(401) && reason == Some("UNAUTHENTICATED"),
+        }
+    }
+
+    async fn send_once(
         &self,
         app: &AppSettings,
         job: &Job,
@@ -143,6 +184,205 @@ pub fn sylk_result(platform: Platform, response: &ProviderResponse) -> (u16, Str
         Platform::Apple => apns::sylk_result(status, response),
         Platform::Firebase => fcm::sylk_result(status, response),
     }
+}
+
+/// How many HTTP/2 connections a client may open to its provider, and how many requests each
+/// carries at once. The provider's own SETTINGS_MAX_CONCURRENT_STREAMS, which may change at any
+/// time, is respected below that by HTTP/2 itself: excess requests wait for a free stream.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub connections: usize,
+    pub streams_per_connection: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            connections: 4,
+            streams_per_connection: 1000,
+        }
+    }
+}
+
+struct Connection {
+    http: reqwest::Client,
+    in_flight: AtomicUsize,
+}
+
+type BuildClient = Box<dyn Fn() -> Result<reqwest::Client, String> + Send + Sync>;
+
+/// The connections of one client to its provider. Requests fill the first connection up to its
+/// bound; the next connection opens only when the open ones are saturated, and a request waits
+/// when all of them are. One HTTP client is one HTTP/2 connection (kept alive with PINGs).
+pub struct Connections {
+    build: BuildClient,
+    open: RwLock<Vec<Arc<Connection>>>,
+    limits: ConnectionLimits,
+    room: Arc<tokio::sync::Semaphore>,
+    renewed_at: std::sync::Mutex<Instant>,
+}
+
+/// A request's place on a connection, given back when dropped.
+pub struct Lease {
+    connection: Arc<Connection>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl std::ops::Deref for Lease {
+    type Target = reqwest::Client;
+    fn deref(&self) -> &reqwest::Client {
+        &self.connection.http
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.connection.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Connections {
+    /// Builds the first client at once, so that a bad CA file or certificate fails at start-up.
+    pub fn new(build: BuildClient, limits: ConnectionLimits) -> Result<Connections, String> {
+        let first = build()?;
+        Ok(Connections {
+            build,
+            open: RwLock::new(vec![Arc::new(Connection {
+                http: first,
+                in_flight: AtomicUsize::new(0),
+            })]),
+            room: Arc::new(tokio::sync::Semaphore::new(
+                limits.connections * limits.streams_per_connection,
+            )),
+            limits,
+            renewed_at: std::sync::Mutex::new(Instant::now()),
+        })
+    }
+
+    /// Replaces the open connections with a new one, unless that already happened after
+    /// `since`: APNs wants a new provider token on a new connection. Requests in flight finish
+    /// on the old ones.
+    pub fn renew(&self, since: Instant) {
+        let mut renewed_at = self.renewed_at.lock().expect("renewal lock");
+        if *renewed_at > since {
+            return;
+        }
+        match (self.build)() {
+            Ok(http) => {
+                *self.open.write().expect("connections lock") = vec![Arc::new(Connection {
+                    http,
+                    in_flight: AtomicUsize::new(0),
+                })];
+                *renewed_at = Instant::now();
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot open a new provider connection"),
+        }
+    }
+
+    pub fn with_limits(self, limits: ConnectionLimits) -> Connections {
+        Connections {
+            room: Arc::new(tokio::sync::Semaphore::new(
+                limits.connections * limits.streams_per_connection,
+            )),
+            limits,
+            ..self
+        }
+    }
+
+    /// Any client, for requests outside the pool's accounting (the OAuth token endpoint).
+    pub fn first(&self) -> reqwest::Client {
+        self.open.read().expect("connections lock")[0].http.clone()
+    }
+
+    pub fn open_count(&self) -> usize {
+        self.open.read().expect("connections lock").len()
+    }
+
+    pub async fn lease(&self) -> Lease {
+        let permit = self
+            .room
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let max = self.limits.streams_per_connection;
+        let take = |connection: &Arc<Connection>| {
+            let previous = connection.in_flight.fetch_add(1, Ordering::AcqRel);
+            if previous < max {
+                true
+            } else {
+                connection.in_flight.fetch_sub(1, Ordering::AcqRel);
+                false
+            }
+        };
+        if let Some(connection) = self
+            .open
+            .read()
+            .expect("connections lock")
+            .iter()
+            .find(|c| take(c))
+        {
+            return Lease {
+                connection: connection.clone(),
+                _permit: permit,
+            };
+        }
+        let mut open = self.open.write().expect("connections lock");
+        if open.len() < self.limits.connections {
+            if let Ok(http) = (self.build)() {
+                open.push(Arc::new(Connection {
+                    http,
+                    in_flight: AtomicUsize::new(0),
+                }));
+                metrics::counter!("pushfleet_provider_connections_opened_total").increment(1);
+            }
+        }
+        // The permit guarantees room overall; take the least loaded connection.
+        let connection = open
+            .iter()
+            .min_by_key(|c| c.in_flight.load(Ordering::Acquire))
+            .expect("at least one connection")
+            .clone();
+        connection.in_flight.fetch_add(1, Ordering::AcqRel);
+        Lease {
+            connection,
+            _permit: permit,
+        }
+    }
+
+    /// Sends the request `make` builds and reads its answer. A request the server did not
+    /// process (refused stream, or above the last stream of a GOAWAY) is sent again at once on a
+    /// connection with room: it cannot have reached the device.
+    async fn send(
+        &self,
+        make: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+    ) -> Result<RawAnswer, reqwest::Error> {
+        let mut resent = 0;
+        loop {
+            let lease = self.lease().await;
+            match make(&lease).send().await {
+                Ok(response) => return Ok(read_answer(response).await),
+                Err(e) if resent < 2 && unprocessed(&e) => {
+                    resent += 1;
+                    metrics::counter!("pushfleet_provider_resends_total").increment(1);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Whether HTTP/2 says the server refused the request before processing it.
+fn unprocessed(error: &reqwest::Error) -> bool {
+    let mut source: Option<&dyn std::error::Error> = Some(error);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.is_remote());
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// An HTTP client trusting the system's usual roots plus, when configured, `ca_file` (a sandbox,

@@ -1,0 +1,310 @@
+//! The worker's view of the ledger stream (see `pushfleet_core::ledger`): which calls were
+//! cancelled and which dedupe keys are claimed, by any worker. Reading starts far enough in the
+//! past to cover every window, so a worker that starts or reconnects late knows what happened.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection};
+use pushfleet_core::job::{now_ms, Job};
+use pushfleet_core::ledger::{dedupe_key, Claim, LedgerEntry};
+use pushfleet_core::topology::PERSISTENT;
+use pushfleet_core::{Event, EventPolicies, Topology};
+use tokio::sync::watch;
+use tracing::{debug, warn};
+use uuid::Uuid;
+
+/// Claims are published in small batches: one ledger message per flush, not one per push.
+const CLAIM_FLUSH: Duration = Duration::from_millis(5);
+/// The replay from the stream is over once it has been quiet this long.
+const CAUGHT_UP_AFTER: Duration = Duration::from_millis(200);
+
+/// Whether a job may be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Send,
+    /// A cancel for the call was accepted after this push.
+    Cancelled,
+    /// The same push was accepted before and is (being) delivered as this job.
+    Duplicate(Uuid),
+}
+
+pub struct Ledger {
+    topology: Topology,
+    policies: EventPolicies,
+    /// How long a cancel matters: the longest incoming-call TTL.
+    cancel_window_ms: u64,
+    /// How far back a (re)connecting worker reads.
+    replay: Duration,
+    state: Mutex<State>,
+    caught_up: watch::Sender<bool>,
+}
+
+#[derive(Default)]
+struct State {
+    /// call-id → the latest cancel's acceptance time.
+    cancels: HashMap<String, u64>,
+    /// dedupe key → (claiming job, claim expiry).
+    claims: HashMap<u64, (Uuid, u64)>,
+    /// Our claims not yet published.
+    unpublished: Vec<Claim>,
+    pruned_at_ms: u64,
+}
+
+impl Ledger {
+    pub fn new(topology: Topology, policies: EventPolicies) -> Ledger {
+        let longest = |f: &dyn Fn(Event) -> Duration| Event::ALL.into_iter().map(f).max();
+        let cancel_window = longest(&|e| {
+            if e.is_incoming_call() {
+                policies.get(e).ttl
+            } else {
+                Duration::ZERO
+            }
+        })
+        .unwrap_or_default();
+        let dedupe_window = longest(&|e| policies.get(e).dedupe_window).unwrap_or_default();
+        Ledger {
+            topology,
+            policies,
+            cancel_window_ms: cancel_window.as_millis() as u64,
+            replay: cancel_window.max(dedupe_window) + Duration::from_secs(5),
+            state: Mutex::new(State::default()),
+            caught_up: watch::channel(false).0,
+        }
+    }
+
+    /// Decides whether `job` may be sent now and, if so, claims its dedupe key.
+    pub fn check(&self, job: &Job, now: u64) -> Verdict {
+        let mut state = self.state.lock().expect("ledger lock");
+        if job.event.is_incoming_call() {
+            if let Some(&cancelled_at) = state.cancels.get(&job.push.call_id) {
+                if cancelled_at >= job.received_at_ms {
+                    return Verdict::Cancelled;
+                }
+            }
+        }
+        let window = self.policies.get(job.event).dedupe_window.as_millis() as u64;
+        if window == 0 {
+            return Verdict::Send;
+        }
+        let key = dedupe_key(job);
+        if let Some(&(holder, until)) = state.claims.get(&key) {
+            if holder != job.id && until > now {
+                return Verdict::Duplicate(holder);
+            }
+        }
+        let claim = Claim {
+            key,
+            job_id: job.id,
+            until_ms: job.received_at_ms + window,
+        };
+        state.claims.insert(key, (claim.job_id, claim.until_ms));
+        state.unpublished.push(claim);
+        Verdict::Send
+    }
+
+    fn apply(&self, entry: LedgerEntry) {
+        let mut state = self.state.lock().expect("ledger lock");
+        let now = now_ms();
+        match entry {
+            LedgerEntry::Cancel { call_id, at_ms } => {
+                let latest = state.cancels.entry(call_id).or_insert(at_ms);
+                *latest = (*latest).max(at_ms);
+            }
+            LedgerEntry::Claims { claims } => {
+                for claim in claims {
+                    if claim.until_ms <= now {
+                        continue;
+                    }
+                    // The first claim stands; a later one for the same key lost the race.
+                    let current = state
+                        .claims
+                        .entry(claim.key)
+                        .or_insert((claim.job_id, claim.until_ms));
+                    if current.1 <= now {
+                        *current = (claim.job_id, claim.until_ms);
+                    }
+                }
+            }
+        }
+        if now >= state.pruned_at_ms + 1000 {
+            let window = self.cancel_window_ms;
+            state.cancels.retain(|_, at| *at + window > now);
+            state.claims.retain(|_, (_, until)| *until > now);
+            state.pruned_at_ms = now;
+        }
+    }
+
+    /// Resolves once the replay of the recent past is done (or after `limit`).
+    pub async fn wait_caught_up(&self, limit: Duration) {
+        let mut caught_up = self.caught_up.subscribe();
+        let _ = tokio::time::timeout(limit, caught_up.wait_for(|c| *c)).await;
+    }
+
+    /// Follows the stream and publishes our claims, until the connection fails or `shutdown`.
+    pub async fn run(
+        &self,
+        connection: &Connection,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), lapin::Error> {
+        self.caught_up.send_replace(false);
+        let channel = connection.create_channel().await?;
+        // Streams require a prefetch and manual acks (which only grant credit).
+        channel.basic_qos(1000, BasicQosOptions::default()).await?;
+        let from = SystemTime::now()
+            .checked_sub(self.replay)
+            .unwrap_or(UNIX_EPOCH)
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let mut args = FieldTable::default();
+        args.insert("x-stream-offset".into(), AMQPValue::Timestamp(from));
+        let mut entries = channel
+            .basic_consume(
+                self.topology.ledger_queue().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                args,
+            )
+            .await?;
+        let publisher = connection.create_channel().await?;
+        let mut flush = tokio::time::interval(CLAIM_FLUSH);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let quiet = tokio::time::sleep(CAUGHT_UP_AFTER);
+        tokio::pin!(quiet);
+        loop {
+            tokio::select! {
+                next = entries.next() => match next {
+                    Some(Ok(delivery)) => {
+                        match serde_json::from_slice::<LedgerEntry>(&delivery.data) {
+                            Ok(entry) => self.apply(entry),
+                            Err(e) => debug!(error = %e, "unreadable ledger entry skipped"),
+                        }
+                        delivery.ack(BasicAckOptions::default()).await?;
+                        if !*self.caught_up.borrow() {
+                            quiet.as_mut().reset(tokio::time::Instant::now() + CAUGHT_UP_AFTER);
+                        }
+                    }
+                    Some(Err(e)) => return Err(e),
+                    None => return Ok(()),
+                },
+                _ = &mut quiet, if !*self.caught_up.borrow() => {
+                    self.caught_up.send_replace(true);
+                }
+                _ = flush.tick() => {
+                    let claims = std::mem::take(&mut self.state.lock().expect("ledger lock").unpublished);
+                    if claims.is_empty() {
+                        continue;
+                    }
+                    let body = serde_json::to_vec(&LedgerEntry::Claims { claims })
+                        .expect("claims serialise");
+                    // Best effort: a lost claim batch only narrows duplicate detection.
+                    if let Err(e) = publisher
+                        .basic_publish(
+                            "".into(),
+                            self.topology.ledger_queue().into(),
+                            BasicPublishOptions::default(),
+                            &body,
+                            BasicProperties::default().with_delivery_mode(PERSISTENT),
+                        )
+                        .await
+                    {
+                        warn!(error = %e, "dedupe claims not published");
+                    }
+                }
+                _ = shutdown.changed() => return Ok(()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pushfleet_core::config::{Platform, RabbitSettings};
+    use pushfleet_core::{Lane, PushData};
+
+    fn ledger() -> Ledger {
+        Ledger::new(
+            Topology::new(&RabbitSettings::default()),
+            EventPolicies::default(),
+        )
+    }
+
+    fn job(event: Event, call_id: &str, received_at_ms: u64) -> Job {
+        Job {
+            v: 1,
+            id: Uuid::new_v4(),
+            app_id: "a".into(),
+            platform: Platform::Apple,
+            event,
+            lane: Lane::Calls,
+            received_at_ms,
+            deadline_ms: received_at_ms + 60_000,
+            attempt: 0,
+            push: PushData {
+                token: "tok".into(),
+                call_id: call_id.into(),
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn a_cancel_supersedes_earlier_incoming_pushes_only() {
+        let l = ledger();
+        let now = now_ms();
+        l.apply(LedgerEntry::Cancel {
+            call_id: "c1".into(),
+            at_ms: now,
+        });
+        assert_eq!(
+            l.check(&job(Event::IncomingSession, "c1", now - 10), now),
+            Verdict::Cancelled
+        );
+        // A later call reusing the id rings; other calls and the cancel itself go out.
+        assert_eq!(
+            l.check(&job(Event::IncomingSession, "c1", now + 10), now),
+            Verdict::Send
+        );
+        assert_eq!(
+            l.check(&job(Event::IncomingConferenceRequest, "c2", now), now),
+            Verdict::Send
+        );
+        assert_eq!(l.check(&job(Event::Cancel, "c1", now), now), Verdict::Send);
+    }
+
+    #[test]
+    fn the_second_of_two_identical_pushes_is_a_duplicate() {
+        let l = ledger();
+        let now = now_ms();
+        let first = job(Event::IncomingSession, "c1", now);
+        let mut second = job(Event::IncomingSession, "c1", now + 5);
+        assert_eq!(l.check(&first, now), Verdict::Send);
+        // The first job may come back (a retry, a redelivery): still itself.
+        assert_eq!(l.check(&first, now), Verdict::Send);
+        assert_eq!(l.check(&second, now), Verdict::Duplicate(first.id));
+        second.push.token = "other".into();
+        assert_eq!(l.check(&second, now), Verdict::Send);
+    }
+
+    #[test]
+    fn claims_from_other_workers_count() {
+        let l = ledger();
+        let now = now_ms();
+        let theirs = job(Event::Message, "m1", now);
+        l.apply(LedgerEntry::Claims {
+            claims: vec![Claim {
+                key: dedupe_key(&theirs),
+                job_id: theirs.id,
+                until_ms: now + 60_000,
+            }],
+        });
+        let ours = job(Event::Message, "m1", now + 1);
+        assert_eq!(l.check(&ours, now), Verdict::Duplicate(theirs.id));
+    }
+}
