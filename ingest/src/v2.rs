@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::rejection::PathRejection;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -475,8 +475,10 @@ fn async_answer(results: &[DeviceResult]) -> Response {
 /// `GET /audit?call_id=…`: the audit rows of a call, each with its provider attempts.
 pub async fn audit(
     State(state): State<Shared>,
-    Query(query): Query<HashMap<String, String>>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Answer {
+    let Query(query) =
+        query.map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
     let call_id = query
         .get("call_id")
         .or_else(|| query.get("call-id"))

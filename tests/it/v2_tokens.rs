@@ -508,6 +508,40 @@ async fn an_account_push_fans_out_and_skips_dead_tokens() {
 }
 
 #[tokio::test]
+async fn an_apns_410_older_than_the_registration_leaves_the_token_alive() {
+    let stack = Stack::start().await;
+    let account = account();
+    let (old, fresh) = (apns_token(), apns_token());
+    let now_ms = pushfleet_core::job::now_ms() as i64;
+    // Apple says the first stopped being valid an hour before it was registered, the second
+    // a minute after.
+    for (token, at) in [(&old, now_ms - 3_600_000), (&fresh, now_ms + 60_000)] {
+        stack.fakes.apns.set_token_state(
+            token,
+            pushfleet_fakes::ApnsTokenState::Unregistered { timestamp_ms: at },
+        );
+    }
+    register(&stack, &account, &add_body(SYLK, "apple", &old, "old")).await;
+    register(&stack, &account, &add_body(SYLK, "apple", &fresh, "fresh")).await;
+    let (status, answer) = stack
+        .call(
+            "POST",
+            &format!("{}/push", tokens_path(&account)),
+            Some(&push_body("incoming_session", &call_id())),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["data"][0]["code"], 410);
+    assert_eq!(answer["data"][1]["code"], 410);
+    assert!(
+        !stored(&stack, &account, "old").await.unwrap().2,
+        "registered since"
+    );
+    assert!(stored(&stack, &account, "fresh").await.unwrap().2, "dead");
+    stack.stop().await;
+}
+
+#[tokio::test]
 async fn async_mode_lists_one_job_per_device() {
     let stack = Stack::start_async().await;
     let account = account();
