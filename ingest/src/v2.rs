@@ -222,8 +222,30 @@ pub async fn push_device(
 /// A device's push, merged from its stored record and the request, before it is queued.
 enum Planned {
     Send(Box<Job>, Duration),
-    /// The device's token was found dead: skipped, reported as the reference reports a 410.
-    Dead(Box<StoredToken>),
+    Skip(Skipped),
+}
+
+/// A device not pushed to, with the code and reason its item reports.
+struct Skipped {
+    device: Box<StoredToken>,
+    code: u16,
+    reason: String,
+}
+
+impl Skipped {
+    /// Its token was found dead: reported as the reference reports a gone token.
+    fn dead(device: StoredToken) -> Skipped {
+        let reason = format!(
+            "token invalidated at {}: {}",
+            device.invalidated_at.as_deref().unwrap_or_default(),
+            device.invalid_reason.as_deref().unwrap_or("gone")
+        );
+        Skipped {
+            device: Box::new(device),
+            code: 410,
+            reason,
+        }
+    }
 }
 
 /// The v1 body for one stored device: the request's call data plus the stored token, app and
@@ -279,30 +301,52 @@ async fn push(
         });
     }
 
-    // Every device's push is validated before any is sent: a bad request sends nothing.
+    let one_device = device.is_some();
+    let mut first_refusal = None;
+    // Every device's push is validated before any is sent: a bad request (a 400) sends
+    // nothing. A device that cannot take this push (a 404: its app is no longer configured, a
+    // Linphone app and anything but a call) is skipped in an account-wide push, so that the
+    // account's other devices still get it.
     let mut planned = Vec::with_capacity(devices.len());
     for device in devices {
         if device.invalidated_at.is_some() {
-            planned.push(Planned::Dead(Box::new(device)));
+            planned.push(Planned::Skip(Skipped::dead(device)));
             continue;
         }
-        let valid =
-            v1::validate(&device_body(&request, &device), &state.settings).inspect_err(|e| {
+        let valid = match v1::validate(&device_body(&request, &device), &state.settings) {
+            Ok(valid) => valid,
+            Err(e) => {
                 info!(%account, device_id = %device.device_id, peer = %peer.ip(),
-                      error = %e.body, "v2 push request rejected");
-            })?;
+                      error = %e.body, "v2 push request rejected for a device");
+                if e.status != StatusCode::NOT_FOUND || one_device {
+                    return Err(e);
+                }
+                planned.push(Planned::Skip(Skipped {
+                    device: Box::new(device),
+                    code: e.status.as_u16(),
+                    reason: python_str(&e.body["description"]),
+                }));
+                first_refusal.get_or_insert(e);
+                continue;
+            }
+        };
         let (mut job, ttl) = routes::new_job(state, valid);
         job.push.account = Some(account.to_string());
         job.push.device_id = Some(device.device_id.clone());
         planned.push(Planned::Send(Box::new(job), ttl));
     }
 
+    if let Some(refusal) = first_refusal {
+        if !planned.iter().any(|p| matches!(p, Planned::Send(..))) {
+            return Err(refusal);
+        }
+    }
     let sync = state.settings.ingest.mode == ResponseMode::Sync;
     let deadline =
         tokio::time::Instant::now() + Duration::from_millis(state.settings.ingest.sync_timeout_ms);
     let results = join_all(planned.into_iter().map(|plan| async move {
         match plan {
-            Planned::Dead(device) => DeviceResult::Dead(device),
+            Planned::Skip(skipped) => DeviceResult::Skipped(skipped),
             Planned::Send(job, ttl) => {
                 let request_id = format!("{}-{account}-{}", job.event, job.push.call_id);
                 match routes::enqueue(state, &job, ttl, sync, &request_id, peer).await {
@@ -320,11 +364,16 @@ async fn push(
     }))
     .await;
 
-    if results
-        .iter()
-        .all(|r| matches!(r, DeviceResult::NotQueued(..)))
-    {
-        if let Some(DeviceResult::NotQueued(_, error)) = results.first() {
+    // Nothing queued at all: the broker is away; the caller gets its 503.
+    let not_queued = results.iter().find_map(|r| match r {
+        DeviceResult::NotQueued(_, error) => Some(error),
+        _ => None,
+    });
+    if let Some(error) = not_queued {
+        if results
+            .iter()
+            .all(|r| matches!(r, DeviceResult::NotQueued(..) | DeviceResult::Skipped(_)))
+        {
             return Err(error.clone());
         }
     }
@@ -355,7 +404,7 @@ async fn push(
 }
 
 enum DeviceResult {
-    Dead(Box<StoredToken>),
+    Skipped(Skipped),
     NotQueued(Box<Job>, ApiError),
     Queued(Box<Job>),
     Answered(Box<Job>, pushfleet_core::SyncReply),
@@ -365,48 +414,37 @@ impl DeviceResult {
     /// The device's item in a sync answer: the reference's per-device result plus the device
     /// and job ids.
     fn item(&self, request: &Map<String, Value>) -> Value {
-        let (mut item, device_id, job_id) = match self {
-            DeviceResult::Answered(job, reply) => (
-                routes::push_result(job, reply),
-                job.push.device_id.clone(),
-                Some(job.id),
-            ),
-            DeviceResult::Queued(job) => (
-                json!({
-                    "body": {}, "code": 202, "reason": "accepted for delivery", "url": "",
-                    "platform": job.platform, "call_id": job.push.call_id, "token": job.push.token,
-                }),
-                job.push.device_id.clone(),
-                Some(job.id),
-            ),
-            DeviceResult::NotQueued(job, error) => (
-                json!({
-                    "body": {}, "code": error.status.as_u16(),
-                    "reason": error.body["description"], "url": "",
-                    "platform": job.platform, "call_id": job.push.call_id, "token": job.push.token,
-                }),
-                job.push.device_id.clone(),
-                None,
-            ),
-            DeviceResult::Dead(device) => (
-                json!({
-                    "body": {}, "code": 410,
-                    "reason": format!(
-                        "token invalidated at {}: {}",
-                        device.invalidated_at.as_deref().unwrap_or_default(),
-                        device.invalid_reason.as_deref().unwrap_or("gone")
-                    ),
-                    "url": "", "platform": device.platform,
-                    "call_id": field(request, "call-id").map(python_str),
-                    "token": device.token,
-                }),
-                Some(device.device_id.clone()),
-                None,
-            ),
+        let unsent = |job: &Job, code: u16, reason: &Value| {
+            json!({
+                "body": {}, "code": code, "reason": reason, "url": "",
+                "platform": job.platform, "call_id": job.push.call_id, "token": job.push.token,
+                "device_id": job.push.device_id, "job_id": job.id,
+            })
         };
-        item["device_id"] = json!(device_id);
-        item["job_id"] = json!(job_id);
-        item
+        match self {
+            DeviceResult::Answered(job, reply) => {
+                let mut item = routes::push_result(job, reply);
+                item["device_id"] = json!(job.push.device_id);
+                item["job_id"] = json!(job.id);
+                item
+            }
+            DeviceResult::Queued(job) => unsent(job, 202, &json!("accepted for delivery")),
+            DeviceResult::NotQueued(job, error) => {
+                let mut item = unsent(job, error.status.as_u16(), &error.body["description"]);
+                item["job_id"] = Value::Null;
+                item
+            }
+            DeviceResult::Skipped(Skipped {
+                device,
+                code,
+                reason,
+            }) => json!({
+                "body": {}, "code": code, "reason": reason, "url": "",
+                "platform": device.platform,
+                "call_id": field(request, "call-id").map(python_str),
+                "token": device.token, "device_id": device.device_id, "job_id": null,
+            }),
+        }
     }
 
     fn code(&self) -> u16 {
@@ -414,15 +452,21 @@ impl DeviceResult {
             DeviceResult::Answered(_, reply) => reply.code,
             DeviceResult::Queued(_) => 202,
             DeviceResult::NotQueued(_, error) => error.status.as_u16(),
-            DeviceResult::Dead(_) => 410,
+            DeviceResult::Skipped(skipped) => skipped.code,
         }
     }
 }
 
 /// The reference's aggregate: the HTTP status is the last device's code, a gone token counting
-/// as 200 (its own item still says 410).
+/// as 200 (its own item still says 410). Devices skipped because they cannot take this push
+/// do not decide it.
 fn sync_answer(results: &[DeviceResult], request: &Map<String, Value>) -> Response {
-    let code = match results.last().map(DeviceResult::code) {
+    let last = results
+        .iter()
+        .rev()
+        .find(|r| !matches!(r, DeviceResult::Skipped(s) if s.code != 410))
+        .map(DeviceResult::code);
+    let code = match last {
         Some(410) | None => 200,
         Some(code) => code,
     };
@@ -451,9 +495,8 @@ fn async_answer(results: &[DeviceResult]) -> Response {
                 "device_id": job.push.device_id, "code": error.status.as_u16(),
                 "reason": error.body["description"],
             })),
-            DeviceResult::Dead(device) => skipped.push(json!({
-                "device_id": device.device_id, "code": 410,
-                "reason": device.invalid_reason.as_deref().unwrap_or("gone"),
+            DeviceResult::Skipped(s) => skipped.push(json!({
+                "device_id": s.device.device_id, "code": s.code, "reason": s.reason,
             })),
         }
     }

@@ -542,6 +542,59 @@ async fn an_apns_410_older_than_the_registration_leaves_the_token_alive() {
 }
 
 #[tokio::test]
+async fn a_device_that_cannot_take_the_push_is_skipped_in_an_account_push() {
+    let stack = Stack::start().await;
+    let account = account();
+    let (sylk, linphone) = (apns_token(), fcm_token());
+    register(&stack, &account, &add_body(SYLK, "apple", &sylk, "iphone")).await;
+    register(
+        &stack,
+        &account,
+        &add_body(LINPHONE, "firebase", &linphone, "android"),
+    )
+    .await;
+    // Linphone apps only ring: the message reaches the Sylk device, the Linphone one says why not.
+    let call = call_id();
+    let path = format!("{}/push", tokens_path(&account));
+    let (status, answer) = stack
+        .call("POST", &path, Some(&push_body("message", &call)))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["data"][0]["code"], 200);
+    assert_eq!(
+        (
+            answer["data"][1]["device_id"].as_str(),
+            answer["data"][1]["code"].as_u64()
+        ),
+        (Some("android"), Some(404))
+    );
+    assert_eq!(
+        answer["data"][1]["reason"],
+        "event not found (must be incoming_sesion)"
+    );
+    assert_eq!(stack.deliveries(&call, 1).await.len(), 1);
+    assert!(stack
+        .fakes
+        .fcm
+        .journal()
+        .requests_for_token(&linphone)
+        .is_empty());
+    // Addressed to that device alone, or when no device can take it, it is the answer.
+    let (status, answer) = stack
+        .call(
+            "POST",
+            &format!("{}/push/android", tokens_path(&account)),
+            Some(&push_body("message", &call)),
+        )
+        .await;
+    assert_eq!(
+        (status, answer["description"].as_str()),
+        (404, Some("event not found (must be incoming_sesion)"))
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
 async fn async_mode_lists_one_job_per_device() {
     let stack = Stack::start_async().await;
     let account = account();
