@@ -24,7 +24,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
-use pushfleet_bench::{main_of, report, Args};
+use pushfleet_bench::{main_of, process_usage, report, Args};
 use pushfleet_core::config::Platform;
 use pushfleet_core::job::{now_ms, Job, PushData, JOB_VERSION};
 use pushfleet_core::topology::{Topology, PERSISTENT};
@@ -250,6 +250,10 @@ async fn run(plan: Plan) -> Result<()> {
         "backlog",
         published.saturating_sub(consumed.load(Ordering::Relaxed)),
     );
+
+    if let Some((cpu, _)) = process_usage("self") {
+        report("client_cpu_s", format!("{cpu:.1}"));
+    }
 
     // Leave the broker as it was.
     let _ = consumer_conn.close(200, "done".into()).await;
