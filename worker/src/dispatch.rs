@@ -95,6 +95,9 @@ impl Dispatcher {
         publisher
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
+        // Sync replies are best effort and unconfirmed, on a channel of their own: a confirm
+        // channel would keep every reply's pending confirm.
+        let replies = connection.create_channel().await?;
         // Cancels and claims of the recent past first, so that no superseded push slips out.
         self.ledger.wait_caught_up(Duration::from_secs(5)).await;
         let mut consumers = Vec::new();
@@ -130,8 +133,8 @@ impl Dispatcher {
                 next = streams.next() => match next {
                     Some(Ok(delivery)) => {
                         let dispatcher = self.clone();
-                        let publisher = publisher.clone();
-                        in_flight.spawn(async move { dispatcher.handle(delivery, &publisher).await });
+                        let (publisher, replies) = (publisher.clone(), replies.clone());
+                        in_flight.spawn(async move { dispatcher.handle(delivery, &publisher, &replies).await });
                     }
                     Some(Err(e)) => break Err(e),
                     None => break Ok(()),
@@ -152,7 +155,7 @@ impl Dispatcher {
         result
     }
 
-    async fn handle(&self, delivery: Delivery, publisher: &Channel) {
+    async fn handle(&self, delivery: Delivery, publisher: &Channel, replies: &Channel) {
         let job: Job = match serde_json::from_slice(&delivery.data) {
             Ok(job) => job,
             Err(e) => {
@@ -172,7 +175,7 @@ impl Dispatcher {
                 } => {
                     if let Some(reply_to) = delivery.properties.reply_to() {
                         // Best effort: if the caller gave up waiting, the reply goes nowhere.
-                        let _ = publisher
+                        let _ = replies
                             .basic_publish(
                                 "".into(),
                                 reply_to.clone(),

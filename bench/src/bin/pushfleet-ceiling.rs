@@ -113,7 +113,10 @@ async fn connect(url: &str, name: &str) -> Result<Connection> {
 }
 
 async fn run(plan: Plan) -> Result<()> {
-    let topology = Topology::new(&plan.namespace);
+    let topology = Topology::new(&pushfleet_core::config::RabbitSettings {
+        namespace: plan.namespace.clone(),
+        ..Default::default()
+    });
     let queue = topology.lane_queue(Lane::Calls);
     let exchange = topology.jobs_exchange();
     let publisher_conn = connect(&plan.url, "pushfleet-ceiling-publisher").await?;
