@@ -14,16 +14,19 @@ use tracing::{debug, info};
 
 type Digest = [u8; 32];
 
+/// Platform → app id → token digests: looked up by `&str`, without allocating per push.
+type ByApp = HashMap<Platform, HashMap<String, HashSet<Digest>>>;
+
 #[derive(Default)]
 pub struct DeadTokens {
-    by_app: RwLock<HashMap<(String, Platform), HashSet<Digest>>>,
+    by_app: RwLock<ByApp>,
 }
 
 impl DeadTokens {
     pub fn contains(&self, app_id: &str, platform: Platform, token: &str) -> bool {
         let by_app = self.by_app.read().expect("dead tokens lock");
         // Most apps have no dead token listed: no hashing on the hot path then.
-        match by_app.get(&(app_id.to_string(), platform)) {
+        match by_app.get(&platform).and_then(|apps| apps.get(app_id)) {
             Some(set) if !set.is_empty() => set.contains(&token_digest(token)),
             _ => false,
         }
@@ -33,7 +36,9 @@ impl DeadTokens {
         self.by_app
             .write()
             .expect("dead tokens lock")
-            .entry((app_id.to_string(), platform))
+            .entry(platform)
+            .or_default()
+            .entry(app_id.to_string())
             .or_default()
             .insert(token_digest(token));
     }
@@ -48,7 +53,7 @@ impl DeadTokens {
             )
             .await
             .map_err(|e| e.to_string())?;
-        let mut by_app: HashMap<(String, Platform), HashSet<Digest>> = HashMap::new();
+        let mut by_app = ByApp::new();
         for row in &rows {
             let app_id: String = row.get(0);
             let platform: String = row.get(1);
@@ -57,7 +62,12 @@ impl DeadTokens {
             else {
                 continue;
             };
-            by_app.entry((app_id, platform)).or_default().insert(digest);
+            by_app
+                .entry(platform)
+                .or_default()
+                .entry(app_id)
+                .or_default()
+                .insert(digest);
         }
         *self.by_app.write().expect("dead tokens lock") = by_app;
         Ok(rows.len())
