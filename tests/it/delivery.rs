@@ -2,8 +2,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
 use pushfleet_core::job::{now_ms, token_hash};
 use pushfleet_core::Topology;
@@ -215,18 +214,7 @@ async fn dead_letter_count(stack: &Stack) -> u32 {
     let channel = connection.create_channel().await.unwrap();
     let mut count = 0;
     for _ in 0..50 {
-        let queue = channel
-            .queue_declare(
-                topology.dead_queue().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        count = queue.message_count();
+        count = message_count(&channel, &topology.dead_queue()).await;
         if count > 0 {
             break;
         }

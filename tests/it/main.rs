@@ -9,6 +9,7 @@ mod connections;
 mod delivery;
 mod import;
 mod lifecycle;
+mod outcomes;
 mod rfc8599;
 mod startup;
 mod support;

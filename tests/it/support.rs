@@ -503,3 +503,19 @@ pub fn v1_body(app_id: &str, platform: &str, token: &str, event: &str, call_id: 
         "silent": "1",
     })
 }
+
+/// Messages waiting in `queue` (a passive declare: the queue must exist).
+pub async fn message_count(channel: &lapin::Channel, queue: &str) -> u32 {
+    channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("queue exists")
+        .message_count()
+}

@@ -19,6 +19,8 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 use uuid::Uuid;
 
+use crate::outcomes;
+
 pub struct AuditSink {
     pool: Pool,
     topology: Topology,
@@ -49,8 +51,9 @@ impl AuditSink {
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), lapin::Error> {
         let channel = connection.create_channel().await?;
-        // Room for a full batch being written while the next one arrives.
-        let prefetch = u16::try_from(self.batch_size * 2).unwrap_or(u16::MAX);
+        // Room for a full batch being written while the next one arrives. A message holds up
+        // to MAX_OUTCOMES_PER_MESSAGE outcomes, so the prefetch in messages also bounds memory.
+        let prefetch = (self.batch_size * 2 / 16).clamp(32, usize::from(u16::MAX)) as u16;
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await?;
@@ -63,20 +66,20 @@ impl AuditSink {
             )
             .await?;
         loop {
-            let mut batch: Vec<Delivery> = Vec::with_capacity(self.batch_size);
+            let mut batch = Batch::default();
             // Wait for the first outcome, then give the batch `flush_after` to fill.
             tokio::select! {
                 next = consumer.next() => match next {
-                    Some(Ok(delivery)) => batch.push(delivery),
+                    Some(Ok(delivery)) => batch.add(delivery).await,
                     Some(Err(e)) => return Err(e),
                     None => return Ok(()),
                 },
                 _ = shutdown.changed() => return Ok(()),
             }
             let deadline = tokio::time::Instant::now() + self.flush_after;
-            while batch.len() < self.batch_size {
+            while batch.outcomes.len() < self.batch_size {
                 match tokio::time::timeout_at(deadline, consumer.next()).await {
-                    Ok(Some(Ok(delivery))) => batch.push(delivery),
+                    Ok(Some(Ok(delivery))) => batch.add(delivery).await,
                     Ok(Some(Err(e))) => {
                         // Unacked deliveries return to the queue with the channel.
                         return Err(e);
@@ -141,21 +144,8 @@ impl AuditSink {
     }
 
     /// Writes one batch, retrying while Postgres is unavailable, then acks it.
-    async fn write(&self, batch: Vec<Delivery>, shutdown: &mut watch::Receiver<bool>) {
-        let mut outcomes = Vec::with_capacity(batch.len());
-        let mut acks = Vec::with_capacity(batch.len());
-        for delivery in batch {
-            match serde_json::from_slice::<OutcomeEvent>(&delivery.data) {
-                Ok(outcome) => {
-                    outcomes.push(outcome);
-                    acks.push(delivery);
-                }
-                Err(e) => {
-                    warn!(error = %e, "unreadable outcome sent to the dead-letter queue");
-                    let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
-                }
-            }
-        }
+    async fn write(&self, batch: Batch, shutdown: &mut watch::Receiver<bool>) {
+        let Batch { outcomes, last } = batch;
         let mut delay = Duration::from_millis(200);
         loop {
             let started = Instant::now();
@@ -179,8 +169,31 @@ impl AuditSink {
                 }
             }
         }
-        if let Some(last) = acks.last() {
+        if let Some(last) = last {
             let _ = last.ack(BasicAckOptions { multiple: true }).await;
+        }
+    }
+}
+
+/// The outcomes read since the last write, and the last message they came in, whose ack
+/// (`multiple`) covers the whole batch.
+#[derive(Default)]
+struct Batch {
+    outcomes: Vec<OutcomeEvent>,
+    last: Option<Delivery>,
+}
+
+impl Batch {
+    async fn add(&mut self, delivery: Delivery) {
+        match outcomes::decode(&delivery.data) {
+            Ok(outcomes) => {
+                self.outcomes.extend(outcomes);
+                self.last = Some(delivery);
+            }
+            Err(e) => {
+                warn!(error = %e, "unreadable outcome message sent to the dead-letter queue");
+                let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+            }
         }
     }
 }

@@ -14,7 +14,7 @@ use lapin::options::{
     BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::{BasicProperties, Channel, Connection};
 use pushfleet_core::config::{AppSettings, Platform, RetrySettings, Settings};
 use pushfleet_core::job::{
     now_ms, AttemptRecord, Job, OutcomeEvent, SyncReply, Terminal, TokenInvalidation,
@@ -30,6 +30,7 @@ use crate::audit::AUDITED_HEADER;
 use crate::dead_tokens::DeadTokens;
 use crate::ledger::{Ledger, Verdict};
 use crate::outcome::{classify, Class};
+use crate::outcomes::{confirm, OutcomeBatcher};
 use crate::providers::{sylk_result, Provider, ProviderResponse};
 use crate::retry::{self, RetryPlan};
 
@@ -95,6 +96,7 @@ impl Dispatcher {
         publisher
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
+        let (outcomes, batches) = OutcomeBatcher::start(publisher.clone(), &self.topology);
         // Sync replies are best effort and unconfirmed, on a channel of their own: a confirm
         // channel would keep every reply's pending confirm.
         let replies = connection.create_channel().await?;
@@ -133,8 +135,8 @@ impl Dispatcher {
                 next = streams.next() => match next {
                     Some(Ok(delivery)) => {
                         let dispatcher = self.clone();
-                        let (publisher, replies) = (publisher.clone(), replies.clone());
-                        in_flight.spawn(async move { dispatcher.handle(delivery, &publisher, &replies).await });
+                        let (publisher, outcomes, replies) = (publisher.clone(), outcomes.clone(), replies.clone());
+                        in_flight.spawn(async move { dispatcher.handle(delivery, &publisher, &outcomes, &replies).await });
                     }
                     Some(Err(e)) => break Err(e),
                     None => break Ok(()),
@@ -151,11 +153,19 @@ impl Dispatcher {
                 .await;
         }
         while in_flight.join_next().await.is_some() {}
+        drop(outcomes);
+        let _ = batches.await;
         let _ = publisher.wait_for_confirms().await;
         result
     }
 
-    async fn handle(&self, delivery: Delivery, publisher: &Channel, replies: &Channel) {
+    async fn handle(
+        &self,
+        delivery: Delivery,
+        publisher: &Channel,
+        outcomes: &OutcomeBatcher,
+        replies: &Channel,
+    ) {
         let job: Job = match serde_json::from_slice(&delivery.data) {
             Ok(job) => job,
             Err(e) => {
@@ -186,7 +196,7 @@ impl Dispatcher {
                             )
                             .await;
                     }
-                    let mut saved = self.publish_outcome(publisher, &outcome).await;
+                    let mut saved = outcomes.save(&outcome).await;
                     if saved.is_ok() && dead_letter {
                         let reason = outcome
                             .terminal
@@ -206,7 +216,7 @@ impl Dispatcher {
                         .publish_retry(publisher, &next, tier_ms, &delivery.properties)
                         .await
                     {
-                        Ok(()) => self.publish_outcome(publisher, &outcome).await,
+                        Ok(()) => outcomes.save(&outcome).await,
                         Err(e) => Err(e),
                     }
                 }
@@ -476,40 +486,6 @@ impl Dispatcher {
                 .await,
         )
         .await
-    }
-
-    async fn publish_outcome(
-        &self,
-        publisher: &Channel,
-        outcome: &OutcomeEvent,
-    ) -> Result<(), String> {
-        let body = serde_json::to_vec(outcome).map_err(|e| e.to_string())?;
-        confirm(
-            publisher
-                .basic_publish(
-                    self.topology.outcomes_exchange().into(),
-                    "".into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    BasicProperties::default()
-                        .with_delivery_mode(PERSISTENT)
-                        .with_content_type("application/json".into())
-                        .with_type("outcome.v1".into()),
-                )
-                .await,
-        )
-        .await
-    }
-}
-
-/// Waits for the broker's confirm of a publish.
-async fn confirm(published: Result<lapin::PublisherConfirm, lapin::Error>) -> Result<(), String> {
-    let confirm = published.map_err(|e| e.to_string())?;
-    match tokio::time::timeout(Duration::from_secs(30), confirm).await {
-        Ok(Ok(Confirmation::Ack(_) | Confirmation::NotRequested)) => Ok(()),
-        Ok(Ok(Confirmation::Nack(_))) => Err("broker refused the message".into()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("no confirm within 30 s".into()),
     }
 }
 

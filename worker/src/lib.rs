@@ -7,6 +7,7 @@ pub mod dead_tokens;
 pub mod dispatch;
 pub mod ledger;
 pub mod outcome;
+pub mod outcomes;
 pub mod payload;
 pub mod providers;
 pub mod retry;
