@@ -124,6 +124,8 @@ async fn sigterm_finishes_the_jobs_in_hand_and_exits_zero() {
     stack.start_worker().await;
     let rows = wait_for_terminal_rows(&stack, &jobs, Duration::from_secs(60)).await;
     assert_each_delivered_once(&jobs, &rows);
+    // The jobs it finished were acked before it exited: none was sent a second time.
+    assert_eq!(stack.fakes.apns.request_count(), jobs.len() as u64);
     stack.stop().await;
 }
 

@@ -10,8 +10,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
@@ -26,6 +26,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::acks::{Acks, Settle};
 use crate::audit::AUDITED_HEADER;
 use crate::dead_tokens::DeadTokens;
 use crate::ledger::{Ledger, Verdict};
@@ -43,6 +44,16 @@ pub struct Dispatcher {
     worker_id: String,
     pub ledger: Arc<Ledger>,
     pub dead_tokens: Arc<DeadTokens>,
+}
+
+/// Where a job handler's results go, on the worker's broker connection.
+#[derive(Clone)]
+struct Outlets {
+    /// Confirm mode: retry copies and dead letters.
+    publisher: Channel,
+    outcomes: OutcomeBatcher,
+    /// Sync replies, unconfirmed.
+    replies: Channel,
 }
 
 /// What handling a job once came to.
@@ -97,9 +108,14 @@ impl Dispatcher {
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         let (outcomes, batches) = OutcomeBatcher::start(publisher.clone(), &self.topology);
+        let mut ackers = Vec::new();
         // Sync replies are best effort and unconfirmed, on a channel of their own: a confirm
         // channel would keep every reply's pending confirm.
-        let replies = connection.create_channel().await?;
+        let outlets = Outlets {
+            publisher: publisher.clone(),
+            outcomes,
+            replies: connection.create_channel().await?,
+        };
         // Cancels and claims of the recent past first, so that no superseded push slips out.
         self.ledger.wait_caught_up(Duration::from_secs(5)).await;
         let mut consumers = Vec::new();
@@ -120,25 +136,34 @@ impl Dispatcher {
                     FieldTable::default(),
                 )
                 .await?;
-            consumers.push((channel, tag, consumer));
+            let (acks, acking) = Acks::start();
+            ackers.push(acking);
+            consumers.push((channel, tag, consumer, acks));
         }
         info!(worker = %self.worker_id, "consuming calls and messages");
 
-        let mut streams = futures_util::stream::select_all(
-            consumers
-                .iter_mut()
-                .map(|(_, _, consumer)| consumer.by_ref()),
-        );
+        let mut streams =
+            futures_util::stream::select_all(consumers.iter_mut().map(|(_, _, consumer, acks)| {
+                let acks = acks.clone();
+                consumer
+                    .by_ref()
+                    .map(move |delivery| (delivery, acks.clone()))
+            }));
         let mut in_flight = JoinSet::new();
         let result = loop {
             tokio::select! {
                 next = streams.next() => match next {
-                    Some(Ok(delivery)) => {
-                        let dispatcher = self.clone();
-                        let (publisher, outcomes, replies) = (publisher.clone(), outcomes.clone(), replies.clone());
-                        in_flight.spawn(async move { dispatcher.handle(delivery, &publisher, &outcomes, &replies).await });
+                    Some((Ok(delivery), acks)) => {
+                        acks.received(delivery.delivery_tag);
+                        let (dispatcher, outlets) = (self.clone(), outlets.clone());
+                        in_flight.spawn(async move {
+                            let tag = delivery.delivery_tag;
+                            let acker = delivery.acker.clone();
+                            let settle = dispatcher.handle(delivery, &outlets).await;
+                            acks.finished(tag, acker, settle);
+                        });
                     }
-                    Some(Err(e)) => break Err(e),
+                    Some((Err(e), _)) => break Err(e),
                     None => break Ok(()),
                 },
                 Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
@@ -147,32 +172,38 @@ impl Dispatcher {
         };
         drop(streams);
         // Stop taking new jobs, finish the ones in hand: their outcomes get published and acked.
-        for (channel, tag, _) in &consumers {
+        for (channel, tag, _, _) in &consumers {
             let _ = channel
                 .basic_cancel(tag.clone().into(), BasicCancelOptions::default())
                 .await;
         }
         while in_flight.join_next().await.is_some() {}
-        drop(outcomes);
+        // Every handle on the outcome batcher and the ackers gone, they send their last
+        // batches; the lane channels stay open until the acks are out.
+        drop(outlets);
+        let channels: Vec<Channel> = consumers.into_iter().map(|(c, ..)| c).collect();
         let _ = batches.await;
+        for acking in ackers {
+            let _ = acking.await;
+        }
+        drop(channels);
         let _ = publisher.wait_for_confirms().await;
         result
     }
 
-    async fn handle(
-        &self,
-        delivery: Delivery,
-        publisher: &Channel,
-        outcomes: &OutcomeBatcher,
-        replies: &Channel,
-    ) {
+    /// Handles one delivery and says how it leaves its queue.
+    async fn handle(&self, delivery: Delivery, outlets: &Outlets) -> Settle {
+        let Outlets {
+            publisher,
+            outcomes,
+            replies,
+        } = outlets;
         let job: Job = match serde_json::from_slice(&delivery.data) {
             Ok(job) => job,
             Err(e) => {
                 warn!(error = %e, "unreadable job sent to the dead-letter queue");
                 metrics::counter!("pushfleet_jobs_unreadable_total").increment(1);
-                let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
-                return;
+                return Settle::Reject;
             }
         };
         let span = tracing::info_span!("job", job_id = %job.id, call_id = %job.push.call_id, event = %job.event, app = %job.app_id, attempt = job.attempt + 1);
@@ -222,18 +253,11 @@ impl Dispatcher {
                 }
             };
             match saved {
-                Ok(()) => {
-                    let _ = delivery.ack(BasicAckOptions::default()).await;
-                }
+                Ok(()) => Settle::Ack,
                 Err(e) => {
                     // Without a recorded outcome the job is not done: put it back.
                     warn!(error = %e, "outcome not confirmed; job returned to its queue");
-                    let _ = delivery
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            ..Default::default()
-                        })
-                        .await;
+                    Settle::Requeue
                 }
             }
         }

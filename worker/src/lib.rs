@@ -2,6 +2,7 @@
 //! outcome, and (in the audit sink) writes the audit trail to Postgres.
 #![forbid(unsafe_code)]
 
+pub mod acks;
 pub mod audit;
 pub mod dead_tokens;
 pub mod dispatch;
