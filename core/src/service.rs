@@ -86,13 +86,27 @@ pub fn metrics_recorder() -> PrometheusHandle {
             let latency_buckets = [
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ];
+            let batch_buckets = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 256.0];
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency_buckets)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Suffix("_batch_size".into()), &batch_buckets)
+                })
                 .expect("valid buckets")
                 .build_recorder();
             let handle = recorder.handle();
             // A second recorder (several services in one test process) keeps the first.
             let _ = metrics::set_global_recorder(recorder);
+            // Histogram samples pile up until folded into their buckets, which a scrape does;
+            // without scrapes they would grow by every push.
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(std::time::Duration::from_secs(5));
+                    upkeep.run_upkeep();
+                })
+                .expect("metrics upkeep thread");
             handle
         })
         .clone()
