@@ -126,7 +126,6 @@ impl ApnsClient {
             }
         }
         let authorization = jwt.as_ref().map(|bearer| format!("bearer {bearer}"));
-        let body = request.payload.to_string();
         let apns_id = apns_id.hyphenated().to_string();
         let sent = self
             .connections
@@ -139,7 +138,8 @@ impl ApnsClient {
                     .header("apns-topic", request.topic.as_str())
                     .header("apns-id", apns_id.as_str())
                     .header(CONTENT_TYPE, "application/json")
-                    .body(body.clone());
+                    // Bytes: a resend shares the body instead of copying it.
+                    .body(request.payload.clone());
                 match &authorization {
                     Some(value) => builder.header(AUTHORIZATION, value.as_str()),
                     None => builder,
