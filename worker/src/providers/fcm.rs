@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pushfleet_core::config::FcmSettings;
-use reqwest::header::CONTENT_TYPE;
+use reqwest::header::{HeaderValue, CONTENT_TYPE};
+use reqwest::Url;
 use serde_json::{json, Value};
 
 use super::oauth::{AccessTokens, ServiceAccount};
@@ -21,6 +22,8 @@ const FCM_ERROR_TYPE: &str = "type.googleapis.com/google.firebase.fcm.v1.FcmErro
 pub struct FcmClient {
     connections: Connections,
     send_url: String,
+    /// `send_url` parsed once, rather than by every request.
+    send_target: Url,
     /// Shared with every other client of the same service account.
     tokens: Arc<AccessTokens>,
 }
@@ -46,11 +49,13 @@ impl FcmClient {
                 .map_err(|e| format!("cannot build the FCM HTTP client: {}", error_chain(&e)))
         };
         let connections = Connections::new(Box::new(build), ConnectionLimits::default())?;
+        let send_url = format!(
+            "{}/v1/projects/{project}/messages:send",
+            settings.endpoint.trim_end_matches('/')
+        );
         Ok(FcmClient {
-            send_url: format!(
-                "{}/v1/projects/{project}/messages:send",
-                settings.endpoint.trim_end_matches('/')
-            ),
+            send_target: Url::parse(&send_url).map_err(|e| format!("{send_url}: {e}"))?,
+            send_url,
             tokens: AccessTokens::shared(account, connections.first()),
             connections,
         })
@@ -88,9 +93,9 @@ impl FcmClient {
         let sent = self
             .connections
             .send(|http| {
-                http.post(&url)
+                http.post(self.send_target.clone())
                     .bearer_auth(&token)
-                    .header(CONTENT_TYPE, "application/json")
+                    .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
                     // Bytes: a resend shares the body instead of copying it.
                     .body(message.clone())
             })
