@@ -201,9 +201,8 @@ pub(crate) async fn accept_push(
         info!(peer = %peer.ip(), status = e.status.as_u16(), error = %e.body, "push request rejected");
     })?;
     let (job, ttl) = new_job(state, valid);
-    let request_id = format!("{}-{}-{}", job.event, job.app_id, job.push.call_id);
     let sync = state.settings.ingest.mode == ResponseMode::Sync;
-    let reply = enqueue(state, &job, ttl, sync, &request_id, peer).await?;
+    let reply = enqueue(state, &job, ttl, sync, RequestId(&job), peer).await?;
     let Some(reply) = reply else {
         return Ok(accepted(job.id));
     };
@@ -215,13 +214,24 @@ pub(crate) async fn accept_push(
     })
 }
 
+/// A v1 push's request id in the logs, `<event>-<app id>-<call id>`: written out only by the log
+/// lines that show it, instead of being built for every push.
+struct RequestId<'a>(&'a Job);
+
+impl std::fmt::Display for RequestId<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let job = self.0;
+        write!(f, "{}-{}-{}", job.event, job.app_id, job.push.call_id)
+    }
+}
+
 /// Publishes one job (logging and counting it); a broker problem is the caller's 503.
 pub(crate) async fn enqueue(
     state: &AppState,
     job: &Job,
     ttl: Duration,
     sync: bool,
-    request_id: &str,
+    request_id: impl std::fmt::Display,
     peer: SocketAddr,
 ) -> Result<Option<oneshot::Receiver<SyncReply>>, ApiError> {
     let reply = state.broker.publish(job, ttl, sync).await.map_err(|e| {
