@@ -235,8 +235,13 @@ fn parse_answer(url: String, answer: RawAnswer, started: Instant) -> ProviderRes
 /// answers BadDeviceToken instead of the request failing locally.
 fn push_path_segment(out: &mut String, raw: &str) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let unreserved = |byte: u8| byte.is_ascii_alphanumeric() || b"-._~".contains(&byte);
+    if raw.bytes().all(unreserved) {
+        out.push_str(raw);
+        return;
+    }
     for byte in raw.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+        if unreserved(byte) {
             out.push(char::from(byte));
         } else {
             out.push('%');
