@@ -22,8 +22,14 @@ const MEDIA_TYPES: [&str; 6] = ["audio", "video", "image", "chat", "sms", "file-
 /// Looks a field up under its dashed name (the reference's only accepted spelling) or the
 /// underscore spelling its README uses (`from_display_name`).
 pub(crate) fn field<'v>(body: &'v Map<String, Value>, dashed: &str) -> Option<&'v Value> {
-    body.get(dashed)
-        .or_else(|| body.get(&dashed.replace('-', "_")))
+    body.get(dashed).or_else(|| {
+        // Only a dashed name has another spelling to try (most absent fields are looked up).
+        if dashed.contains('-') {
+            body.get(&dashed.replace('-', "_"))
+        } else {
+            None
+        }
+    })
 }
 
 /// Present and not null: the reference tests `values.get(k) is None`.
@@ -123,21 +129,21 @@ pub fn validate<'a>(
 
     // 7: Linphone apps only ring; their event defaults to incoming_session.
     let event_name = match (app.app_type, event_value) {
-        (AppType::Linphone, None) => "incoming_session".to_string(),
+        (AppType::Linphone, None) => "incoming_session",
         (AppType::Linphone, Some(v)) if v.as_str() != Some("incoming_session") => {
             return Err(ApiError::not_found(
                 "event not found (must be incoming_sesion)",
             ))
         }
         (_, Some(v)) => match v {
-            Value::String(s) => s.clone(),
+            Value::String(s) => s.as_str(),
             _ => return Err(ApiError::bad_request("str type expected: event")),
         },
-        (_, None) => String::new(),
+        (_, None) => "",
     };
 
     // 8: field types, in the reference model's field order.
-    let event = Event::parse(&event_name).ok_or_else(|| {
+    let event = Event::parse(event_name).ok_or_else(|| {
         ApiError::bad_request(
             "event must be 'incoming_session', 'incoming_conference_request', 'cancel' or 'message', 'transfer': event",
         )

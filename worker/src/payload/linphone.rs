@@ -1,13 +1,77 @@
 //! Requests for Linphone clients (sylk-compat §2.3 and §2.6). Linphone only knows incoming-call
 //! pushes, so every event is sent the same way: a VoIP push on APNs, a data message on FCM.
 
+use bytes::Bytes;
 use pushfleet_core::job::Job;
-use serde_json::{json, Map, Value};
+use serde::Serialize;
 
-use super::{android_block, apns_expiration, bundle_id, format_send_time, string_map, ApnsRequest};
+use super::{
+    apns_expiration, bundle_id, encode, format_send_time, Android, ApnsRequest, FcmBody, FcmMessage,
+};
 
 /// Linphone's own hint of how long the push stays meaningful, kept as the reference sends it.
 const PN_TTL_SECS: u64 = 2_592_000;
+
+/// A silent call: the app rings from its PushKit handler.
+#[derive(Serialize)]
+struct SilentCall<'a> {
+    aps: SilentAps<'a>,
+    #[serde(rename = "from-uri")]
+    from_uri: &'a str,
+    pn_ttl: u64,
+}
+
+#[derive(Serialize)]
+struct SilentAps<'a> {
+    #[serde(rename = "call-id")]
+    call_id: &'a str,
+    #[serde(rename = "loc-key")]
+    loc_key: &'static str,
+    #[serde(rename = "send-time")]
+    send_time: &'a str,
+    sound: &'static str,
+}
+
+/// An audible call: an alert, with the call's keys at the top level.
+#[derive(Serialize)]
+struct AudibleCall<'a> {
+    aps: AudibleAps<'a>,
+    #[serde(rename = "call-id")]
+    call_id: &'a str,
+    pn_ttl: u64,
+    #[serde(rename = "send-time")]
+    send_time: &'a str,
+}
+
+#[derive(Serialize)]
+struct AudibleAps<'a> {
+    alert: Alert<'a>,
+    badge: u8,
+    sound: &'static str,
+}
+
+#[derive(Serialize)]
+struct Alert<'a> {
+    /// A string, not the list APNs documents: Linphone clients expect it this way.
+    #[serde(rename = "loc-args")]
+    loc_args: &'a str,
+    #[serde(rename = "loc-key")]
+    loc_key: &'static str,
+}
+
+#[derive(Serialize)]
+struct FcmData<'a> {
+    #[serde(rename = "call-id")]
+    call_id: &'a str,
+    #[serde(rename = "loc-args")]
+    loc_args: &'a str,
+    #[serde(rename = "loc-key")]
+    loc_key: &'static str,
+    #[serde(rename = "send-time")]
+    send_time: &'a str,
+    #[serde(rename = "sip-from")]
+    sip_from: &'a str,
+}
 
 pub(super) fn apns_request(app_id: &str, job: &Job, now_ms: u64) -> ApnsRequest {
     let bundle = bundle_id(app_id);
@@ -19,27 +83,29 @@ pub(super) fn apns_request(app_id: &str, job: &Job, now_ms: u64) -> ApnsRequest 
     let p = &job.push;
     let send_time = format_send_time(now_ms);
     let payload = if p.silent {
-        json!({
-            "aps": {
-                "sound": "",
-                "loc-key": "IC_SIL",
-                "call-id": p.call_id,
-                "send-time": send_time,
+        encode(&SilentCall {
+            aps: SilentAps {
+                call_id: &p.call_id,
+                loc_key: "IC_SIL",
+                send_time: &send_time,
+                sound: "",
             },
-            "from-uri": p.from,
-            "pn_ttl": PN_TTL_SECS,
+            from_uri: &p.from,
+            pn_ttl: PN_TTL_SECS,
         })
     } else {
-        json!({
-            "aps": {
-                // A string, not the list APNs documents: Linphone clients expect it this way.
-                "alert": {"loc-key": "IC_MSG", "loc-args": p.from},
-                "sound": "msg.caf",
-                "badge": 1,
+        encode(&AudibleCall {
+            aps: AudibleAps {
+                alert: Alert {
+                    loc_args: &p.from,
+                    loc_key: "IC_MSG",
+                },
+                badge: 1,
+                sound: "msg.caf",
             },
-            "pn_ttl": PN_TTL_SECS,
-            "call-id": p.call_id,
-            "send-time": send_time,
+            call_id: &p.call_id,
+            pn_ttl: PN_TTL_SECS,
+            send_time: &send_time,
         })
     };
     ApnsRequest {
@@ -51,20 +117,24 @@ pub(super) fn apns_request(app_id: &str, job: &Job, now_ms: u64) -> ApnsRequest 
     }
 }
 
-pub(super) fn fcm_message(job: &Job, now_ms: u64) -> Value {
+pub(super) fn fcm_message(job: &Job, now_ms: u64) -> Bytes {
     let p = &job.push;
-    let data = string_map([
-        ("call-id", Some(p.call_id.clone())),
-        ("sip-from", Some(p.from.clone())),
-        ("loc-key", Some(String::new())),
-        ("loc-args", Some(p.from.clone())),
-        ("send-time", Some(format_send_time(now_ms))),
-    ]);
-    let mut message = Map::new();
-    message.insert("token".into(), p.token.clone().into());
-    message.insert("data".into(), data);
-    message.insert("android".into(), Value::Object(android_block(job, now_ms)));
-    json!({ "message": message })
+    let send_time = format_send_time(now_ms);
+    encode(&FcmBody {
+        message: FcmMessage {
+            android: Android::high_priority(job, now_ms),
+            apns: None,
+            data: FcmData {
+                call_id: &p.call_id,
+                loc_args: &p.from,
+                loc_key: "",
+                send_time: &send_time,
+                sip_from: &p.from,
+            },
+            notification: None,
+            token: &p.token,
+        },
+    })
 }
 
 #[cfg(test)]
@@ -87,8 +157,8 @@ mod tests {
         assert_eq!((r.push_type, r.priority), ("voip", 10));
         assert_eq!(r.topic, "org.linphone.phone.voip");
         assert_eq!(r.expiration, 1_714_979_349);
-        assert_eq!(
-            r.payload,
+        assert_encoded(
+            &r.payload,
             json!({
                 "aps": {
                     "sound": "",
@@ -98,7 +168,7 @@ mod tests {
                 },
                 "from-uri": "alice@example.com",
                 "pn_ttl": 2_592_000,
-            })
+            }),
         );
     }
 
@@ -115,8 +185,8 @@ mod tests {
         let r = apns_request_at(&app, &job, &policy(Event::Cancel), NOW_MS);
         assert_eq!((r.push_type, r.priority), ("voip", 10));
         assert_eq!(r.topic, "org.linphone.phone.voip");
-        assert_eq!(
-            r.payload,
+        assert_encoded(
+            &r.payload,
             json!({
                 "aps": {
                     "alert": {"loc-key": "IC_MSG", "loc-args": "alice@example.com"},
@@ -126,7 +196,7 @@ mod tests {
                 "pn_ttl": 2_592_000,
                 "call-id": "call-123@host",
                 "send-time": "2024-05-06 07:08:09",
-            })
+            }),
         );
     }
 
@@ -135,8 +205,8 @@ mod tests {
         let app = app("org.linphone.phone", Platform::Firebase, AppType::Linphone);
         let job = job(Platform::Firebase, Event::IncomingSession);
         let m = fcm_message(&app, &job, &policy(Event::IncomingSession), NOW_MS + 20_000);
-        assert_eq!(
-            m,
+        assert_encoded(
+            &m,
             json!({"message": {
                 "token": "tok",
                 "data": {
@@ -147,7 +217,7 @@ mod tests {
                     "send-time": "2024-05-06 07:08:29",
                 },
                 "android": {"priority": "high", "ttl": "40s"},
-            }})
+            }}),
         );
     }
 }

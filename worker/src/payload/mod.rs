@@ -6,10 +6,11 @@
 mod linphone;
 mod sylk;
 
+use bytes::Bytes;
 use pushfleet_core::config::{AppSettings, AppType};
 use pushfleet_core::job::{now_ms, Job};
 use pushfleet_core::policy::EventPolicy;
-use serde_json::{Map, Value};
+use serde::Serialize;
 
 /// The headers and body of one APNs request (the device token goes into the URL).
 #[derive(Debug, Clone, PartialEq)]
@@ -19,7 +20,8 @@ pub struct ApnsRequest {
     pub topic: String,
     /// `apns-expiration`, absolute epoch seconds.
     pub expiration: u64,
-    pub payload: Value,
+    /// The JSON body, encoded once: a resend shares these bytes.
+    pub payload: Bytes,
 }
 
 /// The APNs request for `job`, stamped with the current time where the payload carries one.
@@ -40,15 +42,98 @@ pub fn apns_request_at(
     }
 }
 
-/// The full FCM v1 body, `{"message": {...}}`.
+/// The full FCM v1 body, `{"message": {...}}`, encoded.
 ///
 /// The policy is not consulted: it only shapes APNs requests, and on FCM every event is a
 /// high-priority message whose lifetime comes from the job's deadline.
-pub fn fcm_message(app: &AppSettings, job: &Job, _policy: &EventPolicy, now_ms: u64) -> Value {
+pub fn fcm_message(app: &AppSettings, job: &Job, _policy: &EventPolicy, now_ms: u64) -> Bytes {
     match app.app_type {
         AppType::Sylk => sylk::fcm_message(job, now_ms),
         AppType::Linphone => linphone::fcm_message(job, now_ms),
     }
+}
+
+/// Encodes a payload. The payload structs declare their fields in byte order of the JSON names,
+/// the order these payloads have always had on the wire (they were built as sorted JSON maps).
+fn encode(payload: &impl Serialize) -> Bytes {
+    // Room for a typical payload up front, rather than growing the buffer twice on the way.
+    let mut out = Vec::with_capacity(512);
+    serde_json::to_writer(&mut out, payload).expect("payloads of strings and numbers encode");
+    Bytes::from(out)
+}
+
+/// `{"message": {...}}`, the FCM v1 envelope.
+#[derive(Serialize)]
+struct FcmBody<'a, D> {
+    message: FcmMessage<'a, D>,
+}
+
+#[derive(Serialize)]
+struct FcmMessage<'a, D> {
+    android: Android,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    apns: Option<FcmApns>,
+    /// FCM v1 rejects any `data` value that is not a string (including `null`), so absent fields
+    /// are left out instead of being sent as `null` the way the reference does.
+    data: D,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    notification: Option<FcmNotification<'a>>,
+    token: &'a str,
+}
+
+/// The `android` block every pushfleet FCM message carries.
+#[derive(Serialize)]
+struct Android {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    notification: Option<AndroidNotification>,
+    priority: &'static str,
+    ttl: String,
+}
+
+impl Android {
+    fn high_priority(job: &Job, now_ms: u64) -> Android {
+        Android {
+            notification: None,
+            priority: "high",
+            ttl: fcm_ttl(job, now_ms),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct AndroidNotification {
+    channel_id: &'static str,
+    default_sound: bool,
+    notification_priority: &'static str,
+    sound: &'static str,
+}
+
+/// Relayed by FCM to APNs when the Android token belongs to an iOS device registered via
+/// Firebase: `{"headers": {"apns-priority": "5"}}`.
+#[derive(Serialize)]
+struct FcmApns {
+    headers: FcmApnsHeaders,
+}
+
+#[derive(Serialize)]
+struct FcmApnsHeaders {
+    #[serde(rename = "apns-priority")]
+    apns_priority: &'static str,
+}
+
+impl FcmApns {
+    fn low_priority() -> FcmApns {
+        FcmApns {
+            headers: FcmApnsHeaders { apns_priority: "5" },
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct FcmNotification<'a> {
+    body: String,
+    image: &'static str,
+    title: &'a str,
 }
 
 /// Sylk's topic rule: one trailing `.dev` or `.prod` label is an environment marker in the
@@ -73,30 +158,6 @@ fn fcm_ttl(job: &Job, now_ms: u64) -> String {
     let remaining_ms = job.deadline_ms.saturating_sub(now_ms);
     let secs = remaining_ms.div_ceil(1000).min(FCM_MAX_TTL_SECS);
     format!("{secs}s")
-}
-
-/// The `android` block every pushfleet FCM message carries.
-fn android_block(job: &Job, now_ms: u64) -> Map<String, Value> {
-    let mut android = Map::new();
-    android.insert("priority".into(), "high".into());
-    android.insert("ttl".into(), fcm_ttl(job, now_ms).into());
-    android
-}
-
-/// FCM v1 rejects any `data` value that is not a string (including `null`), so absent fields are
-/// left out instead of being sent as `null` the way the reference does.
-fn string_map(entries: impl IntoIterator<Item = (&'static str, Option<String>)>) -> Value {
-    Value::Object(
-        entries
-            .into_iter()
-            .filter_map(|(key, value)| value.map(|v| (key.to_string(), Value::String(v))))
-            .collect(),
-    )
-}
-
-/// `Option<String>` as JSON, `null` when absent: APNs payloads keep the reference's nulls.
-fn nullable(value: &Option<String>) -> Value {
-    value.clone().map_or(Value::Null, Value::String)
 }
 
 /// "YYYY-MM-DD HH:MM:SS" in UTC, the shape of Linphone's `send-time`.
@@ -173,6 +234,19 @@ pub(crate) mod test_support {
 
     pub fn policy(event: Event) -> EventPolicy {
         *EventPolicies::default().get(event)
+    }
+
+    /// Compares an encoded payload with `expected` as text: serde_json writes the keys of a
+    /// `json!` map sorted, so equal text means equal content, in the order the wire has.
+    #[track_caller]
+    pub fn assert_encoded(payload: &[u8], expected: serde_json::Value) {
+        let text = std::str::from_utf8(payload).expect("UTF-8 JSON");
+        assert_eq!(text, expected.to_string());
+    }
+
+    /// An encoded payload parsed back, to look at one field.
+    pub fn parsed(payload: &[u8]) -> serde_json::Value {
+        serde_json::from_slice(payload).expect("JSON payload")
     }
 }
 

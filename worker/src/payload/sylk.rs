@@ -1,11 +1,15 @@
 //! Requests for Sylk clients (sylk-compat §2.2 and §2.5). Calls and cancellations are data-only
 //! pushes whose top-level keys the app reads directly; messages and transfers are user-visible.
 
+use bytes::Bytes;
 use pushfleet_core::job::{sylk_session_id, Job};
 use pushfleet_core::policy::{ApnsPushType, Event, EventPolicy};
-use serde_json::{json, Map, Value};
+use serde::Serialize;
 
-use super::{android_block, apns_expiration, bundle_id, nullable, string_map, ApnsRequest};
+use super::{
+    apns_expiration, bundle_id, encode, Android, AndroidNotification, ApnsRequest, FcmApns,
+    FcmBody, FcmMessage, FcmNotification,
+};
 
 /// Shown by Android next to transfer notifications, as the reference does.
 const NOTIFICATION_IMAGE: &str = "https://icanblink.com/apple-touch-icon-180x180.png";
@@ -27,158 +31,273 @@ pub(super) fn apns_request(app_id: &str, job: &Job, policy: &EventPolicy) -> Apn
     }
 }
 
-fn apns_payload(job: &Job) -> Value {
+// APNs payloads keep the reference's nulls: an absent optional field is sent as `null`.
+
+/// Calls: no `aps`, the app reads the top-level keys in its PushKit handler.
+#[derive(Serialize)]
+struct ApnsCall<'a> {
+    /// Conference requests only, where it is sent even when `null`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    account: Option<Option<&'a str>>,
+    #[serde(rename = "call-id")]
+    call_id: &'a str,
+    event: &'a str,
+    from_display_name: Option<&'a str>,
+    from_uri: &'a str,
+    #[serde(rename = "media-type")]
+    media_type: Option<&'a str>,
+    #[serde(rename = "session-id")]
+    session_id: &'a str,
+    to_uri: &'a str,
+}
+
+/// No `aps` either: the app reads the top-level keys in its background handler.
+#[derive(Serialize)]
+struct ApnsCancel<'a> {
+    #[serde(rename = "call-id")]
+    call_id: &'a str,
+    event: &'a str,
+    reason: Option<&'a str>,
+    #[serde(rename = "session-id")]
+    session_id: &'a str,
+}
+
+/// Messages and transfers: a user-visible alert, with the details under `data`.
+#[derive(Serialize)]
+struct ApnsAlertPush<'a, D> {
+    aps: Aps<'a>,
+    data: D,
+}
+
+#[derive(Serialize)]
+struct Aps<'a> {
+    alert: Alert<'a>,
+    badge: i64,
+    /// Messages only.
+    #[serde(rename = "content-available", skip_serializing_if = "Option::is_none")]
+    content_available: Option<u8>,
+    /// Messages only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message_id: Option<&'a str>,
+    #[serde(rename = "mutable-content")]
+    mutable_content: u8,
+    sound: &'static str,
+}
+
+#[derive(Serialize)]
+struct Alert<'a> {
+    body: String,
+    title: &'a str,
+}
+
+#[derive(Serialize)]
+struct MessageData<'a> {
+    content: Option<&'a str>,
+    content_type: Option<&'a str>,
+    event: &'a str,
+    from_display_name: Option<&'a str>,
+    from_uri: &'a str,
+    message_id: &'a str,
+    to_uri: &'a str,
+}
+
+#[derive(Serialize)]
+struct TransferData<'a> {
+    event: &'a str,
+    #[serde(rename = "file-id")]
+    file_id: &'a str,
+    from_display_name: Option<&'a str>,
+    from_uri: &'a str,
+    #[serde(rename = "media-type")]
+    media_type: Option<&'a str>,
+    metadata: TransferMetadata<'a>,
+    to_uri: &'a str,
+}
+
+#[derive(Serialize)]
+struct TransferMetadata<'a> {
+    filename: Option<&'a str>,
+    filetype: Option<&'a str>,
+}
+
+fn apns_payload(job: &Job) -> Bytes {
+    let p = &job.push;
+    let event = job.event.as_str();
+    match job.event {
+        Event::IncomingSession | Event::IncomingConferenceRequest => encode(&ApnsCall {
+            account: (job.event == Event::IncomingConferenceRequest)
+                .then_some(p.account.as_deref()),
+            call_id: &p.call_id,
+            event,
+            from_display_name: p.from_display_name.as_deref(),
+            from_uri: &p.from,
+            media_type: p.media_type.as_deref(),
+            session_id: &sylk_session_id(&p.call_id),
+            to_uri: &p.to,
+        }),
+        Event::Cancel => encode(&ApnsCancel {
+            call_id: &p.call_id,
+            event,
+            reason: p.reason.as_deref(),
+            session_id: &sylk_session_id(&p.call_id),
+        }),
+        Event::Message => encode(&ApnsAlertPush {
+            aps: Aps {
+                alert: Alert {
+                    body: format!("From {}", p.from),
+                    title: message_title(job),
+                },
+                badge: p.badge,
+                content_available: Some(1),
+                message_id: Some(&p.call_id),
+                mutable_content: 1,
+                sound: "default",
+            },
+            data: MessageData {
+                content: p.content.as_deref(),
+                content_type: p.content_type.as_deref(),
+                event,
+                from_display_name: p.from_display_name.as_deref(),
+                from_uri: &p.from,
+                message_id: &p.call_id,
+                to_uri: &p.to,
+            },
+        }),
+        Event::Transfer => encode(&ApnsAlertPush {
+            aps: Aps {
+                alert: Alert {
+                    body: format!("From {}", p.from),
+                    title: transfer_title(job),
+                },
+                badge: p.badge,
+                content_available: None,
+                message_id: None,
+                mutable_content: 1,
+                sound: "default",
+            },
+            data: TransferData {
+                event,
+                file_id: &p.call_id,
+                from_display_name: p.from_display_name.as_deref(),
+                from_uri: &p.from,
+                media_type: p.media_type.as_deref(),
+                metadata: transfer_metadata(job),
+                to_uri: &p.to,
+            },
+        }),
+    }
+}
+
+/// The `data` of every Sylk FCM message; each event fills its own fields. FCM v1 takes string
+/// values only, so a field left `None` is left out.
+#[derive(Serialize, Default)]
+struct FcmData<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    account: Option<&'a str>,
+    #[serde(rename = "call-id", skip_serializing_if = "Option::is_none")]
+    call_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content_type: Option<&'a str>,
+    event: &'a str,
+    #[serde(rename = "file-id", skip_serializing_if = "Option::is_none")]
+    file_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    from_display_name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    from_uri: Option<&'a str>,
+    #[serde(rename = "media-type", skip_serializing_if = "Option::is_none")]
+    media_type: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metadata: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+    #[serde(rename = "session-id", skip_serializing_if = "Option::is_none")]
+    session_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    to_uri: Option<&'a str>,
+}
+
+pub(super) fn fcm_message(job: &Job, now_ms: u64) -> Bytes {
     let p = &job.push;
     let event = job.event.as_str();
     let session_id = sylk_session_id(&p.call_id);
-    match job.event {
-        Event::IncomingSession | Event::IncomingConferenceRequest => {
-            let mut payload = json!({
-                "event": event,
-                "call-id": p.call_id,
-                "session-id": session_id,
-                "media-type": nullable(&p.media_type),
-                "from_uri": p.from,
-                "from_display_name": nullable(&p.from_display_name),
-                "to_uri": p.to,
-            });
-            if job.event == Event::IncomingConferenceRequest {
-                payload["account"] = nullable(&p.account);
-            }
-            payload
-        }
-        // No `aps`: the app reads the top-level keys in its background handler.
-        Event::Cancel => json!({
-            "event": event,
-            "call-id": p.call_id,
-            "session-id": session_id,
-            "reason": nullable(&p.reason),
-        }),
-        Event::Message => json!({
-            "aps": {
-                "alert": {"title": message_title(job), "body": format!("From {}", p.from)},
-                "message_id": p.call_id,
-                "sound": "default",
-                "content-available": 1,
-                "mutable-content": 1,
-                "badge": p.badge,
-            },
-            "data": {
-                "event": event,
-                "message_id": p.call_id,
-                "from_uri": p.from,
-                "from_display_name": nullable(&p.from_display_name),
-                "to_uri": p.to,
-                "content": nullable(&p.content),
-                "content_type": nullable(&p.content_type),
-            },
-        }),
-        Event::Transfer => json!({
-            "aps": {
-                "alert": {"title": transfer_title(job), "body": format!("From {}", p.from)},
-                "sound": "default",
-                "mutable-content": 1,
-                "badge": p.badge,
-            },
-            "data": {
-                "event": event,
-                "from_uri": p.from,
-                "from_display_name": nullable(&p.from_display_name),
-                "to_uri": p.to,
-                "file-id": p.call_id,
-                "media-type": nullable(&p.media_type),
-                "metadata": transfer_metadata(job),
-            },
-        }),
-    }
-}
-
-pub(super) fn fcm_message(job: &Job, now_ms: u64) -> Value {
-    let p = &job.push;
-    let event = Some(job.event.as_str().to_string());
-    let call_id = Some(p.call_id.clone());
-    let session_id = Some(sylk_session_id(&p.call_id));
     let data = match job.event {
-        Event::IncomingSession | Event::IncomingConferenceRequest => {
-            let account = match job.event {
-                Event::IncomingConferenceRequest => p.account.clone(),
+        Event::IncomingSession | Event::IncomingConferenceRequest => FcmData {
+            account: match job.event {
+                Event::IncomingConferenceRequest => p.account.as_deref(),
                 _ => None,
-            };
-            string_map([
-                ("event", event),
-                ("call-id", call_id),
-                ("session-id", session_id),
-                ("media-type", p.media_type.clone()),
-                ("from_uri", Some(p.from.clone())),
-                ("from_display_name", Some(display_name_or_uri(job))),
-                ("to_uri", Some(p.to.clone())),
-                ("account", account),
-            ])
-        }
-        Event::Cancel => string_map([
-            ("event", event),
-            ("call-id", call_id),
-            ("session-id", session_id),
-            ("reason", p.reason.clone()),
-        ]),
-        Event::Message => string_map([
-            ("event", event),
-            ("message_id", call_id),
-            ("from_uri", Some(p.from.clone())),
-            ("to_uri", Some(p.to.clone())),
-            ("content", p.content.clone()),
-            ("content_type", p.content_type.clone()),
-        ]),
+            },
+            call_id: Some(&p.call_id),
+            event,
+            from_display_name: Some(display_name(job).unwrap_or(&p.from)),
+            from_uri: Some(&p.from),
+            media_type: p.media_type.as_deref(),
+            session_id: Some(&session_id),
+            to_uri: Some(&p.to),
+            ..FcmData::default()
+        },
+        Event::Cancel => FcmData {
+            call_id: Some(&p.call_id),
+            event,
+            reason: p.reason.as_deref(),
+            session_id: Some(&session_id),
+            ..FcmData::default()
+        },
+        Event::Message => FcmData {
+            content: p.content.as_deref(),
+            content_type: p.content_type.as_deref(),
+            event,
+            from_uri: Some(&p.from),
+            message_id: Some(&p.call_id),
+            to_uri: Some(&p.to),
+            ..FcmData::default()
+        },
         // FCM data values must be strings, so the transfer's `metadata` object travels as its
         // JSON text; the app parses it back (the nested object the reference sends is refused
         // by FCM v1 with 400 INVALID_ARGUMENT).
-        Event::Transfer => string_map([
-            ("event", event),
-            ("from_uri", Some(p.from.clone())),
-            ("to_uri", Some(p.to.clone())),
-            ("media-type", p.media_type.clone()),
-            ("file-id", call_id),
-            ("metadata", Some(transfer_metadata(job).to_string())),
-        ]),
+        Event::Transfer => FcmData {
+            event,
+            file_id: Some(&p.call_id),
+            from_uri: Some(&p.from),
+            media_type: p.media_type.as_deref(),
+            metadata: Some(serde_json::to_string(&transfer_metadata(job)).expect("strings encode")),
+            to_uri: Some(&p.to),
+            ..FcmData::default()
+        },
     };
 
-    let mut message = Map::new();
-    message.insert("token".into(), p.token.clone().into());
-    message.insert("data".into(), data);
-    let mut android = android_block(job, now_ms);
-    match job.event {
-        Event::Message => {
-            message.insert("apns".into(), low_priority_apns());
-        }
+    let mut android = Android::high_priority(job, now_ms);
+    let (apns, notification) = match job.event {
+        Event::Message => (Some(FcmApns::low_priority()), None),
         Event::Transfer => {
-            message.insert(
-                "notification".into(),
-                json!({
-                    "title": transfer_title(job),
-                    "body": format!("From {}", p.from),
-                    "image": NOTIFICATION_IMAGE,
-                }),
-            );
-            message.insert("apns".into(), low_priority_apns());
-            android.insert(
-                "notification".into(),
-                json!({
-                    "channel_id": "sylk-messages-sound",
-                    "sound": "default",
-                    "default_sound": true,
-                    "notification_priority": "PRIORITY_HIGH",
-                }),
-            );
+            android.notification = Some(AndroidNotification {
+                channel_id: "sylk-messages-sound",
+                default_sound: true,
+                notification_priority: "PRIORITY_HIGH",
+                sound: "default",
+            });
+            let notification = FcmNotification {
+                body: format!("From {}", p.from),
+                image: NOTIFICATION_IMAGE,
+                title: transfer_title(job),
+            };
+            (Some(FcmApns::low_priority()), Some(notification))
         }
-        _ => {}
-    }
-    message.insert("android".into(), Value::Object(android));
-    json!({ "message": message })
-}
-
-/// Relayed by FCM to APNs when the Android token belongs to an iOS device registered via Firebase.
-fn low_priority_apns() -> Value {
-    json!({"headers": {"apns-priority": "5"}})
+        _ => (None, None),
+    };
+    encode(&FcmBody {
+        message: FcmMessage {
+            android,
+            apns,
+            data,
+            notification,
+            token: &p.token,
+        },
+    })
 }
 
 /// The reference tests Python truthiness, so an empty display name counts as absent.
@@ -189,26 +308,23 @@ fn display_name(job: &Job) -> Option<&str> {
         .filter(|name| !name.is_empty())
 }
 
-fn display_name_or_uri(job: &Job) -> String {
-    display_name(job).unwrap_or(&job.push.from).to_string()
+fn message_title(job: &Job) -> &str {
+    display_name(job).unwrap_or("New message")
 }
 
-fn message_title(job: &Job) -> String {
-    display_name(job).unwrap_or("New message").to_string()
-}
-
-fn transfer_title(job: &Job) -> String {
+fn transfer_title(job: &Job) -> &'static str {
     match job.push.media_type.as_deref() {
-        Some(media @ ("audio" | "video")) => format!("New {media} message"),
-        _ => "New file".to_string(),
+        Some("audio") => "New audio message",
+        Some("video") => "New video message",
+        _ => "New file",
     }
 }
 
-fn transfer_metadata(job: &Job) -> Value {
-    json!({
-        "filename": nullable(&job.push.filename),
-        "filetype": nullable(&job.push.filetype),
-    })
+fn transfer_metadata(job: &Job) -> TransferMetadata<'_> {
+    TransferMetadata {
+        filename: job.push.filename.as_deref(),
+        filetype: job.push.filetype.as_deref(),
+    }
 }
 
 #[cfg(test)]
@@ -229,7 +345,7 @@ mod tests {
         apns_request_at(&app, &job, &policy(event), NOW_MS)
     }
 
-    fn fcm(event: Event, edit: impl FnOnce(&mut pushfleet_core::Job)) -> serde_json::Value {
+    fn fcm(event: Event, edit: impl FnOnce(&mut pushfleet_core::Job)) -> bytes::Bytes {
         let app = app("com.agprojects.sylk", Platform::Firebase, AppType::Sylk);
         let mut job = job(Platform::Firebase, event);
         edit(&mut job);
@@ -243,8 +359,8 @@ mod tests {
         assert_eq!(r.priority, 10);
         assert_eq!(r.topic, "com.agprojects.sylk-ios.voip");
         assert_eq!(r.expiration, 1_714_979_349);
-        assert_eq!(
-            r.payload,
+        assert_encoded(
+            &r.payload,
             json!({
                 "event": "incoming_session",
                 "call-id": "call-123@host",
@@ -253,7 +369,7 @@ mod tests {
                 "from_uri": "alice@example.com",
                 "from_display_name": null,
                 "to_uri": "bob@example.com",
-            })
+            }),
         );
     }
 
@@ -265,8 +381,8 @@ mod tests {
         });
         assert_eq!((r.push_type, r.priority), ("voip", 10));
         assert_eq!(r.topic, "com.agprojects.sylk-ios.voip");
-        assert_eq!(
-            r.payload,
+        assert_encoded(
+            &r.payload,
             json!({
                 "event": "incoming_conference_request",
                 "call-id": "call-123@host",
@@ -276,7 +392,7 @@ mod tests {
                 "from_display_name": "Alice",
                 "to_uri": "bob@example.com",
                 "account": "room@conference.example.com",
-            })
+            }),
         );
     }
 
@@ -285,14 +401,14 @@ mod tests {
         let r = apns(Event::Cancel, |_| {});
         assert_eq!((r.push_type, r.priority), ("background", 5));
         assert_eq!(r.topic, "com.agprojects.sylk-ios");
-        assert_eq!(
-            r.payload,
+        assert_encoded(
+            &r.payload,
             json!({
                 "event": "cancel",
                 "call-id": "call-123@host",
                 "session-id": SESSION_ID,
                 "reason": null,
-            })
+            }),
         );
     }
 
@@ -306,8 +422,8 @@ mod tests {
         assert_eq!((r.push_type, r.priority), ("alert", 5));
         assert_eq!(r.topic, "com.agprojects.sylk-ios");
         assert_eq!(r.expiration, 1_714_979_349);
-        assert_eq!(
-            r.payload,
+        assert_encoded(
+            &r.payload,
             json!({
                 "aps": {
                     "alert": {"title": "New message", "body": "From alice@example.com"},
@@ -326,12 +442,12 @@ mod tests {
                     "content": "hello",
                     "content_type": "text/plain",
                 },
-            })
+            }),
         );
         let titled = apns(Event::Message, |j| {
             j.push.from_display_name = Some("Alice".into())
         });
-        assert_eq!(titled.payload["aps"]["alert"]["title"], "Alice");
+        assert_eq!(parsed(&titled.payload)["aps"]["alert"]["title"], "Alice");
     }
 
     #[test]
@@ -342,8 +458,8 @@ mod tests {
         });
         assert_eq!((r.push_type, r.priority), ("alert", 5));
         assert_eq!(r.topic, "com.agprojects.sylk-ios");
-        assert_eq!(
-            r.payload,
+        assert_encoded(
+            &r.payload,
             json!({
                 "aps": {
                     "alert": {"title": "New audio message", "body": "From alice@example.com"},
@@ -360,12 +476,12 @@ mod tests {
                     "media-type": "audio",
                     "metadata": {"filename": "memo.m4a", "filetype": "audio/mp4"},
                 },
-            })
+            }),
         );
         let file = apns(Event::Transfer, |j| {
             j.push.media_type = Some("image".into())
         });
-        assert_eq!(file.payload["aps"]["alert"]["title"], "New file");
+        assert_eq!(parsed(&file.payload)["aps"]["alert"]["title"], "New file");
     }
 
     #[test]
@@ -383,8 +499,8 @@ mod tests {
     #[test]
     fn fcm_incoming_session_falls_back_to_the_uri_for_the_display_name() {
         let m = fcm(Event::IncomingSession, |_| {});
-        assert_eq!(
-            m,
+        assert_encoded(
+            &m,
             json!({"message": {
                 "token": "tok",
                 "data": {
@@ -397,7 +513,7 @@ mod tests {
                     "to_uri": "bob@example.com",
                 },
                 "android": {"priority": "high", "ttl": "60s"},
-            }})
+            }}),
         );
     }
 
@@ -409,7 +525,7 @@ mod tests {
             j.push.from_display_name = Some("Alice".into());
         });
         assert_eq!(
-            m["message"]["data"],
+            parsed(&m)["message"]["data"],
             json!({
                 "event": "incoming_conference_request",
                 "call-id": "call-123@host",
@@ -425,16 +541,19 @@ mod tests {
     #[test]
     fn fcm_cancel_leaves_out_a_missing_reason() {
         let m = fcm(Event::Cancel, |_| {});
-        assert_eq!(
-            m,
+        assert_encoded(
+            &m,
             json!({"message": {
                 "token": "tok",
                 "data": {"event": "cancel", "call-id": "call-123@host", "session-id": SESSION_ID},
                 "android": {"priority": "high", "ttl": "60s"},
-            }})
+            }}),
         );
         let with_reason = fcm(Event::Cancel, |j| j.push.reason = Some("answered".into()));
-        assert_eq!(with_reason["message"]["data"]["reason"], "answered");
+        assert_eq!(
+            parsed(&with_reason)["message"]["data"]["reason"],
+            "answered"
+        );
     }
 
     #[test]
@@ -443,8 +562,8 @@ mod tests {
             j.push.content = Some("hello".into());
             j.deadline_ms = NOW_MS + 86_400_000;
         });
-        assert_eq!(
-            m,
+        assert_encoded(
+            &m,
             json!({"message": {
                 "token": "tok",
                 "data": {
@@ -456,7 +575,7 @@ mod tests {
                 },
                 "apns": {"headers": {"apns-priority": "5"}},
                 "android": {"priority": "high", "ttl": "86400s"},
-            }})
+            }}),
         );
     }
 
@@ -466,8 +585,8 @@ mod tests {
             j.push.media_type = Some("video".into());
             j.push.filename = Some("clip.mp4".into());
         });
-        assert_eq!(
-            m,
+        assert_encoded(
+            &m,
             json!({"message": {
                 "token": "tok",
                 "data": {
@@ -494,14 +613,14 @@ mod tests {
                         "notification_priority": "PRIORITY_HIGH",
                     },
                 },
-            }})
+            }}),
         );
     }
 
     #[test]
     fn fcm_data_values_are_all_strings() {
         for event in pushfleet_core::policy::Event::ALL {
-            let m = fcm(event, |_| {});
+            let m = parsed(&fcm(event, |_| {}));
             let data = m["message"]["data"].as_object().expect("data object");
             assert!(data.values().all(|v| v.is_string()), "{event}: {data:?}");
         }

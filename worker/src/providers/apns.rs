@@ -12,7 +12,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use pushfleet_core::config::{ApnsAuth, ApnsSettings};
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
+use reqwest::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use reqwest::Url;
 use serde::Serialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -26,10 +27,21 @@ use crate::payload::ApnsRequest;
 /// A provider token this young cannot have expired, so a refresh request is redundant.
 const FRESH_TOKEN_SECS: u64 = 60;
 
+// Built once: a header name or value given as a string is parsed and copied on every request.
+const APNS_PUSH_TYPE: HeaderName = HeaderName::from_static("apns-push-type");
+const APNS_EXPIRATION: HeaderName = HeaderName::from_static("apns-expiration");
+const APNS_PRIORITY: HeaderName = HeaderName::from_static("apns-priority");
+const APNS_TOPIC: HeaderName = HeaderName::from_static("apns-topic");
+const APNS_ID: HeaderName = HeaderName::from_static("apns-id");
+const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
+
 /// A client for one APNs app (one endpoint, one credential).
 pub struct ApnsClient {
     connections: Connections,
-    base_url: String,
+    /// The endpoint, parsed once; each request only sets its path.
+    base_url: Url,
+    /// `<endpoint's path>/3/device/`, to which each request appends its device token.
+    device_path: String,
     /// `None` with certificate auth, where the TLS client certificate is the credential.
     token: Option<Arc<ProviderToken>>,
 }
@@ -83,9 +95,12 @@ impl ApnsClient {
                 .build()
                 .map_err(|e| format!("cannot build the APNs HTTP client: {}", error_chain(&e)))
         };
+        let base_url = Url::parse(&settings.endpoint)
+            .map_err(|e| format!("{}: not a URL: {e}", settings.endpoint))?;
         Ok(ApnsClient {
             connections: Connections::new(Box::new(build), ConnectionLimits::default())?,
-            base_url: settings.endpoint.trim_end_matches('/').to_string(),
+            device_path: format!("{}/3/device/", base_url.path().trim_end_matches('/')),
+            base_url,
             token,
         })
     }
@@ -105,8 +120,14 @@ impl ApnsClient {
         self.token.is_some()
     }
 
-    pub fn device_url(&self, device_token: &str) -> String {
-        format!("{}/3/device/{}", self.base_url, path_segment(device_token))
+    /// `<endpoint>/3/device/<token>`, for the price of parsing the path alone.
+    pub fn device_url(&self, device_token: &str) -> Url {
+        let mut path = String::with_capacity(self.device_path.len() + device_token.len());
+        path.push_str(&self.device_path);
+        push_path_segment(&mut path, device_token);
+        let mut url = self.base_url.clone();
+        url.set_path(&path);
+        url
     }
 
     /// One POST to APNs. `apns_id` is the job id, so that a retried push carries the same id.
@@ -118,40 +139,45 @@ impl ApnsClient {
     ) -> ProviderResponse {
         let url = self.device_url(device_token);
         let started = Instant::now();
-        let mut jwt = None;
+        let mut minted = None;
         if let Some(token) = &self.token {
-            match token.bearer() {
-                Ok(bearer) => jwt = Some(bearer),
-                Err(e) => return ProviderResponse::transport_failure(url, e, started),
+            match token.current() {
+                Ok(current) => minted = Some(current),
+                Err(e) => return ProviderResponse::transport_failure(url.into(), e, started),
             }
         }
-        let authorization = jwt.as_ref().map(|bearer| format!("bearer {bearer}"));
-        let body = request.payload.to_string();
-        let apns_id = apns_id.hyphenated().to_string();
+        let mut apns_id_text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let apns_id: &str = apns_id.hyphenated().encode_lower(&mut apns_id_text);
         let sent = self
             .connections
             .send(|http| {
                 let builder = http
-                    .post(&url)
-                    .header("apns-push-type", request.push_type)
-                    .header("apns-expiration", request.expiration.to_string())
-                    .header("apns-priority", request.priority.to_string())
-                    .header("apns-topic", request.topic.as_str())
-                    .header("apns-id", apns_id.as_str())
-                    .header(CONTENT_TYPE, "application/json")
-                    .body(body.clone());
-                match &authorization {
-                    Some(value) => builder.header(AUTHORIZATION, value.as_str()),
+                    .post(url.clone())
+                    .header(APNS_PUSH_TYPE, HeaderValue::from_static(request.push_type))
+                    .header(APNS_EXPIRATION, HeaderValue::from(request.expiration))
+                    .header(
+                        APNS_PRIORITY,
+                        HeaderValue::from(u16::from(request.priority)),
+                    )
+                    .header(APNS_TOPIC, request.topic.as_str())
+                    .header(APNS_ID, apns_id)
+                    .header(CONTENT_TYPE, APPLICATION_JSON)
+                    // Bytes: a resend shares the body instead of copying it.
+                    .body(request.payload.clone());
+                match &minted {
+                    Some(minted) => builder.header(AUTHORIZATION, minted.authorization.clone()),
                     None => builder,
                 }
             })
             .await;
         let answer = match sent {
             Ok(answer) => answer,
-            Err(e) => return ProviderResponse::transport_failure(url, send_error(e), started),
+            Err(e) => {
+                return ProviderResponse::transport_failure(url.into(), send_error(e), started)
+            }
         };
-        let response = parse_answer(url, answer, started);
-        if let (Some(token), Some(jwt)) = (&self.token, &jwt) {
+        let response = parse_answer(url.into(), answer, started);
+        if let (Some(token), Some(minted)) = (&self.token, &minted) {
             if response.status == Some(403)
                 && matches!(
                     response.reason.as_deref(),
@@ -161,7 +187,7 @@ impl ApnsClient {
                 // Only the token this request used is replaced: when a burst of in-flight pushes
                 // all come back 403, the first mints a new token and the rest reuse it. The new
                 // token goes out on a new connection, as Apple limits token changes per connection.
-                token.refresh_if_current(jwt, unix_secs());
+                token.refresh_if_current(&minted.jwt, unix_secs());
                 self.connections.renew(started);
             }
         }
@@ -207,16 +233,22 @@ fn parse_answer(url: String, answer: RawAnswer, started: Instant) -> ProviderRes
 
 /// Device tokens are hex, but a malformed one must still give a well-formed URL, so that APNs
 /// answers BadDeviceToken instead of the request failing locally.
-fn path_segment(raw: &str) -> String {
-    let mut out = String::with_capacity(raw.len());
+fn push_path_segment(out: &mut String, raw: &str) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let unreserved = |byte: u8| byte.is_ascii_alphanumeric() || b"-._~".contains(&byte);
+    if raw.bytes().all(unreserved) {
+        out.push_str(raw);
+        return;
+    }
     for byte in raw.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+        if unreserved(byte) {
             out.push(char::from(byte));
         } else {
-            out.push_str(&format!("%{byte:02X}"));
+            out.push('%');
+            out.push(char::from(HEX[usize::from(byte >> 4)]));
+            out.push(char::from(HEX[usize::from(byte & 0xF)]));
         }
     }
-    out
 }
 
 /// APNs part of [`super::sylk_result`].
@@ -293,6 +325,8 @@ pub struct ProviderToken {
 #[derive(Clone)]
 struct Minted {
     jwt: Arc<str>,
+    /// `bearer <jwt>`, built once per token rather than per request.
+    authorization: HeaderValue,
     issued_at: u64,
 }
 
@@ -357,17 +391,26 @@ impl ProviderToken {
     }
 
     fn bearer_at(&self, now: u64) -> Result<Arc<str>, String> {
+        self.current_at(now).map(|minted| minted.jwt)
+    }
+
+    /// The token to send now, with its header value.
+    fn current(&self) -> Result<Minted, String> {
+        self.current_at(unix_secs())
+    }
+
+    fn current_at(&self, now: u64) -> Result<Minted, String> {
         let mut current = self.lock();
         if let Some(minted) = current.as_ref() {
             // A clock stepping backwards must not keep a token alive past Apple's hour.
             let age = now.saturating_sub(minted.issued_at);
             if age < self.refresh_every.as_secs() && now >= minted.issued_at {
-                return Ok(minted.jwt.clone());
+                return Ok(minted.clone());
             }
         }
         let minted = self.mint(now)?;
         *current = Some(minted.clone());
-        Ok(minted.jwt)
+        Ok(minted)
     }
 
     /// Replaces the token unconditionally.
@@ -420,9 +463,12 @@ impl ProviderToken {
         };
         let jwt = jsonwebtoken::encode(&header, &claims, &self.key)
             .map_err(|e| format!("cannot sign the APNs provider token: {e}"))?;
+        let authorization = HeaderValue::try_from(format!("bearer {jwt}"))
+            .map_err(|e| format!("the APNs provider token is not a header value: {e}"))?;
         tracing::debug!(key_id = %self.key_id, team_id = %self.team_id, "minted a new APNs provider token");
         Ok(Minted {
             jwt: jwt.into(),
+            authorization,
             issued_at: now,
         })
     }
@@ -579,12 +625,16 @@ mod tests {
             token_a
         );
         assert_eq!(
-            a.device_url("abc123"),
+            a.device_url("abc123").as_str(),
             "https://127.0.0.1:8443/3/device/abc123"
         );
         assert_eq!(
-            a.device_url("a/b c"),
+            a.device_url("a/b c").as_str(),
             "https://127.0.0.1:8443/3/device/a%2Fb%20c"
+        );
+        assert_eq!(
+            a.device_url("x%y\u{e9}").as_str(),
+            "https://127.0.0.1:8443/3/device/x%25y%C3%A9"
         );
     }
 

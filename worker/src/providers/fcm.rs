@@ -4,8 +4,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use pushfleet_core::config::FcmSettings;
-use reqwest::header::CONTENT_TYPE;
+use reqwest::header::{HeaderValue, CONTENT_TYPE};
+use reqwest::Url;
 use serde_json::{json, Value};
 
 use super::oauth::{AccessTokens, ServiceAccount};
@@ -20,6 +22,8 @@ const FCM_ERROR_TYPE: &str = "type.googleapis.com/google.firebase.fcm.v1.FcmErro
 pub struct FcmClient {
     connections: Connections,
     send_url: String,
+    /// `send_url` parsed once, rather than by every request.
+    send_target: Url,
     /// Shared with every other client of the same service account.
     tokens: Arc<AccessTokens>,
 }
@@ -45,11 +49,13 @@ impl FcmClient {
                 .map_err(|e| format!("cannot build the FCM HTTP client: {}", error_chain(&e)))
         };
         let connections = Connections::new(Box::new(build), ConnectionLimits::default())?;
+        let send_url = format!(
+            "{}/v1/projects/{project}/messages:send",
+            settings.endpoint.trim_end_matches('/')
+        );
         Ok(FcmClient {
-            send_url: format!(
-                "{}/v1/projects/{project}/messages:send",
-                settings.endpoint.trim_end_matches('/')
-            ),
+            send_target: Url::parse(&send_url).map_err(|e| format!("{send_url}: {e}"))?,
+            send_url,
             tokens: AccessTokens::shared(account, connections.first()),
             connections,
         })
@@ -70,8 +76,8 @@ impl FcmClient {
         &self.tokens
     }
 
-    /// One `messages:send` with `message`, the full `{"message": {...}}` body.
-    pub async fn send(&self, message: &Value) -> ProviderResponse {
+    /// One `messages:send` with `message`, the encoded `{"message": {...}}` body.
+    pub async fn send(&self, message: &Bytes) -> ProviderResponse {
         let started = Instant::now();
         let url = self.send_url.clone();
         let token = match self.tokens.get().await {
@@ -84,14 +90,14 @@ impl FcmClient {
                 )
             }
         };
-        let body = message.to_string();
         let sent = self
             .connections
             .send(|http| {
-                http.post(&url)
+                http.post(self.send_target.clone())
                     .bearer_auth(&token)
-                    .header(CONTENT_TYPE, "application/json")
-                    .body(body.clone())
+                    .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+                    // Bytes: a resend shares the body instead of copying it.
+                    .body(message.clone())
             })
             .await;
         let answer = match sent {
@@ -494,7 +500,7 @@ mod tests {
         async fn concurrent_sends_share_one_token_fetch() {
             let (fake, url) = start().await;
             let client = client(&url);
-            let message = json!({"message": {"token": "t", "data": {}}});
+            let message = Bytes::from(json!({"message": {"token": "t", "data": {}}}).to_string());
             let sends = (0..20).map(|_| client.send(&message));
             for response in futures_util::future::join_all(sends).await {
                 assert_eq!(response.status, Some(200), "{response:?}");
@@ -511,7 +517,7 @@ mod tests {
         async fn a_rejected_token_is_replaced_once() {
             let (fake, url) = start().await;
             let client = client(&url);
-            let message = json!({"message": {"token": "t", "data": {}}});
+            let message = Bytes::from(json!({"message": {"token": "t", "data": {}}}).to_string());
             assert_eq!(client.send(&message).await.status, Some(200));
             fake.revoked.lock().expect("lock").insert("tok-1".into());
 
@@ -532,7 +538,7 @@ mod tests {
         async fn an_unreachable_token_endpoint_is_a_transport_failure() {
             let (_fake, url) = start().await;
             let client = client_with_token_uri(&url, "http://127.0.0.1:9/token");
-            let response = client.send(&json!({"message": {}})).await;
+            let response = client.send(&Bytes::from_static(br#"{"message":{}}"#)).await;
             assert_eq!(response.status, None);
             let error = response.transport_error.clone().expect("described");
             assert!(error.contains("127.0.0.1:9/token"), "{error}");
