@@ -212,6 +212,29 @@ pub struct SyncReply {
     pub url: String,
 }
 
+/// Joins encoded JSON values into one JSON array: the body of a message carrying a batch of
+/// outcome events or sync replies.
+pub fn json_array<'a>(items: impl IntoIterator<Item = &'a [u8]>, out: &mut Vec<u8>) {
+    out.clear();
+    out.push(b'[');
+    for (i, item) in items.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(item);
+    }
+    out.push(b']');
+}
+
+/// Reads a message holding a JSON array of `T` (a batch) or a single `T`, as senders that do
+/// not batch publish them.
+pub fn decode_batch<T: serde::de::DeserializeOwned>(data: &[u8]) -> serde_json::Result<Vec<T>> {
+    match data.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => serde_json::from_slice(data),
+        _ => serde_json::from_slice(data).map(|one| vec![one]),
+    }
+}
+
 /// The SHA-256 of a token.
 pub fn token_digest(token: &str) -> [u8; 32] {
     let mut bytes = [0u8; 32];
@@ -252,6 +275,19 @@ pub fn sylk_session_id(call_id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_and_single_values_decode() {
+        let mut body = Vec::new();
+        json_array([&b"1"[..], b"2", b"3"], &mut body);
+        assert_eq!(body, b"[1,2,3]");
+        assert_eq!(decode_batch::<u32>(&body).unwrap(), vec![1, 2, 3]);
+        assert_eq!(decode_batch::<u32>(b" 7").unwrap(), vec![7]);
+        json_array([], &mut body);
+        assert_eq!(decode_batch::<u32>(&body).unwrap(), Vec::<u32>::new());
+        assert!(decode_batch::<u32>(b"[1,").is_err());
+        assert!(decode_batch::<u32>(b"nonsense").is_err());
+    }
 
     #[test]
     fn session_id_matches_the_reference() {

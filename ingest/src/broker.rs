@@ -11,7 +11,7 @@ use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOpti
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use pushfleet_core::config::RabbitSettings;
-use pushfleet_core::job::{Job, SyncReply};
+use pushfleet_core::job::{decode_batch, Job, SyncReply};
 use pushfleet_core::ledger::LedgerEntry;
 use pushfleet_core::topology::{self, Topology, DIRECT_REPLY_TO, PERSISTENT};
 use pushfleet_core::Event;
@@ -104,11 +104,14 @@ impl Broker {
         let pending = self.pending.clone();
         tokio::spawn(async move {
             while let Some(Ok(delivery)) = replies.next().await {
-                match serde_json::from_slice::<SyncReply>(&delivery.data) {
-                    Ok(reply) => {
-                        let waiter = pending.lock().expect("lock").remove(&reply.job_id);
-                        if let Some(waiter) = waiter {
-                            let _ = waiter.send(reply);
+                // Workers send replies in batches; a single reply is read too.
+                match decode_batch::<SyncReply>(&delivery.data) {
+                    Ok(replies) => {
+                        let mut pending = pending.lock().expect("lock");
+                        for reply in replies {
+                            if let Some(waiter) = pending.remove(&reply.job_id) {
+                                let _ = waiter.send(reply);
+                            }
                         }
                     }
                     Err(e) => warn!(error = %e, "unreadable sync reply dropped"),

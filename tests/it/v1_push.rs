@@ -370,3 +370,31 @@ async fn a_slow_provider_turns_a_sync_request_into_202_and_the_push_still_lands(
     assert_eq!(rows[0].status, "delivered");
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn concurrent_sync_requests_each_get_their_own_answer() {
+    let stack = Stack::start().await;
+    // Every third token is dead: its caller must get the 410, nobody else.
+    let requests: Vec<(String, String, bool)> = (0..90)
+        .map(|i| (apns_token(), call_id(), i % 3 == 0))
+        .collect();
+    for (token, _, dead) in &requests {
+        if *dead {
+            stack
+                .fakes
+                .apns
+                .set_token_state(token, pushfleet_fakes::ApnsTokenState::Bad);
+        }
+    }
+    let bodies: Vec<_> = requests
+        .iter()
+        .map(|(token, call, _)| v1_body(SYLK, "apple", token, "incoming_session", call))
+        .collect();
+    let answers = futures_util::future::join_all(bodies.iter().map(|body| stack.push(body))).await;
+    for ((token, call, dead), (status, answer)) in requests.iter().zip(answers) {
+        assert_eq!(status, if *dead { 410 } else { 200 }, "{answer}");
+        assert_eq!(answer["data"]["call_id"], call.as_str());
+        assert_eq!(answer["data"]["token"], token.as_str());
+    }
+    stack.stop().await;
+}

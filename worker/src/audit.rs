@@ -11,15 +11,13 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, Basi
 use lapin::types::AMQPValue;
 use lapin::types::FieldTable;
 use lapin::Connection;
-use pushfleet_core::job::{now_ms, system_time, Job, OutcomeEvent, Terminal};
+use pushfleet_core::job::{decode_batch, now_ms, system_time, Job, OutcomeEvent, Terminal};
 use pushfleet_core::topology::Topology;
 use pushfleet_core::DeliveryStatus;
 use serde_json::Value;
 use tokio::sync::watch;
 use tracing::{info, warn};
 use uuid::Uuid;
-
-use crate::outcomes;
 
 pub struct AuditSink {
     pool: Pool,
@@ -185,7 +183,7 @@ struct Batch {
 
 impl Batch {
     async fn add(&mut self, delivery: Delivery) {
-        match outcomes::decode(&delivery.data) {
+        match decode_batch::<OutcomeEvent>(&delivery.data) {
             Ok(outcomes) => {
                 self.outcomes.extend(outcomes);
                 self.last = Some(delivery);

@@ -33,6 +33,7 @@ use crate::ledger::{Ledger, Verdict};
 use crate::outcome::{classify, Class};
 use crate::outcomes::{confirm, OutcomeBatcher};
 use crate::providers::{sylk_result, Provider, ProviderResponse};
+use crate::replies::ReplySender;
 use crate::retry::{self, RetryPlan};
 
 /// Everything a job handler needs, shared by all in-flight jobs.
@@ -52,8 +53,7 @@ struct Outlets {
     /// Confirm mode: retry copies and dead letters.
     publisher: Channel,
     outcomes: OutcomeBatcher,
-    /// Sync replies, unconfirmed.
-    replies: Channel,
+    replies: ReplySender,
 }
 
 /// What handling a job once came to.
@@ -111,10 +111,11 @@ impl Dispatcher {
         let mut ackers = Vec::new();
         // Sync replies are best effort and unconfirmed, on a channel of their own: a confirm
         // channel would keep every reply's pending confirm.
+        let (replies, replying) = ReplySender::start(connection.create_channel().await?);
         let outlets = Outlets {
             publisher: publisher.clone(),
             outcomes,
-            replies: connection.create_channel().await?,
+            replies,
         };
         // Cancels and claims of the recent past first, so that no superseded push slips out.
         self.ledger.wait_caught_up(Duration::from_secs(5)).await;
@@ -183,6 +184,7 @@ impl Dispatcher {
         drop(outlets);
         let channels: Vec<Channel> = consumers.into_iter().map(|(c, ..)| c).collect();
         let _ = batches.await;
+        let _ = replying.await;
         for acking in ackers {
             let _ = acking.await;
         }
@@ -216,16 +218,7 @@ impl Dispatcher {
                 } => {
                     if let Some(reply_to) = delivery.properties.reply_to() {
                         // Best effort: if the caller gave up waiting, the reply goes nowhere.
-                        let _ = replies
-                            .basic_publish(
-                                "".into(),
-                                reply_to.clone(),
-                                BasicPublishOptions::default(),
-                                &serde_json::to_vec(&reply).unwrap_or_default(),
-                                BasicProperties::default()
-                                    .with_correlation_id(job.id.to_string().into()),
-                            )
-                            .await;
+                        replies.send(reply_to, &reply);
                     }
                     let mut saved = outcomes.save(&outcome).await;
                     if saved.is_ok() && dead_letter {

@@ -11,6 +11,7 @@ pub mod outcome;
 pub mod outcomes;
 pub mod payload;
 pub mod providers;
+pub mod replies;
 pub mod retry;
 
 use std::net::SocketAddr;

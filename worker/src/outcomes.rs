@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Confirmation};
-use pushfleet_core::job::OutcomeEvent;
+use pushfleet_core::job::{json_array, OutcomeEvent};
 use pushfleet_core::topology::{Topology, PERSISTENT};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -65,15 +65,7 @@ async fn publish_batches(channel: Channel, exchange: String, mut pending: mpsc::
         .await
         > 0
     {
-        body.clear();
-        body.push(b'[');
-        for (i, outcome) in batch.iter().enumerate() {
-            if i > 0 {
-                body.push(b',');
-            }
-            body.extend_from_slice(&outcome.json);
-        }
-        body.push(b']');
+        json_array(batch.iter().map(|o| o.json.as_slice()), &mut body);
         let result = confirm(
             channel
                 .basic_publish(
@@ -106,46 +98,5 @@ pub async fn confirm(
         Ok(Ok(Confirmation::Nack(_))) => Err("broker refused the message".into()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("no confirm within 30 s".into()),
-    }
-}
-
-/// Reads an outcome message: a batch (a JSON array), or a single outcome event as workers
-/// before batching published them.
-pub fn decode(data: &[u8]) -> Result<Vec<OutcomeEvent>, serde_json::Error> {
-    match data.iter().find(|b| !b.is_ascii_whitespace()) {
-        Some(b'[') => serde_json::from_slice(data),
-        _ => serde_json::from_slice(data).map(|one| vec![one]),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn batches_and_single_outcomes_decode() {
-        let job = pushfleet_core::job::Job {
-            v: pushfleet_core::job::JOB_VERSION,
-            id: uuid::Uuid::new_v4(),
-            app_id: "com.example".into(),
-            platform: pushfleet_core::config::Platform::Apple,
-            event: pushfleet_core::Event::IncomingSession,
-            lane: pushfleet_core::Lane::Calls,
-            received_at_ms: 1,
-            deadline_ms: 2,
-            attempt: 0,
-            push: Default::default(),
-        };
-        let one = serde_json::to_vec(&OutcomeEvent::for_job(&job)).unwrap();
-        let mut batch = b"[".to_vec();
-        batch.extend_from_slice(&one);
-        batch.push(b',');
-        batch.extend_from_slice(&one);
-        batch.push(b']');
-        assert_eq!(decode(&one).unwrap().len(), 1);
-        assert_eq!(decode(&batch).unwrap().len(), 2);
-        assert_eq!(decode(b" [] ").unwrap().len(), 0);
-        assert!(decode(b"[{").is_err());
-        assert!(decode(b"nonsense").is_err());
     }
 }
