@@ -14,20 +14,69 @@ use crate::policy::{EventPolicies, EventPolicyOverride};
 
 pub const ENV_PREFIX: &str = "PUSHFLEET__";
 
-/// A configuration problem, worded for the person who has to fix the file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError(pub String);
+/// A configuration problem, worded for the person who has to fix the file: each names the key,
+/// section or environment variable at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The text is not TOML at all.
+    #[error("not valid TOML: {0}")]
+    Syntax(String),
+    /// TOML that does not fit the settings: an unknown key, a value of the wrong type.
+    #[error("{0}")]
+    Shape(String),
+    /// A value outside what the key accepts.
+    #[error("{key}: {problem}")]
+    Invalid { key: String, problem: String },
+    /// A file the configuration names cannot be opened.
+    #[error("{key}: cannot read {}: {source}", path.display())]
+    UnreadableFile {
+        key: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("environment override {variable}: {problem}")]
+    Environment { variable: String, problem: String },
+    /// Any of the above, in the file it was found in.
+    #[error("{}: {source}", path.display())]
+    InFile {
+        path: PathBuf,
+        source: Box<ConfigError>,
+    },
+}
 
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+impl ConfigError {
+    pub fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+
+    /// The key (or environment variable) at fault, when the problem is about one.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Invalid { key, .. } | ConfigError::UnreadableFile { key, .. } => {
+                Some(key)
+            }
+            ConfigError::Environment { variable, .. } => Some(variable),
+            ConfigError::InFile { source, .. } => source.key(),
+            _ => None,
+        }
     }
 }
 
-impl std::error::Error for ConfigError {}
-
-fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
-    Err(ConfigError(msg.into()))
+/// Fails with `problem` about `key` unless `holds`.
+fn ensure(holds: bool, key: &str, problem: &str) -> Result<(), ConfigError> {
+    if holds {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(key, problem))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -370,11 +419,15 @@ fn default_fcm_endpoint() -> String {
 impl Settings {
     /// Reads `path`, applies `PUSHFLEET__…` overrides from the process environment, validates.
     pub fn load(path: &Path) -> Result<Settings, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .or_else(|e| err(format!("cannot read config file {}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Unreadable {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Settings::from_toml(&text, std::env::vars(), base)
-            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+        Settings::from_toml(&text, std::env::vars(), base).map_err(|e| ConfigError::InFile {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        })
     }
 
     /// Parses TOML text with the given environment; relative file paths resolve against `base`.
@@ -385,7 +438,7 @@ impl Settings {
     ) -> Result<Settings, ConfigError> {
         let mut table: toml::Table = text
             .parse()
-            .or_else(|e: toml::de::Error| err(format!("not valid TOML: {}", e.message())))?;
+            .map_err(|e: toml::de::Error| ConfigError::Syntax(e.message().to_string()))?;
         for (key, value) in env {
             if let Some(path) = key.strip_prefix(ENV_PREFIX) {
                 apply_override(&mut table, path, &value)?;
@@ -393,7 +446,7 @@ impl Settings {
         }
         let mut settings: Settings = table
             .try_into()
-            .or_else(|e: toml::de::Error| err(e.message().to_string()))?;
+            .map_err(|e: toml::de::Error| ConfigError::Shape(e.message().to_string()))?;
         settings.resolve_paths(base);
         settings.validate()?;
         Ok(settings)
@@ -442,169 +495,255 @@ impl Settings {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.ingest.sync_timeout_ms == 0 || self.ingest.sync_timeout_ms > 60_000 {
-            return err("[ingest] sync_timeout_ms must be between 1 and 60000");
-        }
-        if self.ingest.max_body_bytes < 1024 {
-            return err("[ingest] max_body_bytes must be at least 1024");
-        }
-        if !(self.rabbitmq.url.starts_with("amqp://") || self.rabbitmq.url.starts_with("amqps://"))
-        {
-            return err(format!(
-                "[rabbitmq] url = {:?}: expected amqp://user:password@host:port/vhost",
-                self.rabbitmq.url
-            ));
-        }
-        if self.rabbitmq.namespace.is_empty()
-            || !self
-                .rabbitmq
-                .namespace
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            return err("[rabbitmq] namespace must be non-empty letters, digits, '-', '_' or '.'");
-        }
-        if self.rabbitmq.prefetch == 0 {
-            return err("[rabbitmq] prefetch must be at least 1");
-        }
-        if !self.postgres.url.starts_with("postgres://")
-            && !self.postgres.url.starts_with("postgresql://")
-        {
-            return err(format!(
-                "[postgres] url = {:?}: expected postgres://user@host:port/database",
-                self.postgres.url
-            ));
-        }
-        if self.postgres.pool_size == 0 {
-            return err("[postgres] pool_size must be at least 1");
-        }
-        if self.worker.audit_batch_size == 0 {
-            return err("[worker] audit_batch_size must be at least 1");
-        }
-        if self.worker.max_connections_per_app == 0 || self.worker.max_streams_per_connection == 0 {
-            return err(
-                "[worker] max_connections_per_app and max_streams_per_connection must be at least 1",
-            );
-        }
-        if self.worker.invalid_tokens_refresh_secs == 0 {
-            return err("[worker] invalid_tokens_refresh_secs must be at least 1");
-        }
-        let tiers = &self.rabbitmq.retry_tiers_ms;
-        if tiers.is_empty() || tiers[0] < 100 || tiers.windows(2).any(|w| w[0] >= w[1]) {
-            return err("[rabbitmq] retry_tiers_ms must list increasing delays of at least 100 ms");
-        }
-        let retry = &self.retry;
-        if retry.max_attempts == 0 {
-            return err("[retry] max_attempts must be at least 1");
-        }
-        if retry.initial_backoff_ms == 0 || retry.max_backoff_ms < retry.initial_backoff_ms {
-            return err("[retry] need 0 < initial_backoff_ms <= max_backoff_ms");
-        }
-        if !(retry.multiplier >= 1.0 && retry.multiplier <= 10.0) {
-            return err("[retry] multiplier must be between 1 and 10");
-        }
-        if !(0.0..1.0).contains(&retry.jitter) {
-            return err("[retry] jitter must be at least 0 and below 1");
-        }
-        EventPolicies::default()
-            .with_overrides(&self.events)
-            .map_err(ConfigError)?;
-
+        self.ingest.validate()?;
+        self.rabbitmq.validate()?;
+        self.postgres.validate()?;
+        self.worker.validate()?;
+        self.retry.validate()?;
+        EventPolicies::default().with_overrides(&self.events)?;
         let mut seen = HashMap::new();
         for (index, app) in self.apps.iter().enumerate() {
             let label = format!("[[apps]] #{} ({} {})", index + 1, app.platform, app.id);
             if app.id.trim().is_empty() {
-                return err(format!("[[apps]] #{}: id is empty", index + 1));
-            }
-            if let Some(first) = seen.insert((app.id.as_str(), app.platform), index) {
-                return err(format!(
-                    "{label}: the same id and platform as [[apps]] #{}",
-                    first + 1
+                return Err(ConfigError::invalid(
+                    format!("[[apps]] #{} id", index + 1),
+                    "is empty",
                 ));
             }
-            match app.platform {
-                Platform::Apple => {
-                    let Some(apns) = &app.apns else {
-                        return err(format!(
-                            "{label}: an apple app needs an [apps.apns] section"
-                        ));
-                    };
-                    validate_url(&label, "apns.endpoint", &apns.endpoint)?;
-                    let token = [
-                        apns.key_file.is_some(),
-                        apns.key_id.is_some(),
-                        apns.team_id.is_some(),
-                    ];
-                    let token_auth = token.iter().all(|x| *x);
-                    let cert_auth = apns.cert_file.is_some();
-                    if token.iter().any(|x| *x) && !token_auth {
-                        return err(format!(
-                            "{label}: token auth needs all of apns.key_file, apns.key_id and apns.team_id"
-                        ));
-                    }
-                    if token_auth == cert_auth {
-                        return err(format!(
-                            "{label}: configure either token auth (apns.key_file + key_id + team_id) or certificate auth (apns.cert_file + cert_key_file), not {}",
-                            if token_auth { "both" } else { "neither" }
-                        ));
-                    }
-                    if !(1200..=3600).contains(&apns.token_refresh_secs) {
-                        return err(format!(
-                            "{label}: apns.token_refresh_secs must be between 1200 and 3600 (Apple refuses tokens older than an hour and refreshes more often than every 20 minutes)"
-                        ));
-                    }
-                    for file in [
-                        &apns.key_file,
-                        &apns.cert_file,
-                        &apns.cert_key_file,
-                        &apns.ca_file,
-                    ]
-                    .into_iter()
-                    .flatten()
-                    {
-                        readable(&label, file)?;
-                    }
-                }
-                Platform::Firebase => {
-                    let Some(fcm) = &app.fcm else {
-                        return err(format!(
-                            "{label}: a firebase app needs an [apps.fcm] section"
-                        ));
-                    };
-                    validate_url(&label, "fcm.endpoint", &fcm.endpoint)?;
-                    readable(&label, &fcm.service_account_file)?;
-                    if let Some(ca) = &fcm.ca_file {
-                        readable(&label, ca)?;
-                    }
-                }
+            if let Some(first) = seen.insert((app.id.as_str(), app.platform), index) {
+                return Err(ConfigError::invalid(
+                    label,
+                    format!("the same id and platform as [[apps]] #{}", first + 1),
+                ));
+            }
+            app.validate(&label)?;
+        }
+        Ok(())
+    }
+}
+
+impl IngestSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        ensure(
+            (1..=60_000).contains(&self.sync_timeout_ms),
+            "[ingest] sync_timeout_ms",
+            "must be between 1 and 60000",
+        )?;
+        ensure(
+            self.max_body_bytes >= 1024,
+            "[ingest] max_body_bytes",
+            "must be at least 1024",
+        )
+    }
+}
+
+impl RabbitSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.url.starts_with("amqp://") || self.url.starts_with("amqps://")) {
+            return Err(ConfigError::invalid(
+                "[rabbitmq] url",
+                format!(
+                    "{:?}: expected amqp://user:password@host:port/vhost",
+                    self.url
+                ),
+            ));
+        }
+        let namespace_chars = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
+        ensure(
+            !self.namespace.is_empty() && self.namespace.chars().all(namespace_chars),
+            "[rabbitmq] namespace",
+            "must be non-empty letters, digits, '-', '_' or '.'",
+        )?;
+        ensure(
+            self.prefetch > 0,
+            "[rabbitmq] prefetch",
+            "must be at least 1",
+        )?;
+        let tiers = &self.retry_tiers_ms;
+        ensure(
+            !tiers.is_empty() && tiers[0] >= 100 && tiers.windows(2).all(|w| w[0] < w[1]),
+            "[rabbitmq] retry_tiers_ms",
+            "must list increasing delays of at least 100 ms",
+        )
+    }
+}
+
+impl PostgresSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.url.starts_with("postgres://") && !self.url.starts_with("postgresql://") {
+            return Err(ConfigError::invalid(
+                "[postgres] url",
+                format!(
+                    "{:?}: expected postgres://user@host:port/database",
+                    self.url
+                ),
+            ));
+        }
+        ensure(
+            self.pool_size > 0,
+            "[postgres] pool_size",
+            "must be at least 1",
+        )
+    }
+}
+
+impl WorkerSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        ensure(
+            self.audit_batch_size > 0,
+            "[worker] audit_batch_size",
+            "must be at least 1",
+        )?;
+        ensure(
+            self.max_connections_per_app > 0,
+            "[worker] max_connections_per_app",
+            "must be at least 1",
+        )?;
+        ensure(
+            self.max_streams_per_connection > 0,
+            "[worker] max_streams_per_connection",
+            "must be at least 1",
+        )?;
+        ensure(
+            self.invalid_tokens_refresh_secs > 0,
+            "[worker] invalid_tokens_refresh_secs",
+            "must be at least 1",
+        )
+    }
+}
+
+impl RetrySettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        ensure(
+            self.max_attempts > 0,
+            "[retry] max_attempts",
+            "must be at least 1",
+        )?;
+        ensure(
+            self.initial_backoff_ms > 0 && self.max_backoff_ms >= self.initial_backoff_ms,
+            "[retry] initial_backoff_ms",
+            "must be above 0 and at most max_backoff_ms",
+        )?;
+        ensure(
+            (1.0..=10.0).contains(&self.multiplier),
+            "[retry] multiplier",
+            "must be between 1 and 10",
+        )?;
+        ensure(
+            (0.0..1.0).contains(&self.jitter),
+            "[retry] jitter",
+            "must be at least 0 and below 1",
+        )
+    }
+}
+
+impl AppSettings {
+    /// `label` names the app in messages: `[[apps]] #<n> (<platform> <id>)`.
+    fn validate(&self, label: &str) -> Result<(), ConfigError> {
+        match self.platform {
+            Platform::Apple => match &self.apns {
+                Some(apns) => apns.validate(label),
+                None => Err(ConfigError::invalid(
+                    format!("{label} [apps.apns]"),
+                    "an apple app needs this section",
+                )),
+            },
+            Platform::Firebase => match &self.fcm {
+                Some(fcm) => fcm.validate(label),
+                None => Err(ConfigError::invalid(
+                    format!("{label} [apps.fcm]"),
+                    "a firebase app needs this section",
+                )),
+            },
+        }
+    }
+}
+
+impl ApnsSettings {
+    fn validate(&self, label: &str) -> Result<(), ConfigError> {
+        validate_url(label, "apns.endpoint", &self.endpoint)?;
+        let token = [
+            self.key_file.is_some(),
+            self.key_id.is_some(),
+            self.team_id.is_some(),
+        ];
+        let token_auth = token.iter().all(|x| *x);
+        let cert_auth = self.cert_file.is_some();
+        if token.iter().any(|x| *x) && !token_auth {
+            return Err(ConfigError::invalid(
+                format!("{label} apns.key_file"),
+                "token auth needs all of apns.key_file, apns.key_id and apns.team_id",
+            ));
+        }
+        if token_auth == cert_auth {
+            return Err(ConfigError::invalid(
+                format!("{label} apns"),
+                format!(
+                    "configure either token auth (apns.key_file + key_id + team_id) or certificate auth (apns.cert_file + cert_key_file), not {}",
+                    if token_auth { "both" } else { "neither" }
+                ),
+            ));
+        }
+        ensure(
+            (1200..=3600).contains(&self.token_refresh_secs),
+            &format!("{label} apns.token_refresh_secs"),
+            "must be between 1200 and 3600 (Apple refuses tokens older than an hour and refreshes more often than every 20 minutes)",
+        )?;
+        let files = [
+            ("apns.key_file", &self.key_file),
+            ("apns.cert_file", &self.cert_file),
+            ("apns.cert_key_file", &self.cert_key_file),
+            ("apns.ca_file", &self.ca_file),
+        ];
+        for (key, file) in files {
+            if let Some(file) = file {
+                readable(label, key, file)?;
             }
         }
         Ok(())
     }
 }
 
-fn validate_url(label: &str, key: &str, url: &str) -> Result<(), ConfigError> {
-    if !url.starts_with("https://") {
-        return err(format!("{label}: {key} = {url:?} must be an https:// URL"));
+impl FcmSettings {
+    fn validate(&self, label: &str) -> Result<(), ConfigError> {
+        validate_url(label, "fcm.endpoint", &self.endpoint)?;
+        readable(label, "fcm.service_account_file", &self.service_account_file)?;
+        if let Some(ca) = &self.ca_file {
+            readable(label, "fcm.ca_file", ca)?;
+        }
+        Ok(())
     }
-    Ok(())
 }
 
-fn readable(label: &str, file: &Path) -> Result<(), ConfigError> {
+fn validate_url(label: &str, key: &str, url: &str) -> Result<(), ConfigError> {
+    ensure(
+        url.starts_with("https://"),
+        &format!("{label} {key}"),
+        &format!("{url:?} must be an https:// URL"),
+    )
+}
+
+fn readable(label: &str, key: &str, file: &Path) -> Result<(), ConfigError> {
     std::fs::File::open(file)
         .map(|_| ())
-        .or_else(|e| err(format!("{label}: cannot read {}: {e}", file.display())))
+        .map_err(|source| ConfigError::UnreadableFile {
+            key: format!("{label} {key}"),
+            path: file.to_path_buf(),
+            source,
+        })
 }
 
 /// `INGEST__MODE=async` sets `ingest.mode`; a numeric segment indexes an array
 /// (`APPS__0__APNS__ENDPOINT`). Values are read as TOML when they parse (numbers, booleans),
 /// as plain strings otherwise.
 fn apply_override(table: &mut toml::Table, path: &str, value: &str) -> Result<(), ConfigError> {
+    let problem = |problem: String| ConfigError::Environment {
+        variable: format!("{ENV_PREFIX}{path}"),
+        problem,
+    };
     let segments: Vec<String> = path.split("__").map(|s| s.to_ascii_lowercase()).collect();
     if segments.iter().any(|s| s.is_empty()) {
-        return err(format!(
-            "environment override {ENV_PREFIX}{path}: empty name segment"
-        ));
+        return Err(problem("empty name segment".into()));
     }
     let parsed = format!("v = {value}")
         .parse::<toml::Table>()
@@ -622,25 +761,19 @@ fn apply_override(table: &mut toml::Table, path: &str, value: &str) -> Result<()
         let child = match child {
             toml::Value::Array(items) => {
                 let Some(Ok(index)) = iter.next().map(|s| s.parse::<usize>()) else {
-                    return err(format!(
-                        "environment override {ENV_PREFIX}{path}: {segment} is a list, expected an index after it"
-                    ));
+                    return Err(problem(format!(
+                        "{segment} is a list, expected an index after it"
+                    )));
                 };
-                items.get_mut(index).ok_or_else(|| {
-                    ConfigError(format!(
-                        "environment override {ENV_PREFIX}{path}: {segment} has no entry {index}"
-                    ))
-                })?
+                items
+                    .get_mut(index)
+                    .ok_or_else(|| problem(format!("{segment} has no entry {index}")))?
             }
             other => other,
         };
         node = match child {
             toml::Value::Table(t) => t,
-            _ => {
-                return err(format!(
-                    "environment override {ENV_PREFIX}{path}: {segment} is not a section"
-                ))
-            }
+            _ => return Err(problem(format!("{segment} is not a section"))),
         };
     }
     node.insert(last.clone(), parsed);
@@ -707,25 +840,44 @@ mod tests {
     }
 
     #[test]
-    fn mistakes_are_reported_in_words() {
+    fn mistakes_name_the_key() {
         let e = load("[ingest]\nmode = \"later\"", &[]).unwrap_err();
-        assert!(e.0.contains("later"), "{e}");
+        assert!(matches!(e, ConfigError::Shape(_)), "{e:?}");
         let e = load("[ingest]\nlisten_addr = \"x\"", &[]).unwrap_err();
-        assert!(e.0.contains("listen_addr"), "{e}");
+        assert!(matches!(e, ConfigError::Shape(_)), "{e:?}");
+        let e = load("[ingest]\nsync_timeout_ms = 0", &[]).unwrap_err();
+        assert_eq!(e.key(), Some("[ingest] sync_timeout_ms"));
+        let e = load("[ingest\n", &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::Syntax(_)), "{e:?}");
         let e = load(
             "[[apps]]\nid = \"a\"\nplatform = \"apple\"\ntype = \"sylk\"\n[apps.apns]\nkey_id = \"K\"",
             &[],
         )
         .unwrap_err();
-        assert!(e.0.contains("key_file"), "{e}");
+        assert_eq!(e.key(), Some("[[apps]] #1 (apple a) apns.key_file"));
         let e = load(
             "[[apps]]\nid = \"a\"\nplatform = \"apple\"\ntype = \"sylk\"\n[apps.apns]\ncert_file = \"/nonexistent.pem\"",
             &[],
         )
         .unwrap_err();
-        assert!(e.0.contains("cannot read /nonexistent.pem"), "{e}");
+        let ConfigError::UnreadableFile { key, path, .. } = &e else {
+            panic!("{e:?}");
+        };
+        assert_eq!(key, "[[apps]] #1 (apple a) apns.cert_file");
+        assert_eq!(path, Path::new("/nonexistent.pem"));
         let e = load("[events.ring]\nttl_secs = 5", &[]).unwrap_err();
-        assert!(e.0.contains("unknown event"), "{e}");
+        assert_eq!(e.key(), Some("[events.ring]"));
+        let e = load("", &[("PUSHFLEET__INGEST____MODE", "x")]).unwrap_err();
+        assert_eq!(e.key(), Some("PUSHFLEET__INGEST____MODE"));
+    }
+
+    #[test]
+    fn messages_read_as_one_line() {
+        let e = load("[retry]\njitter = 1.5", &[]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "[retry] jitter: must be at least 0 and below 1"
+        );
     }
 }
 

@@ -17,13 +17,46 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     ),
 ];
 
+/// A database problem, with what was being done when it happened.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("[postgres] url: {0}")]
+    BadUrl(#[source] tokio_postgres::Error),
+    #[error("[postgres] pool: {0}")]
+    Pool(#[from] deadpool_postgres::BuildError),
+    /// The start-up check: the database named in the settings does not answer.
+    #[error("cannot connect to Postgres at {url}: {source}")]
+    Unreachable {
+        url: String,
+        source: deadpool_postgres::PoolError,
+    },
+    /// No connection to be had right now (the database restarts, the pool is exhausted).
+    #[error("no Postgres connection: {0}")]
+    Connection(#[from] deadpool_postgres::PoolError),
+    #[error("migration {version} ({name}): {source}")]
+    Migration {
+        version: i32,
+        name: &'static str,
+        source: tokio_postgres::Error,
+    },
+    #[error("{context}: {source}")]
+    Query {
+        context: &'static str,
+        source: tokio_postgres::Error,
+    },
+}
+
+impl DbError {
+    /// For `map_err`: a failed statement, labelled with what it was for.
+    pub fn query(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> DbError {
+        move |source| DbError::Query { context, source }
+    }
+}
+
 /// A pool whose connections are checked before reuse, so that a database restart costs one
 /// failed checkout instead of a stream of errors.
-pub fn pool(settings: &PostgresSettings) -> Result<Pool, String> {
-    let config: tokio_postgres::Config = settings
-        .url
-        .parse()
-        .map_err(|e| format!("[postgres] url: {e}"))?;
+pub fn pool(settings: &PostgresSettings) -> Result<Pool, DbError> {
+    let config: tokio_postgres::Config = settings.url.parse().map_err(DbError::BadUrl)?;
     let manager = Manager::from_config(
         config,
         NoTls,
@@ -31,38 +64,35 @@ pub fn pool(settings: &PostgresSettings) -> Result<Pool, String> {
             recycling_method: RecyclingMethod::Fast,
         },
     );
-    Pool::builder(manager)
+    Ok(Pool::builder(manager)
         .max_size(settings.pool_size)
         .runtime(Runtime::Tokio1)
         .create_timeout(Some(Duration::from_millis(settings.connect_timeout_ms)))
         .wait_timeout(Some(Duration::from_millis(settings.connect_timeout_ms)))
-        .build()
-        .map_err(|e| format!("[postgres] pool: {e}"))
+        .build()?)
 }
 
 /// Checks that the database answers; the start-up check of every service.
-pub async fn ping(pool: &Pool, settings: &PostgresSettings) -> Result<(), String> {
-    let client = pool.get().await.map_err(|e| {
-        format!(
-            "cannot connect to Postgres at {}: {e}",
-            crate::topology::redact(&settings.url)
-        )
+pub async fn ping(pool: &Pool, settings: &PostgresSettings) -> Result<(), DbError> {
+    let client = pool.get().await.map_err(|source| DbError::Unreachable {
+        url: crate::topology::redact(&settings.url),
+        source,
     })?;
     client
         .simple_query("SELECT 1")
         .await
-        .map_err(|e| format!("Postgres does not answer: {e}"))?;
+        .map_err(DbError::query("Postgres does not answer"))?;
     Ok(())
 }
 
 /// Applies the migrations not yet applied; safe to run from several processes at once.
 /// Returns the versions it applied.
-pub async fn migrate(pool: &Pool) -> Result<Vec<i32>, String> {
-    let mut client = pool
-        .get()
+pub async fn migrate(pool: &Pool) -> Result<Vec<i32>, DbError> {
+    let mut client = pool.get().await?;
+    let tx = client
+        .transaction()
         .await
-        .map_err(|e| format!("cannot connect to Postgres: {e}"))?;
-    let tx = client.transaction().await.map_err(|e| e.to_string())?;
+        .map_err(DbError::query("migrations"))?;
     tx.batch_execute(
         "SELECT pg_advisory_xact_lock(hashtext('pushfleet_migrations'));
          CREATE TABLE IF NOT EXISTS pushfleet_migrations (
@@ -72,11 +102,11 @@ pub async fn migrate(pool: &Pool) -> Result<Vec<i32>, String> {
          );",
     )
     .await
-    .map_err(|e| format!("migrations table: {e}"))?;
+    .map_err(DbError::query("migrations table"))?;
     let applied: Vec<i32> = tx
         .query("SELECT version FROM pushfleet_migrations", &[])
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(DbError::query("migrations table"))?
         .iter()
         .map(|row| row.get(0))
         .collect();
@@ -87,27 +117,31 @@ pub async fn migrate(pool: &Pool) -> Result<Vec<i32>, String> {
         }
         tx.batch_execute(sql)
             .await
-            .map_err(|e| format!("migration {version} ({name}): {e}"))?;
+            .map_err(|source| DbError::Migration {
+                version: *version,
+                name,
+                source,
+            })?;
         tx.execute(
             "INSERT INTO pushfleet_migrations (version, name) VALUES ($1, $2)",
             &[version, name],
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(DbError::query("migrations table"))?;
         done.push(*version);
     }
-    tx.commit().await.map_err(|e| e.to_string())?;
+    tx.commit().await.map_err(DbError::query("migrations"))?;
     Ok(done)
 }
 
 /// Creates this month's and next month's audit partitions.
-pub async fn ensure_partitions(pool: &Pool) -> Result<(), String> {
-    let client = pool.get().await.map_err(|e| e.to_string())?;
+pub async fn ensure_partitions(pool: &Pool) -> Result<(), DbError> {
+    let client = pool.get().await?;
     client
         .batch_execute(
             "SELECT pushfleet_ensure_month_partitions(current_date);
              SELECT pushfleet_ensure_month_partitions((current_date + interval '1 month')::date);",
         )
         .await
-        .map_err(|e| format!("audit partitions: {e}"))
+        .map_err(DbError::query("audit partitions"))
 }

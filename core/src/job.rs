@@ -3,27 +3,16 @@
 //! Each carries a version so that a rolling upgrade can tell old messages from new ones.
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::config::Platform;
 use crate::policy::{Event, Lane};
+use crate::tokens::token_fingerprint;
 
 pub const JOB_VERSION: u8 = 1;
-
-/// Milliseconds since the Unix epoch: the one time representation on the wire.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-pub fn system_time(ms: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms)
-}
 
 /// One push to one device, as accepted by ingest.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -210,6 +199,10 @@ pub struct SyncReply {
     pub reason: String,
     pub body: serde_json::Value,
     pub url: String,
+    /// With `status` `token_invalid` after an APNs 410: when the token stopped being valid,
+    /// epoch milliseconds. A registration after it keeps the token alive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invalid_since_ms: Option<u64>,
 }
 
 /// Joins encoded JSON values into one JSON array: the body of a message carrying a batch of
@@ -233,29 +226,6 @@ pub fn decode_batch<T: serde::de::DeserializeOwned>(data: &[u8]) -> serde_json::
         Some(b'[') => serde_json::from_slice(data),
         _ => serde_json::from_slice(data).map(|one| vec![one]),
     }
-}
-
-/// The SHA-256 of a token.
-pub fn token_digest(token: &str) -> [u8; 32] {
-    let mut bytes = [0u8; 32];
-    bytes.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref());
-    bytes
-}
-
-/// The full hex SHA-256 of a token: the key of `invalid_tokens`.
-pub fn token_hash(token: &str) -> String {
-    hex(&token_digest(token))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Audit rows never hold a raw device token; this stable fingerprint lets an auditor find the
-/// deliveries of a token they have (the first 16 hex digits of its SHA-256).
-pub fn token_fingerprint(token: &str) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-    hex(&digest.as_ref()[..8])
 }
 
 /// The Sylk apps' `session-id`: the MD5 of the call-id formatted 8-4-4-4-12. Not a valid UUID,
@@ -295,12 +265,6 @@ mod tests {
             sylk_session_id("call-123@host"),
             "a78d482c-1b67-8af8-091a-5a8be2fcf260"
         );
-    }
-
-    #[test]
-    fn fingerprint_is_a_sha256_prefix() {
-        // sha256("abc") = ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad
-        assert_eq!(token_fingerprint("abc"), "ba7816bf8f01cfea");
     }
 
     #[test]

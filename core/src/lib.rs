@@ -1,13 +1,16 @@
 //! pushfleet-core: what ingest and workers agree on — configuration, the event policy, the job
-//! and outcome messages, the RabbitMQ topology and the Postgres schema.
+//! and outcome messages, the RabbitMQ topology, the Postgres schema and the token store.
 #![forbid(unsafe_code)]
 
+pub mod clock;
 pub mod config;
 pub mod db;
 pub mod job;
 pub mod ledger;
 pub mod policy;
+pub mod reconnect;
 pub mod service;
+pub mod tokens;
 pub mod topology;
 
 pub use config::{AppSettings, AppType, Platform, ResponseMode, Settings};

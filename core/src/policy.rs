@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::ConfigError;
+
 /// A push event as the Sylk API names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -187,10 +189,14 @@ impl EventPolicies {
     pub fn with_overrides<'a>(
         mut self,
         overrides: impl IntoIterator<Item = (&'a String, &'a EventPolicyOverride)>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, ConfigError> {
         for (name, o) in overrides {
+            let key = |field: &str| format!("[events.{name}] {field}");
             let event = Event::parse(name).ok_or_else(|| {
-                format!("[events.{name}]: unknown event (known: incoming_session, incoming_conference_request, cancel, message, transfer)")
+                ConfigError::invalid(
+                    format!("[events.{name}]"),
+                    "unknown event (known: incoming_session, incoming_conference_request, cancel, message, transfer)",
+                )
             })?;
             let policy = &mut self.table[event.index()];
             if let Some(lane) = o.lane {
@@ -199,8 +205,9 @@ impl EventPolicies {
             if let Some(ttl) = o.ttl_secs {
                 // FCM refuses a ttl over four weeks; APNs stores for at most 30 days.
                 if ttl == 0 || ttl > 2_419_200 {
-                    return Err(format!(
-                        "[events.{name}] ttl_secs = {ttl}: must be between 1 and 2419200 (28 days)"
+                    return Err(ConfigError::invalid(
+                        key("ttl_secs"),
+                        format!("{ttl} must be between 1 and 2419200 (28 days)"),
                     ));
                 }
                 policy.ttl = Duration::from_secs(ttl);
@@ -211,17 +218,18 @@ impl EventPolicies {
             }
             if let Some(priority) = o.apns_priority {
                 if ![1, 5, 10].contains(&priority) {
-                    return Err(format!(
-                        "[events.{name}] apns_priority = {priority}: APNs accepts 10, 5 or 1"
+                    return Err(ConfigError::invalid(
+                        key("apns_priority"),
+                        format!("{priority}: APNs accepts 10, 5 or 1"),
                     ));
                 }
                 policy.apns_priority = priority;
             }
             if let Some(secs) = o.dedupe_secs {
                 if secs > policy.ttl.as_secs() {
-                    return Err(format!(
-                        "[events.{name}] dedupe_secs = {secs}: must not exceed the TTL ({} s)",
-                        policy.ttl.as_secs()
+                    return Err(ConfigError::invalid(
+                        key("dedupe_secs"),
+                        format!("{secs} must not exceed the TTL ({} s)", policy.ttl.as_secs()),
                     ));
                 }
                 policy.dedupe_window = Duration::from_secs(secs);

@@ -6,7 +6,17 @@ use std::path::PathBuf;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{LogFormat, LogSettings, Settings};
+use crate::config::{ConfigError, LogFormat, LogSettings, Settings};
+
+/// A command line that cannot be run, with the usage text to show.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandLineError {
+    /// `--help` was asked for.
+    #[error("{usage}")]
+    Help { usage: String },
+    #[error("{problem}\n{usage}")]
+    Usage { problem: String, usage: String },
+}
 
 /// `<binary> --config <file> [command]`.
 #[derive(Debug)]
@@ -17,7 +27,7 @@ pub struct CommandLine {
 
 impl CommandLine {
     /// Parses the process arguments; `usage` lists the binary's commands for the help text.
-    pub fn parse(binary: &str, usage: &str) -> Result<CommandLine, String> {
+    pub fn parse(binary: &str, usage: &str) -> Result<CommandLine, CommandLineError> {
         Self::parse_from(binary, usage, std::env::args().skip(1))
     }
 
@@ -25,8 +35,12 @@ impl CommandLine {
         binary: &str,
         usage: &str,
         args: impl IntoIterator<Item = String>,
-    ) -> Result<CommandLine, String> {
-        let help = format!("usage: {binary} --config <file> {usage}");
+    ) -> Result<CommandLine, CommandLineError> {
+        let usage = format!("usage: {binary} --config <file> {usage}");
+        let wrong = |problem: String| CommandLineError::Usage {
+            problem,
+            usage: usage.clone(),
+        };
         let mut config = None;
         let mut command = None;
         let mut args = args.into_iter();
@@ -35,20 +49,20 @@ impl CommandLine {
                 "--config" | "-c" => {
                     config = Some(
                         args.next()
-                            .ok_or_else(|| format!("--config needs a file\n{help}"))?,
+                            .ok_or_else(|| wrong("--config needs a file".into()))?,
                     )
                 }
-                "--help" | "-h" => return Err(help),
+                "--help" | "-h" => return Err(CommandLineError::Help { usage }),
                 other if other.starts_with("--config=") => {
                     config = Some(other["--config=".len()..].to_string())
                 }
                 other if !other.starts_with('-') && command.is_none() => {
                     command = Some(other.to_string())
                 }
-                other => return Err(format!("unexpected argument {other:?}\n{help}")),
+                other => return Err(wrong(format!("unexpected argument {other:?}"))),
             }
         }
-        let config = config.ok_or_else(|| format!("missing --config <file>\n{help}"))?;
+        let config = config.ok_or_else(|| wrong("missing --config <file>".into()))?;
         Ok(CommandLine {
             config: PathBuf::from(config),
             command,
@@ -56,8 +70,8 @@ impl CommandLine {
     }
 
     /// Loads the settings this command line names.
-    pub fn settings(&self) -> Result<Settings, String> {
-        Settings::load(&self.config).map_err(|e| e.to_string())
+    pub fn settings(&self) -> Result<Settings, ConfigError> {
+        Settings::load(&self.config)
     }
 }
 
@@ -132,7 +146,7 @@ pub async fn shutdown_signal() {
 mod tests {
     use super::*;
 
-    fn parse(args: &[&str]) -> Result<CommandLine, String> {
+    fn parse(args: &[&str]) -> Result<CommandLine, CommandLineError> {
         CommandLine::parse_from(
             "pushfleet-worker",
             "[migrate]",
@@ -146,7 +160,17 @@ mod tests {
         assert_eq!(c.config, PathBuf::from("a.toml"));
         assert_eq!(c.command.as_deref(), Some("migrate"));
         assert!(parse(&["--config=b.toml"]).unwrap().command.is_none());
-        assert!(parse(&[]).unwrap_err().contains("missing --config"));
-        assert!(parse(&["--verbose"]).unwrap_err().contains("unexpected"));
+        assert!(matches!(
+            parse(&[]),
+            Err(CommandLineError::Usage { problem, .. }) if problem == "missing --config <file>"
+        ));
+        assert!(matches!(
+            parse(&["--verbose"]),
+            Err(CommandLineError::Usage { .. })
+        ));
+        assert!(matches!(
+            parse(&["--help"]),
+            Err(CommandLineError::Help { usage }) if usage.contains("[migrate]")
+        ));
     }
 }

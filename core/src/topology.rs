@@ -10,26 +10,89 @@
 //! <ns>.ledger (stream): cancels and dedupe claims, read by every worker
 //! ```
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    PublisherConfirm,
+};
+use uuid::Uuid;
 
 use crate::config::RabbitSettings;
+use crate::policy::Lane;
 
 /// How long the ledger keeps cancels and claims: longer than any dedupe window or call TTL a
 /// worker joining late needs to catch up on.
 const LEDGER_MAX_AGE: &str = "1h";
 /// Small segments, so that the stream's retention actually drops old entries.
 const LEDGER_SEGMENT_BYTES: i64 = 8 * 1024 * 1024;
-use crate::policy::Lane;
 
 /// AMQP's persistent delivery mode: the broker writes the message to disk.
 pub const PERSISTENT: u8 = 2;
 /// RabbitMQ's pseudo-queue for direct reply-to (sync mode answers).
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+/// The AMQP `type` of a message holding one push job.
+pub const JOB_TYPE: &str = "push.v1";
+
+/// What can go wrong between a process and RabbitMQ.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot connect to RabbitMQ at {url}: {source}")]
+    Unreachable { url: String, source: lapin::Error },
+    #[error("cannot connect to RabbitMQ at {url}: no answer within {timeout_ms} ms")]
+    ConnectTimeout { url: String, timeout_ms: u64 },
+    /// No connection right now; the process is reconnecting.
+    #[error("not connected to RabbitMQ")]
+    Disconnected,
+    #[error("RabbitMQ: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("RabbitMQ: no confirm within {} ms", .0.as_millis())]
+    NoConfirm(Duration),
+    #[error("RabbitMQ: the broker refused the message")]
+    Refused,
+    #[error("RabbitMQ: the message was not routable to a queue")]
+    Unroutable,
+    #[error("cannot encode the message: {0}")]
+    Encode(Arc<serde_json::Error>),
+}
+
+impl From<serde_json::Error> for BrokerError {
+    fn from(error: serde_json::Error) -> BrokerError {
+        BrokerError::Encode(Arc::new(error))
+    }
+}
+
+/// The properties of every job message: persistent, JSON, the job id as message and
+/// correlation id, and its type.
+pub fn job_properties(job_id: Uuid) -> BasicProperties {
+    let mut id_text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let id: &str = job_id.hyphenated().encode_lower(&mut id_text);
+    BasicProperties::default()
+        .with_delivery_mode(PERSISTENT)
+        .with_content_type("application/json".into())
+        .with_message_id(id.into())
+        .with_correlation_id(id.into())
+        .with_type(JOB_TYPE.into())
+}
+
+/// Waits up to `timeout` for the broker's confirm of a publish on a channel in confirm mode. A
+/// mandatory message the broker returned unroutable is an error, as is a nack.
+pub async fn confirm(
+    published: Result<PublisherConfirm, lapin::Error>,
+    timeout: Duration,
+) -> Result<(), BrokerError> {
+    match tokio::time::timeout(timeout, published?).await {
+        Ok(Ok(Confirmation::Ack(None) | Confirmation::NotRequested)) => Ok(()),
+        Ok(Ok(Confirmation::Ack(Some(_)))) => Err(BrokerError::Unroutable),
+        Ok(Ok(Confirmation::Nack(_))) => Err(BrokerError::Refused),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(BrokerError::NoConfirm(timeout)),
+    }
+}
 
 /// Exchange and queue names under one namespace.
 #[derive(Debug, Clone)]
@@ -281,20 +344,19 @@ async fn declare_queue(channel: &Channel, name: &str, args: FieldTable) -> lapin
 
 /// Opens a connection, bounded by the configured timeout so that an unreachable broker is
 /// reported instead of hanging.
-pub async fn connect(settings: &RabbitSettings, name: &str) -> Result<Connection, String> {
+pub async fn connect(settings: &RabbitSettings, name: &str) -> Result<Connection, BrokerError> {
     let timeout = Duration::from_millis(settings.connect_timeout_ms);
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     match tokio::time::timeout(timeout, Connection::connect(&settings.url, properties)).await {
         Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(e)) => Err(format!(
-            "cannot connect to RabbitMQ at {}: {e}",
-            redact(&settings.url)
-        )),
-        Err(_) => Err(format!(
-            "cannot connect to RabbitMQ at {}: no answer within {} ms",
-            redact(&settings.url),
-            settings.connect_timeout_ms
-        )),
+        Ok(Err(source)) => Err(BrokerError::Unreachable {
+            url: redact(&settings.url),
+            source,
+        }),
+        Err(_) => Err(BrokerError::ConnectTimeout {
+            url: redact(&settings.url),
+            timeout_ms: settings.connect_timeout_ms,
+        }),
     }
 }
 

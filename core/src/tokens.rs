@@ -1,0 +1,364 @@
+//! The token store: device tokens registered per account (`device_tokens`) and the list of
+//! tokens providers declared dead (`invalid_tokens`). Ingest registers, lists and removes tokens
+//! for the v2 API, the import registers them in bulk, and a provider's verdict that a token is
+//! gone reaches both tables through [`invalidate`], from the audit sink and from ingest's v2
+//! answers. Registering a token makes it alive again: its invalidation is cleared and its
+//! `invalid_tokens` entry removed.
+//!
+//! Audit rows and listings never hold a raw token: [`token_fingerprint`] identifies one.
+
+use std::time::SystemTime;
+
+use serde_json::{json, Value};
+use tokio_postgres::{GenericClient, Row};
+
+use crate::config::Platform;
+use crate::db::DbError;
+
+/// The SHA-256 of a token.
+pub fn token_digest(token: &str) -> [u8; 32] {
+    let mut bytes = [0u8; 32];
+    bytes.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref());
+    bytes
+}
+
+/// The full hex SHA-256 of a token: the key of `invalid_tokens`.
+pub fn token_hash(token: &str) -> String {
+    hex(&token_digest(token))
+}
+
+/// A stable fingerprint that lets an auditor find the deliveries of a token they have: the
+/// first 16 hex digits of its SHA-256.
+pub fn token_fingerprint(token: &str) -> String {
+    hex(&token_digest(token)[..8])
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<[u8; 32]> {
+    let mut digest = [0u8; 32];
+    if text.len() != 64 {
+        return None;
+    }
+    for (i, byte) in digest.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(digest)
+}
+
+/// A token to register under an account.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewToken {
+    pub account: String,
+    pub app_id: String,
+    pub platform: Platform,
+    pub device_id: String,
+    pub token: String,
+    pub background_token: Option<String>,
+    pub silent: bool,
+    pub user_agent: Option<String>,
+}
+
+impl NewToken {
+    /// Sylk's Apple "voip-background" pair: the part before the first `-` is the VoIP token,
+    /// the rest the background token (used for `cancel` and `message`). Firebase tokens are
+    /// kept whole.
+    pub fn split_token(platform: Platform, token: &str) -> (String, Option<String>) {
+        match (platform, token.split_once('-')) {
+            (Platform::Apple, Some((voip, background))) => (
+                voip.to_string(),
+                Some(background.to_string()).filter(|b| !b.is_empty()),
+            ),
+            _ => (token.to_string(), None),
+        }
+    }
+}
+
+/// What a registration did to the stored row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registered {
+    Inserted,
+    Updated,
+    /// Only when not forced: the row already held exactly these values.
+    Unchanged,
+}
+
+/// One stored device of an account.
+#[derive(Debug, Clone)]
+pub struct StoredToken {
+    pub app_id: String,
+    pub platform: String,
+    pub device_id: String,
+    pub token: String,
+    pub background_token: Option<String>,
+    pub silent: bool,
+    pub user_agent: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub invalidated_at: Option<String>,
+    pub invalid_reason: Option<String>,
+}
+
+impl StoredToken {
+    fn from_row(row: &Row) -> StoredToken {
+        StoredToken {
+            app_id: row.get("app_id"),
+            platform: row.get("platform"),
+            device_id: row.get("device_id"),
+            token: row.get("token"),
+            background_token: row.get("background_token"),
+            silent: row.get("silent"),
+            user_agent: row.get("user_agent"),
+            created_at: row.get("created_at"),
+            updated_at: row.get("updated_at"),
+            invalidated_at: row.get("invalidated_at"),
+            invalid_reason: row.get("invalid_reason"),
+        }
+    }
+
+    /// The listing form: tokens only as fingerprints.
+    pub fn redacted(&self) -> Value {
+        json!({
+            "app-id": self.app_id,
+            "platform": self.platform,
+            "device-id": self.device_id,
+            "token_fingerprint": token_fingerprint(&self.token),
+            "background_token_fingerprint": self.background_token.as_deref().map(token_fingerprint),
+            "silent": self.silent,
+            "user-agent": self.user_agent,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "invalidated_at": self.invalidated_at,
+            "invalid_reason": self.invalid_reason,
+        })
+    }
+}
+
+const SELECT_TOKENS: &str =
+    "SELECT app_id, platform, device_id, token, background_token, silent, user_agent,
+        to_json(created_at) #>> '{}' AS created_at, to_json(updated_at) #>> '{}' AS updated_at,
+        to_json(invalidated_at) #>> '{}' AS invalidated_at, invalid_reason
+   FROM device_tokens WHERE account = $1 ORDER BY created_at, id";
+
+/// Upserts on (account, app_id, device_id). `force` rewrites the row even when nothing changed
+/// (the API: a registration is also a sign of life); without it an identical row is left alone
+/// (the import: running it twice changes nothing).
+pub async fn register(
+    client: &impl GenericClient,
+    token: &NewToken,
+    force: bool,
+) -> Result<Registered, DbError> {
+    let row = client
+        .query_opt(
+            "WITH up AS (
+                 INSERT INTO device_tokens AS d
+                        (account, app_id, device_id, platform, token, background_token, silent, user_agent)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 ON CONFLICT (account, app_id, device_id) DO UPDATE
+                    SET platform = EXCLUDED.platform, token = EXCLUDED.token,
+                        background_token = EXCLUDED.background_token, silent = EXCLUDED.silent,
+                        user_agent = EXCLUDED.user_agent, updated_at = now(),
+                        invalidated_at = NULL, invalid_reason = NULL
+                  WHERE $9 OR (d.platform, d.token, d.background_token, d.silent, d.user_agent)
+                        IS DISTINCT FROM (EXCLUDED.platform, EXCLUDED.token,
+                        EXCLUDED.background_token, EXCLUDED.silent, EXCLUDED.user_agent)
+                 RETURNING (xmax = 0) AS inserted
+             ), revived AS (
+                 DELETE FROM invalid_tokens
+                  WHERE EXISTS (SELECT 1 FROM up) AND app_id = $2 AND platform = $4
+                    AND token_hash IN (encode(sha256(convert_to($5, 'UTF8')), 'hex'),
+                                       encode(sha256(convert_to(coalesce($6, ''), 'UTF8')), 'hex'))
+             )
+             SELECT inserted FROM up",
+            &[
+                &token.account,
+                &token.app_id,
+                &token.device_id,
+                &token.platform.as_str(),
+                &token.token,
+                &token.background_token,
+                &token.silent,
+                &token.user_agent,
+                &force,
+            ],
+        )
+        .await
+        .map_err(DbError::query("device_tokens"))?;
+    Ok(match row {
+        Some(row) if row.get::<_, bool>(0) => Registered::Inserted,
+        Some(_) => Registered::Updated,
+        None => Registered::Unchanged,
+    })
+}
+
+/// Removes the device (or, without one, every device of the app) from the account; returns how
+/// many rows went.
+pub async fn remove(
+    client: &impl GenericClient,
+    account: &str,
+    app_id: &str,
+    device_id: Option<&str>,
+) -> Result<u64, DbError> {
+    client
+        .execute(
+            "DELETE FROM device_tokens
+              WHERE account = $1 AND app_id = $2 AND ($3::text IS NULL OR device_id = $3)",
+            &[&account, &app_id, &device_id],
+        )
+        .await
+        .map_err(DbError::query("device_tokens"))
+}
+
+pub async fn account_exists(client: &impl GenericClient, account: &str) -> Result<bool, DbError> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM device_tokens WHERE account = $1)",
+            &[&account],
+        )
+        .await
+        .map_err(DbError::query("device_tokens"))?;
+    Ok(row.get(0))
+}
+
+/// Every device of the account, oldest registration first.
+pub async fn list(
+    client: &impl GenericClient,
+    account: &str,
+) -> Result<Vec<StoredToken>, DbError> {
+    Ok(client
+        .query(SELECT_TOKENS, &[&account])
+        .await
+        .map_err(DbError::query("device_tokens"))?
+        .iter()
+        .map(StoredToken::from_row)
+        .collect())
+}
+
+/// A provider's verdict that a token is gone.
+pub struct Invalidation<'a> {
+    pub app_id: &'a str,
+    pub platform: Platform,
+    pub token: &'a str,
+    pub reason: &'a str,
+    /// APNs 410: when the token stopped being valid; a registration after it keeps it alive.
+    pub since: Option<SystemTime>,
+}
+
+/// What [`invalidate`] changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Invalidated {
+    /// Registrations marked dead.
+    pub registrations: u64,
+    /// Whether the token is now on the dead-token list.
+    pub listed: bool,
+}
+
+/// Marks a token dead: its registrations in `device_tokens`, and the `invalid_tokens` list
+/// workers check before sending. Idempotent. A token registered again after the provider's
+/// `since` stays alive.
+pub async fn invalidate(
+    client: &impl GenericClient,
+    dead: &Invalidation<'_>,
+) -> Result<Invalidated, DbError> {
+    let platform = dead.platform.as_str();
+    let registrations = client
+        .execute(
+            "UPDATE device_tokens SET invalidated_at = now(), invalid_reason = $4
+             WHERE app_id = $1 AND platform = $2 AND (token = $3 OR background_token = $3)
+               AND invalidated_at IS NULL AND ($5::timestamptz IS NULL OR updated_at < $5)",
+            &[&dead.app_id, &platform, &dead.token, &dead.reason, &dead.since],
+        )
+        .await
+        .map_err(DbError::query("device_tokens"))?;
+    let listed = client
+        .execute(
+            "INSERT INTO invalid_tokens (app_id, platform, token_hash, reason, provider_timestamp)
+             SELECT $1, $2, $3, $4, $5
+             WHERE NOT EXISTS (
+                 SELECT 1 FROM device_tokens
+                 WHERE app_id = $1 AND platform = $2 AND (token = $6 OR background_token = $6)
+                   AND $5::timestamptz IS NOT NULL AND updated_at >= $5)
+             ON CONFLICT (app_id, platform, token_hash) DO UPDATE
+                 SET reason = EXCLUDED.reason, provider_timestamp = EXCLUDED.provider_timestamp,
+                     invalidated_at = now()",
+            &[
+                &dead.app_id,
+                &platform,
+                &token_hash(dead.token),
+                &dead.reason,
+                &dead.since,
+                &dead.token,
+            ],
+        )
+        .await
+        .map_err(DbError::query("invalid_tokens"))?;
+    Ok(Invalidated {
+        registrations,
+        listed: listed > 0,
+    })
+}
+
+/// One entry of the dead-token list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadToken {
+    pub app_id: String,
+    pub platform: Platform,
+    pub digest: [u8; 32],
+}
+
+/// The whole dead-token list, as workers keep it in memory.
+pub async fn dead_tokens(client: &impl GenericClient) -> Result<Vec<DeadToken>, DbError> {
+    let rows = client
+        .query(
+            "SELECT app_id, platform, token_hash FROM invalid_tokens",
+            &[],
+        )
+        .await
+        .map_err(DbError::query("invalid_tokens"))?;
+    Ok(rows
+        .iter()
+        .filter_map(|row| {
+            Some(DeadToken {
+                app_id: row.get(0),
+                platform: Platform::from_alias(row.get(1))?,
+                digest: unhex(row.get(2))?,
+            })
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_is_a_sha256_prefix() {
+        // sha256("abc") = ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad
+        assert_eq!(token_fingerprint("abc"), "ba7816bf8f01cfea");
+        assert_eq!(&token_hash("abc")[..16], token_fingerprint("abc"));
+    }
+
+    #[test]
+    fn database_hashes_decode() {
+        assert_eq!(unhex(&token_hash("tok")), Some(token_digest("tok")));
+        assert_eq!(unhex("zz"), None);
+    }
+
+    #[test]
+    fn apple_pairs_split_at_the_first_dash() {
+        assert_eq!(
+            NewToken::split_token(Platform::Apple, "voip-back-ground"),
+            ("voip".to_string(), Some("back-ground".to_string()))
+        );
+        assert_eq!(
+            NewToken::split_token(Platform::Apple, "abc"),
+            ("abc".to_string(), None)
+        );
+        assert_eq!(
+            NewToken::split_token(Platform::Firebase, "fcm-1:APA"),
+            ("fcm-1:APA".to_string(), None)
+        );
+    }
+}
