@@ -8,8 +8,9 @@ use std::io::Write;
 use std::path::Path;
 
 use pushfleet_core::config::{PostgresSettings, Settings};
-use pushfleet_core::{db, Platform};
-use pushfleet_ingest::tokens::{self, NewToken, Registered};
+use pushfleet_core::db::{self, DbError};
+use pushfleet_core::tokens::{self, NewToken, Registered};
+use pushfleet_core::Platform;
 use serde_pickle::{HashableValue, Value as Pickled};
 
 use crate::args::{Args, Error};
@@ -17,6 +18,16 @@ use crate::{FAILED, OK};
 
 /// One record read from a store: where it came from, and the token or why it cannot be used.
 pub type Record = (String, Result<NewToken, String>);
+
+/// Why an import wrote nothing: the records go in one transaction.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Database(#[from] DbError),
+    /// The database refused one record.
+    #[error("{record}: {error}")]
+    Record { record: String, error: DbError },
+}
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Report {
@@ -68,7 +79,7 @@ pub async fn run(args: &Args, out: &mut dyn Write) -> Result<i32, Error> {
     .map_err(Error::Failed)?;
     let report = store(&postgres, settings.as_ref(), records)
         .await
-        .map_err(Error::Failed)?;
+        .map_err(|e| Error::Failed(e.to_string()))?;
     for rejected in &report.rejected {
         let _ = writeln!(out, "rejected {rejected}");
     }
@@ -94,11 +105,14 @@ pub async fn store(
     postgres: &PostgresSettings,
     settings: Option<&Settings>,
     records: Vec<Record>,
-) -> Result<Report, String> {
+) -> Result<Report, StoreError> {
     let pool = db::pool(postgres)?;
     db::ping(&pool, postgres).await?;
-    let mut client = pool.get().await.map_err(|e| e.to_string())?;
-    let tx = client.transaction().await.map_err(|e| e.to_string())?;
+    let mut client = pool.get().await.map_err(DbError::from)?;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(DbError::query("import transaction"))?;
     let mut report = Report::default();
     for (source, record) in records {
         let token = match record {
@@ -118,16 +132,19 @@ pub async fn store(
                 continue;
             }
         }
-        match tokens::register(&*tx, &token, false)
-            .await
-            .map_err(|e| format!("{source}: {e}"))?
-        {
+        let registered = tokens::register(&*tx, &token, false).await;
+        match registered.map_err(|error| StoreError::Record {
+            record: source,
+            error,
+        })? {
             Registered::Inserted => report.inserted += 1,
             Registered::Updated => report.updated += 1,
             Registered::Unchanged => report.unchanged += 1,
         }
     }
-    tx.commit().await.map_err(|e| e.to_string())?;
+    tx.commit()
+        .await
+        .map_err(DbError::query("import transaction"))?;
     Ok(report)
 }
 

@@ -60,9 +60,7 @@ impl ConfigError {
     /// The key (or environment variable) at fault, when the problem is about one.
     pub fn key(&self) -> Option<&str> {
         match self {
-            ConfigError::Invalid { key, .. } | ConfigError::UnreadableFile { key, .. } => {
-                Some(key)
-            }
+            ConfigError::Invalid { key, .. } | ConfigError::UnreadableFile { key, .. } => Some(key),
             ConfigError::Environment { variable, .. } => Some(variable),
             ConfigError::InFile { source, .. } => source.key(),
             _ => None,
@@ -707,7 +705,11 @@ impl ApnsSettings {
 impl FcmSettings {
     fn validate(&self, label: &str) -> Result<(), ConfigError> {
         validate_url(label, "fcm.endpoint", &self.endpoint)?;
-        readable(label, "fcm.service_account_file", &self.service_account_file)?;
+        readable(
+            label,
+            "fcm.service_account_file",
+            &self.service_account_file,
+        )?;
         if let Some(ca) = &self.ca_file {
             readable(label, "fcm.ca_file", ca)?;
         }

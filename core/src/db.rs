@@ -3,6 +3,8 @@
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+/// What the token store's functions take: a connection or a transaction.
+pub use tokio_postgres::GenericClient;
 use tokio_postgres::NoTls;
 
 use crate::config::PostgresSettings;

@@ -229,7 +229,10 @@ impl EventPolicies {
                 if secs > policy.ttl.as_secs() {
                     return Err(ConfigError::invalid(
                         key("dedupe_secs"),
-                        format!("{secs} must not exceed the TTL ({} s)", policy.ttl.as_secs()),
+                        format!(
+                            "{secs} must not exceed the TTL ({} s)",
+                            policy.ttl.as_secs()
+                        ),
                     ));
                 }
                 policy.dedupe_window = Duration::from_secs(secs);

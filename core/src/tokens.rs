@@ -223,10 +223,7 @@ pub async fn account_exists(client: &impl GenericClient, account: &str) -> Resul
 }
 
 /// Every device of the account, oldest registration first.
-pub async fn list(
-    client: &impl GenericClient,
-    account: &str,
-) -> Result<Vec<StoredToken>, DbError> {
+pub async fn list(client: &impl GenericClient, account: &str) -> Result<Vec<StoredToken>, DbError> {
     Ok(client
         .query(SELECT_TOKENS, &[&account])
         .await
@@ -268,7 +265,13 @@ pub async fn invalidate(
             "UPDATE device_tokens SET invalidated_at = now(), invalid_reason = $4
              WHERE app_id = $1 AND platform = $2 AND (token = $3 OR background_token = $3)
                AND invalidated_at IS NULL AND ($5::timestamptz IS NULL OR updated_at < $5)",
-            &[&dead.app_id, &platform, &dead.token, &dead.reason, &dead.since],
+            &[
+                &dead.app_id,
+                &platform,
+                &dead.token,
+                &dead.reason,
+                &dead.since,
+            ],
         )
         .await
         .map_err(DbError::query("device_tokens"))?;

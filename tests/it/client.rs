@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use pushfleet_core::job::token_fingerprint;
+use pushfleet_core::tokens::token_fingerprint;
 use uuid::Uuid;
 
 use crate::support::*;

@@ -4,7 +4,8 @@ use std::time::{Duration, SystemTime};
 
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
-use pushfleet_core::job::{now_ms, token_hash};
+use pushfleet_core::clock::now_ms;
+use pushfleet_core::tokens::token_hash;
 use pushfleet_core::Topology;
 use pushfleet_fakes::{ApnsTokenState, FcmTokenState, Scripted};
 use serde_json::Value;

@@ -3,7 +3,8 @@
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::BasicProperties;
-use pushfleet_core::job::{now_ms, Terminal, JOB_VERSION};
+use pushfleet_core::clock::now_ms;
+use pushfleet_core::job::{Terminal, JOB_VERSION};
 use pushfleet_core::topology::{self, PERSISTENT};
 use pushfleet_core::{
     DeliveryStatus, Event, Job, Lane, OutcomeEvent, Platform, PushData, Topology,

@@ -1,6 +1,8 @@
 //! The v1 push path end to end: request → queue → provider → answer → audit row.
 
-use pushfleet_core::job::{now_ms, sylk_session_id, token_fingerprint};
+use pushfleet_core::clock::now_ms;
+use pushfleet_core::job::sylk_session_id;
+use pushfleet_core::tokens::token_fingerprint;
 use pushfleet_fakes::{AuthKind, RecordedRequest};
 use serde_json::{json, Value};
 

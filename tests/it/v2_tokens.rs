@@ -2,7 +2,7 @@
 //! listing, removal, pushes to one device and fanned out to an account, dead tokens, the audit
 //! query.
 
-use pushfleet_core::job::token_fingerprint;
+use pushfleet_core::tokens::token_fingerprint;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -512,7 +512,7 @@ async fn an_apns_410_older_than_the_registration_leaves_the_token_alive() {
     let stack = Stack::start().await;
     let account = account();
     let (old, fresh) = (apns_token(), apns_token());
-    let now_ms = pushfleet_core::job::now_ms() as i64;
+    let now_ms = pushfleet_core::clock::now_ms() as i64;
     // Apple says the first stopped being valid an hour before it was registered, the second
     // a minute after.
     for (token, at) in [(&old, now_ms - 3_600_000), (&fresh, now_ms + 60_000)] {

@@ -11,7 +11,11 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, Basi
 use lapin::types::AMQPValue;
 use lapin::types::FieldTable;
 use lapin::Connection;
-use pushfleet_core::job::{decode_batch, now_ms, system_time, Job, OutcomeEvent, Terminal};
+use pushfleet_core::clock::{now_ms, system_time};
+use pushfleet_core::db::{DbError, GenericClient};
+use pushfleet_core::job::{decode_batch, Job, OutcomeEvent, Terminal, TokenInvalidation};
+use pushfleet_core::reconnect;
+use pushfleet_core::tokens::{self, Invalidation};
 use pushfleet_core::topology::Topology;
 use pushfleet_core::DeliveryStatus;
 use serde_json::Value;
@@ -127,14 +131,14 @@ impl AuditSink {
                 .increment(1);
             if header(AUDITED_HEADER).is_none() {
                 let row = dead_letter_row(&delivery, &death);
-                let mut delay = Duration::from_millis(200);
-                while let Err(e) = write_dead_letter(&self.pool, &row).await {
-                    warn!(error = %e, "dead letter not audited yet; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.changed() => return Ok(()),
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                let written =
+                    reconnect::until_ok("dead letter not audited yet", &mut shutdown, || {
+                        write_dead_letter(&self.pool, &row)
+                    })
+                    .await;
+                if written.is_none() {
+                    // Shutting down: not acked, the dead letter waits for the next sink.
+                    return Ok(());
                 }
             }
             delivery.ack(BasicAckOptions::default()).await?;
@@ -144,29 +148,22 @@ impl AuditSink {
     /// Writes one batch, retrying while Postgres is unavailable, then acks it.
     async fn write(&self, batch: Batch, shutdown: &mut watch::Receiver<bool>) {
         let Batch { outcomes, last } = batch;
-        let mut delay = Duration::from_millis(200);
-        loop {
+        let what = format!("audit write of {} outcomes failed", outcomes.len());
+        let written = reconnect::until_ok(&what, shutdown, || async {
             let started = Instant::now();
-            match write_outcomes(&self.pool, &outcomes).await {
-                Ok(()) => {
-                    metrics::histogram!("pushfleet_audit_write_seconds")
-                        .record(started.elapsed().as_secs_f64());
-                    metrics::counter!("pushfleet_audit_outcomes_written_total")
-                        .increment(outcomes.len() as u64);
-                    break;
-                }
-                Err(e) => {
-                    metrics::counter!("pushfleet_audit_write_errors_total").increment(1);
-                    warn!(error = %e, pending = outcomes.len(), "audit write failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        // Not acked: the outcomes stay in the queue for the next sink.
-                        _ = shutdown.changed() => return,
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
+            write_outcomes(&self.pool, &outcomes)
+                .await
+                .inspect_err(|_| {
+                    metrics::counter!("pushfleet_audit_write_errors_total").increment(1)
+                })
+                .map(|()| started.elapsed())
+        })
+        .await;
+        // Shutting down before the write: not acked, the outcomes stay for the next sink.
+        let Some(took) = written else { return };
+        metrics::histogram!("pushfleet_audit_write_seconds").record(took.as_secs_f64());
+        metrics::counter!("pushfleet_audit_outcomes_written_total")
+            .increment(outcomes.len() as u64);
         if let Some(last) = last {
             let _ = last.ack(BasicAckOptions { multiple: true }).await;
         }
@@ -197,9 +194,12 @@ impl Batch {
 }
 
 /// Inserts attempts and terminal rows of a batch in one transaction; duplicates are ignored.
-pub async fn write_outcomes(pool: &Pool, outcomes: &[OutcomeEvent]) -> Result<(), String> {
-    let mut client = pool.get().await.map_err(|e| e.to_string())?;
-    let tx = client.transaction().await.map_err(|e| e.to_string())?;
+pub async fn write_outcomes(pool: &Pool, outcomes: &[OutcomeEvent]) -> Result<(), DbError> {
+    let mut client = pool.get().await?;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(DbError::query("audit transaction"))?;
 
     let attempts: Vec<_> = outcomes
         .iter()
@@ -224,7 +224,7 @@ pub async fn write_outcomes(pool: &Pool, outcomes: &[OutcomeEvent]) -> Result<()
             &[&job_ids, &numbers, &at, &status, &reason, &duration, &worker],
         )
         .await
-        .map_err(|e| format!("delivery_attempts: {e}"))?;
+        .map_err(DbError::query("delivery_attempts"))?;
     }
 
     let finished: Vec<_> = outcomes
@@ -282,74 +282,47 @@ pub async fn write_outcomes(pool: &Pool, outcomes: &[OutcomeEvent]) -> Result<()
             ],
         )
         .await
-        .map_err(|e| format!("deliveries: {e}"))?;
+        .map_err(DbError::query("deliveries"))?;
     }
 
     for outcome in outcomes {
         if let Some(dead) = &outcome.token_invalidation {
-            invalidate_token(&tx, outcome, dead).await?;
+            invalidate_token(&*tx, outcome, dead).await?;
         }
     }
-    tx.commit().await.map_err(|e| e.to_string())
+    tx.commit()
+        .await
+        .map_err(DbError::query("audit transaction"))
 }
 
-/// Marks a token the provider declared dead: its registrations in `device_tokens`, and the
-/// `invalid_tokens` list workers check before sending. For an APNs 410 the token stays alive
-/// if it was registered again after Apple's timestamp.
+/// Marks a token the provider declared dead (see [`tokens::invalidate`]), and counts it.
 async fn invalidate_token(
-    tx: &deadpool_postgres::Transaction<'_>,
+    client: &impl GenericClient,
     outcome: &OutcomeEvent,
-    dead: &pushfleet_core::job::TokenInvalidation,
-) -> Result<(), String> {
-    let since = dead.provider_timestamp_ms.map(system_time);
-    let platform = outcome.platform.as_str();
-    let marked = tx
-        .execute(
-            "UPDATE device_tokens SET invalidated_at = now(), invalid_reason = $4
-             WHERE app_id = $1 AND platform = $2 AND (token = $3 OR background_token = $3)
-               AND invalidated_at IS NULL AND ($5::timestamptz IS NULL OR updated_at < $5)",
-            &[
-                &outcome.app_id,
-                &platform,
-                &dead.token,
-                &dead.reason,
-                &since,
-            ],
-        )
-        .await
-        .map_err(|e| format!("device_tokens: {e}"))?;
-    let listed = tx
-        .execute(
-            "INSERT INTO invalid_tokens (app_id, platform, token_hash, reason, provider_timestamp)
-             SELECT $1, $2, $3, $4, $5
-             WHERE NOT EXISTS (
-                 SELECT 1 FROM device_tokens
-                 WHERE app_id = $1 AND platform = $2 AND (token = $6 OR background_token = $6)
-                   AND $5::timestamptz IS NOT NULL AND updated_at >= $5)
-             ON CONFLICT (app_id, platform, token_hash) DO UPDATE
-                 SET reason = EXCLUDED.reason, provider_timestamp = EXCLUDED.provider_timestamp,
-                     invalidated_at = now()",
-            &[
-                &outcome.app_id,
-                &platform,
-                &pushfleet_core::job::token_hash(&dead.token),
-                &dead.reason,
-                &since,
-                &dead.token,
-            ],
-        )
-        .await
-        .map_err(|e| format!("invalid_tokens: {e}"))?;
-    if listed > 0 {
+    dead: &TokenInvalidation,
+) -> Result<(), DbError> {
+    let invalidated = tokens::invalidate(
+        client,
+        &Invalidation {
+            app_id: &outcome.app_id,
+            platform: outcome.platform,
+            token: &dead.token,
+            reason: &dead.reason,
+            since: dead.provider_timestamp_ms.map(system_time),
+        },
+    )
+    .await?;
+    if invalidated.listed {
         metrics::counter!(
             "pushfleet_tokens_invalidated_total",
-            "app" => outcome.app_id.clone(), "platform" => platform, "reason" => dead.reason.clone()
+            "app" => outcome.app_id.clone(), "platform" => outcome.platform.as_str(),
+            "reason" => dead.reason.clone()
         )
         .increment(1);
     }
     info!(
         app = %outcome.app_id, token = %outcome.token_fingerprint, reason = %dead.reason,
-        registrations = marked, "token marked invalid"
+        registrations = invalidated.registrations, "token marked invalid"
     );
     Ok(())
 }
@@ -411,7 +384,7 @@ fn dead_letter_row(delivery: &Delivery, death: &str) -> DeadLetterRow {
     }
 }
 
-async fn write_dead_letter(pool: &Pool, row: &DeadLetterRow) -> Result<(), String> {
+async fn write_dead_letter(pool: &Pool, row: &DeadLetterRow) -> Result<(), DbError> {
     match row {
         DeadLetterRow::Job(outcome) => write_outcomes(pool, std::slice::from_ref(outcome)).await,
         DeadLetterRow::Unreadable { id, fields, reason } => {
@@ -420,7 +393,7 @@ async fn write_dead_letter(pool: &Pool, row: &DeadLetterRow) -> Result<(), Strin
                 .as_u64()
                 .map(system_time)
                 .unwrap_or_else(std::time::SystemTime::now);
-            let client = pool.get().await.map_err(|e| e.to_string())?;
+            let client = pool.get().await?;
             client
                 .execute(
                     "INSERT INTO deliveries
@@ -440,7 +413,7 @@ async fn write_dead_letter(pool: &Pool, row: &DeadLetterRow) -> Result<(), Strin
                     ],
                 )
                 .await
-                .map_err(|e| format!("deliveries: {e}"))?;
+                .map_err(DbError::query("deliveries"))?;
             Ok(())
         }
     }

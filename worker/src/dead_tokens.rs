@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use pushfleet_core::config::Platform;
-use pushfleet_core::job::token_digest;
+use pushfleet_core::db::DbError;
+use pushfleet_core::tokens::{self, token_digest};
 use tokio::sync::watch;
 use tracing::{debug, info};
 
@@ -44,33 +45,20 @@ impl DeadTokens {
     }
 
     /// Replaces the list with the database's.
-    pub async fn reload(&self, pool: &Pool) -> Result<usize, String> {
-        let client = pool.get().await.map_err(|e| e.to_string())?;
-        let rows = client
-            .query(
-                "SELECT app_id, platform, token_hash FROM invalid_tokens",
-                &[],
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+    pub async fn reload(&self, pool: &Pool) -> Result<usize, DbError> {
+        let listed = tokens::dead_tokens(&**pool.get().await?).await?;
+        let count = listed.len();
         let mut by_app = ByApp::new();
-        for row in &rows {
-            let app_id: String = row.get(0);
-            let platform: String = row.get(1);
-            let hash: String = row.get(2);
-            let (Some(platform), Some(digest)) = (Platform::from_alias(&platform), unhex(&hash))
-            else {
-                continue;
-            };
+        for dead in listed {
             by_app
-                .entry(platform)
+                .entry(dead.platform)
                 .or_default()
-                .entry(app_id)
+                .entry(dead.app_id)
                 .or_default()
-                .insert(digest);
+                .insert(dead.digest);
         }
         *self.by_app.write().expect("dead tokens lock") = by_app;
-        Ok(rows.len())
+        Ok(count)
     }
 
     /// Reloads every `every` until shutdown. While Postgres is away the last list stays in use.
@@ -96,21 +84,9 @@ impl DeadTokens {
     }
 }
 
-fn unhex(text: &str) -> Option<Digest> {
-    let mut digest = [0u8; 32];
-    if text.len() != 64 {
-        return None;
-    }
-    for (i, byte) in digest.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(digest)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pushfleet_core::job::token_hash;
 
     #[test]
     fn listed_tokens_are_found_per_app() {
@@ -121,11 +97,5 @@ mod tests {
         assert!(!dead.contains("a", Platform::Firebase, "tok"));
         assert!(!dead.contains("b", Platform::Apple, "tok"));
         assert!(!dead.contains("a", Platform::Apple, "other"));
-    }
-
-    #[test]
-    fn database_hashes_decode() {
-        assert_eq!(unhex(&token_hash("tok")), Some(token_digest("tok")));
-        assert_eq!(unhex("zz"), None);
     }
 }

@@ -6,8 +6,7 @@ pub mod acks;
 pub mod audit;
 pub mod dead_tokens;
 pub mod dispatch;
-pub mod ledger;
-pub mod outcome;
+pub mod ledger_view;
 pub mod outcomes;
 pub mod payload;
 pub mod providers;
@@ -22,9 +21,11 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
+use pushfleet_core::db::{self, DbError};
+use pushfleet_core::reconnect;
 use pushfleet_core::service::metrics_recorder;
-use pushfleet_core::topology::{self, Topology};
-use pushfleet_core::{db, Settings};
+use pushfleet_core::topology::{self, BrokerError, Topology};
+use pushfleet_core::Settings;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -33,6 +34,24 @@ use tracing::{info, warn};
 
 use crate::audit::AuditSink;
 use crate::dispatch::Dispatcher;
+use crate::providers::ProviderError;
+
+/// Why a worker cannot start; each names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Database(#[from] DbError),
+    /// A credential file, CA file or endpoint of an app.
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+}
 
 /// A running worker process: senders, optionally the audit sink, and its HTTP endpoint.
 pub struct Worker {
@@ -44,7 +63,7 @@ pub struct Worker {
 impl Worker {
     /// Checks credentials, the broker and (for the audit sink) Postgres, then starts. Each
     /// check failing is a start-up error with a one-line reason.
-    pub async fn start(settings: Settings, http: TcpListener) -> Result<Worker, String> {
+    pub async fn start(settings: Settings, http: TcpListener) -> Result<Worker, StartError> {
         let worker_id = settings.worker.id.clone().unwrap_or_else(default_worker_id);
         let dispatcher = Arc::new(Dispatcher::new(&settings, worker_id.clone())?);
         let first_connection = topology::connect(&settings.rabbitmq, &worker_id).await?;
@@ -52,11 +71,11 @@ impl Worker {
         let channel = first_connection
             .create_channel()
             .await
-            .map_err(|e| format!("RabbitMQ channel: {e}"))?;
+            .map_err(BrokerError::from)?;
         topology
             .declare(&channel)
             .await
-            .map_err(|e| format!("RabbitMQ topology: {e}"))?;
+            .map_err(BrokerError::from)?;
         let _ = channel.close(200, "declared".into()).await;
 
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -83,7 +102,10 @@ impl Worker {
         let stop = shutdown_rx.clone();
         tasks.spawn(async move { dead_tokens.keep_loaded(pool, refresh, stop).await });
 
-        let http_addr = http.local_addr().map_err(|e| format!("listener: {e}"))?;
+        let http_addr = http.local_addr().map_err(|source| StartError::Listen {
+            addr: settings.worker.listen,
+            source,
+        })?;
         tasks.spawn(serve_http(http, shutdown_rx.clone()));
         tasks.spawn(supervise(
             settings,
@@ -101,11 +123,11 @@ impl Worker {
         })
     }
 
-    pub async fn bind(settings: Settings) -> Result<Worker, String> {
-        let listen = settings.worker.listen;
-        let http = TcpListener::bind(listen)
+    pub async fn bind(settings: Settings) -> Result<Worker, StartError> {
+        let addr = settings.worker.listen;
+        let http = TcpListener::bind(addr)
             .await
-            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+            .map_err(|source| StartError::Listen { addr, source })?;
         Worker::start(settings, http).await
     }
 
@@ -131,29 +153,21 @@ async fn supervise(
     dispatcher: Arc<Dispatcher>,
     sink: Option<Arc<AuditSink>>,
     mut connection: Option<lapin::Connection>,
-    shutdown: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut delay = Duration::from_millis(100);
     loop {
         let conn = match connection.take() {
             Some(c) => c,
-            None => match topology::connect(&settings.rabbitmq, &worker_id).await {
-                Ok(c) => {
-                    info!("reconnected to RabbitMQ");
-                    delay = Duration::from_millis(100);
-                    c
-                }
-                Err(e) => {
-                    warn!(error = %e, "RabbitMQ unreachable; retrying");
-                    let mut stop = shutdown.clone();
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = stop.changed() => return,
+            None => {
+                let connect = || topology::connect(&settings.rabbitmq, &worker_id);
+                match reconnect::until_ok("RabbitMQ unreachable", &mut shutdown, connect).await {
+                    Some(c) => {
+                        info!("reconnected to RabbitMQ");
+                        c
                     }
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                    continue;
+                    None => return,
                 }
-            },
+            }
         };
         metrics::gauge!("pushfleet_broker_connected", "service" => "worker").set(1.0);
         let declare = async {

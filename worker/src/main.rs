@@ -19,7 +19,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run() -> Result<(), String> {
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let command_line = CommandLine::parse("pushfleet-worker", "[migrate]")?;
     let settings = command_line.settings()?;
     init_logging(&settings.log);
@@ -39,6 +39,6 @@ async fn run() -> Result<(), String> {
             println!("migrations applied: {applied:?}");
             Ok(())
         }
-        Some(other) => Err(format!("unknown command {other:?} (known: migrate)")),
+        Some(other) => Err(format!("unknown command {other:?} (known: migrate)").into()),
     }
 }

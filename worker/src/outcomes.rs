@@ -6,9 +6,9 @@
 use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
-use lapin::{BasicProperties, Channel, Confirmation};
+use lapin::{BasicProperties, Channel};
 use pushfleet_core::job::{json_array, OutcomeEvent};
-use pushfleet_core::topology::{Topology, PERSISTENT};
+use pushfleet_core::topology::{self, BrokerError, Topology, PERSISTENT};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -17,6 +17,10 @@ pub const MAX_OUTCOMES_PER_MESSAGE: usize = 256;
 
 /// The AMQP `type` of a message holding a JSON array of outcome events.
 pub const BATCH_TYPE: &str = "outcomes.v1";
+
+/// How long a worker waits for the broker to confirm what it published before the job goes
+/// back to its queue; long, because a confirm only runs late when the broker is in trouble.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Hands outcomes to the publishing task; cheap to clone, one per in-flight job.
 #[derive(Clone)]
@@ -27,7 +31,7 @@ pub struct OutcomeBatcher {
 struct Pending {
     /// The outcome, already encoded by the job's own task.
     json: Vec<u8>,
-    saved: oneshot::Sender<Result<(), String>>,
+    saved: oneshot::Sender<Result<(), BrokerError>>,
 }
 
 impl OutcomeBatcher {
@@ -44,16 +48,15 @@ impl OutcomeBatcher {
     }
 
     /// Returns once the broker holds `outcome` (in some batch), or why it does not.
-    pub async fn save(&self, outcome: &OutcomeEvent) -> Result<(), String> {
-        let json = serde_json::to_vec(outcome).map_err(|e| e.to_string())?;
+    pub async fn save(&self, outcome: &OutcomeEvent) -> Result<(), BrokerError> {
+        let json = serde_json::to_vec(outcome)?;
         let (saved, confirmed) = oneshot::channel();
+        // The publishing task ends only with its channel.
         self.queue
             .send(Pending { json, saved })
             .await
-            .map_err(|_| "outcome publisher stopped".to_string())?;
-        confirmed
-            .await
-            .map_err(|_| "outcome publisher stopped".to_string())?
+            .map_err(|_| BrokerError::Disconnected)?;
+        confirmed.await.map_err(|_| BrokerError::Disconnected)?
     }
 }
 
@@ -66,37 +69,22 @@ async fn publish_batches(channel: Channel, exchange: String, mut pending: mpsc::
         > 0
     {
         json_array(batch.iter().map(|o| o.json.as_slice()), &mut body);
-        let result = confirm(
-            channel
-                .basic_publish(
-                    exchange.as_str().into(),
-                    "".into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    BasicProperties::default()
-                        .with_delivery_mode(PERSISTENT)
-                        .with_content_type("application/json".into())
-                        .with_type(BATCH_TYPE.into()),
-                )
-                .await,
-        )
-        .await;
+        let published = channel
+            .basic_publish(
+                exchange.as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default()
+                    .with_delivery_mode(PERSISTENT)
+                    .with_content_type("application/json".into())
+                    .with_type(BATCH_TYPE.into()),
+            )
+            .await;
+        let result = topology::confirm(published, CONFIRM_TIMEOUT).await;
         metrics::histogram!("pushfleet_outcome_batch_size").record(batch.len() as f64);
         for outcome in batch.drain(..) {
             let _ = outcome.saved.send(result.clone());
         }
-    }
-}
-
-/// Waits for the broker's confirm of a publish.
-pub async fn confirm(
-    published: Result<lapin::PublisherConfirm, lapin::Error>,
-) -> Result<(), String> {
-    let confirm = published.map_err(|e| e.to_string())?;
-    match tokio::time::timeout(Duration::from_secs(30), confirm).await {
-        Ok(Ok(Confirmation::Ack(_) | Confirmation::NotRequested)) => Ok(()),
-        Ok(Ok(Confirmation::Nack(_))) => Err("broker refused the message".into()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("no confirm within 30 s".into()),
     }
 }

@@ -23,11 +23,12 @@ use lapin::options::{
     ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
+use lapin::{Confirmation, Connection, ConnectionProperties};
 use pushfleet_bench::{main_of, process_usage, report, Args};
 use pushfleet_core::config::Platform;
-use pushfleet_core::job::{now_ms, Job, PushData, JOB_VERSION};
-use pushfleet_core::topology::{Topology, PERSISTENT};
+use pushfleet_core::clock::now_ms;
+use pushfleet_core::job::{Job, PushData, JOB_VERSION};
+use pushfleet_core::topology::{self, Topology};
 use pushfleet_core::{Event, Lane};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -183,13 +184,7 @@ async fn run(plan: Plan) -> Result<()> {
                 // A fresh id per message, as ingest gives every job; the size stays the same.
                 job.id = Uuid::new_v4();
                 let body = serde_json::to_vec(&job)?;
-                let id = job.id.to_string();
-                let properties = BasicProperties::default()
-                    .with_delivery_mode(PERSISTENT)
-                    .with_content_type("application/json".into())
-                    .with_message_id(id.clone().into())
-                    .with_correlation_id(id.into())
-                    .with_type("push.v1".into())
+                let properties = topology::job_properties(job.id)
                     .with_expiration(CALL_TTL_MS.to_string().into());
                 let confirm = publisher
                     .basic_publish(

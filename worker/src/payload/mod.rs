@@ -7,8 +7,9 @@ mod linphone;
 mod sylk;
 
 use bytes::Bytes;
+use pushfleet_core::clock::now_ms;
 use pushfleet_core::config::{AppSettings, AppType};
-use pushfleet_core::job::{now_ms, Job};
+use pushfleet_core::job::Job;
 use pushfleet_core::policy::EventPolicy;
 use serde::Serialize;
 

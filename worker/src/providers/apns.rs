@@ -8,10 +8,11 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use pushfleet_core::config::{ApnsAuth, ApnsSettings};
+use pushfleet_core::clock::unix_secs;
+use pushfleet_core::config::{ApnsAuth, ApnsSettings, Platform};
 use reqwest::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::Url;
 use serde::Serialize;
@@ -19,13 +20,10 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::{
-    client_builder, error_chain, header_str, read_file, reason_phrase, retry_after, send_error,
-    ConnectionLimits, Connections, ProviderResponse, RawAnswer,
+    classify, client_builder, error_chain, header_str, read_file, reason_phrase, retry_after,
+    send_error, ConnectionLimits, Connections, ProviderError, ProviderResponse, RawAnswer,
 };
 use crate::payload::ApnsRequest;
-
-/// A provider token this young cannot have expired, so a refresh request is redundant.
-const FRESH_TOKEN_SECS: u64 = 60;
 
 // Built once: a header name or value given as a string is parsed and copied on every request.
 const APNS_PUSH_TYPE: HeaderName = HeaderName::from_static("apns-push-type");
@@ -47,7 +45,10 @@ pub struct ApnsClient {
 }
 
 impl ApnsClient {
-    pub fn new(settings: &ApnsSettings, request_timeout: Duration) -> Result<ApnsClient, String> {
+    pub fn new(
+        settings: &ApnsSettings,
+        request_timeout: Duration,
+    ) -> Result<ApnsClient, ProviderError> {
         let (token, identity) = match settings.auth() {
             ApnsAuth::Token {
                 key_file,
@@ -72,11 +73,13 @@ impl ApnsClient {
                     pem.extend(read_file(key_file)?);
                 }
                 reqwest::Identity::from_pem(&pem).map_err(|e| {
-                    format!(
-                        "{} / {}: not a PEM certificate and private key: {}",
-                        cert_file.display(),
-                        key_file.display(),
-                        error_chain(&e)
+                    ProviderError::bad_file(
+                        cert_file,
+                        format!(
+                            "with {}: not a PEM certificate and private key: {}",
+                            key_file.display(),
+                            error_chain(&e)
+                        ),
                     )
                 })?;
                 (None, Some(pem))
@@ -88,15 +91,15 @@ impl ApnsClient {
             let mut builder =
                 client_builder(ca_file.as_deref(), request_timeout)?.http2_prior_knowledge();
             if let Some(pem) = &identity {
-                let identity = reqwest::Identity::from_pem(pem).map_err(|e| error_chain(&e))?;
+                let identity = reqwest::Identity::from_pem(pem).map_err(http_client_error)?;
                 builder = builder.identity(identity);
             }
-            builder
-                .build()
-                .map_err(|e| format!("cannot build the APNs HTTP client: {}", error_chain(&e)))
+            builder.build().map_err(http_client_error)
         };
-        let base_url = Url::parse(&settings.endpoint)
-            .map_err(|e| format!("{}: not a URL: {e}", settings.endpoint))?;
+        let base_url = Url::parse(&settings.endpoint).map_err(|e| ProviderError::BadEndpoint {
+            url: settings.endpoint.clone(),
+            problem: e.to_string(),
+        })?;
         Ok(ApnsClient {
             connections: Connections::new(Box::new(build), ConnectionLimits::default())?,
             device_path: format!("{}/3/device/", base_url.path().trim_end_matches('/')),
@@ -110,10 +113,6 @@ impl ApnsClient {
             connections: self.connections.with_limits(limits),
             ..self
         }
-    }
-
-    pub fn connections(&self) -> &Connections {
-        &self.connections
     }
 
     pub fn uses_token_auth(&self) -> bool {
@@ -143,7 +142,14 @@ impl ApnsClient {
         if let Some(token) = &self.token {
             match token.current() {
                 Ok(current) => minted = Some(current),
-                Err(e) => return ProviderResponse::transport_failure(url.into(), e, started),
+                Err(e) => {
+                    return ProviderResponse::transport_failure(
+                        Platform::Apple,
+                        url.into(),
+                        e.to_string(),
+                        started,
+                    )
+                }
             }
         }
         let mut apns_id_text = [0u8; uuid::fmt::Hyphenated::LENGTH];
@@ -173,17 +179,17 @@ impl ApnsClient {
         let answer = match sent {
             Ok(answer) => answer,
             Err(e) => {
-                return ProviderResponse::transport_failure(url.into(), send_error(e), started)
+                return ProviderResponse::transport_failure(
+                    Platform::Apple,
+                    url.into(),
+                    send_error(e),
+                    started,
+                )
             }
         };
         let response = parse_answer(url.into(), answer, started);
         if let (Some(token), Some(minted)) = (&self.token, &minted) {
-            if response.status == Some(403)
-                && matches!(
-                    response.reason.as_deref(),
-                    Some("ExpiredProviderToken" | "InvalidProviderToken")
-                )
-            {
+            if response.answer.refresh_credential {
                 // Only the token this request used is replaced: when a burst of in-flight pushes
                 // all come back 403, the first mints a new token and the rest reuse it. The new
                 // token goes out on a new connection, as Apple limits token changes per connection.
@@ -194,17 +200,17 @@ impl ApnsClient {
         response
     }
 
-    /// Replaces the provider token unless it is under a minute old. [`ApnsClient::send`] already
-    /// replaces a token APNs rejected, so calling this after such an answer costs nothing extra.
-    pub fn refresh_token(&self) {
-        if let Some(token) = &self.token {
-            token.refresh_unless_younger(unix_secs(), FRESH_TOKEN_SECS);
-        }
-    }
-
     /// The provider token the next send would use (token auth only).
-    pub fn current_token(&self) -> Option<Result<Arc<str>, String>> {
+    #[cfg(test)]
+    fn current_token(&self) -> Option<Result<Arc<str>, ProviderError>> {
         self.token.as_ref().map(|t| t.bearer())
+    }
+}
+
+fn http_client_error(error: reqwest::Error) -> ProviderError {
+    ProviderError::HttpClient {
+        provider: "APNs",
+        detail: error_chain(&error),
     }
 }
 
@@ -218,16 +224,23 @@ fn parse_answer(url: String, answer: RawAnswer, started: Instant) -> ProviderRes
         t.as_u64()
             .or_else(|| t.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
     });
+    let meaning = classify(
+        Platform::Apple,
+        Some(answer.status),
+        reason.as_deref(),
+        None,
+    )
+    .with_retry_after(retry_after(&answer.headers));
     ProviderResponse {
         status: Some(answer.status),
         reason,
         message_id: header_str(&answer.headers, "apns-id").map(str::to_string),
-        retry_after: retry_after(&answer.headers),
         apns_timestamp_ms,
         url,
         transport_error: answer.body_error,
         body: answer.body,
         duration: started.elapsed(),
+        answer: meaning,
     }
 }
 
@@ -251,25 +264,19 @@ fn push_path_segment(out: &mut String, raw: &str) {
     }
 }
 
-/// APNs part of [`super::sylk_result`].
-pub(super) fn sylk_result(status: u16, response: &ProviderResponse) -> (u16, String, Value) {
+/// APNs part of [`super::sylk_result`]: the reason text and body.
+pub(super) fn sylk_result(status: u16, response: &ProviderResponse) -> (String, Value) {
     if status == 200 {
-        return (200, String::new(), json!({}));
+        return (String::new(), json!({}));
     }
-    let reason = response.reason.as_deref();
-    let code = if status == 400 && reason == Some("BadDeviceToken") {
-        410
-    } else {
-        status
-    };
-    let text = match reason {
+    let text = match response.reason.as_deref() {
         Some(reason) => match reason_description(reason) {
             Some(description) => format!("{reason} - {description}"),
             None => reason.to_string(),
         },
         None => reason_phrase(status).to_string(),
     };
-    (code, text, response.body.clone())
+    (text, response.body.clone())
 }
 
 /// Apple's explanation of each `reason`, from the APNs documentation ("Handling notification
@@ -353,53 +360,54 @@ impl ProviderToken {
         key_id: &str,
         team_id: &str,
         refresh_every: Duration,
-    ) -> Result<Arc<ProviderToken>, String> {
+    ) -> Result<Arc<ProviderToken>, ProviderError> {
         let id = (team_id.to_string(), key_id.to_string());
         let mut tokens = registry().lock().unwrap_or_else(|p| p.into_inner());
         if let Some(existing) = tokens.get(&id) {
             return Ok(existing.clone());
         }
         let pem = read_file(key_file)?;
-        let token = Arc::new(
-            ProviderToken::new(&pem, key_id, team_id, refresh_every)
-                .map_err(|e| format!("{}: {e}", key_file.display()))?,
-        );
+        let key = EncodingKey::from_ec_pem(&pem).map_err(|e| {
+            ProviderError::bad_file(
+                key_file,
+                format!("not an APNs .p8 (PKCS#8 P-256) private key: {e}"),
+            )
+        })?;
+        let token = Arc::new(ProviderToken::new(key, key_id, team_id, refresh_every));
         tokens.insert(id, token.clone());
         Ok(token)
     }
 
-    pub fn new(
-        p8_pem: &[u8],
+    fn new(
+        key: EncodingKey,
         key_id: &str,
         team_id: &str,
         refresh_every: Duration,
-    ) -> Result<ProviderToken, String> {
-        let key = EncodingKey::from_ec_pem(p8_pem)
-            .map_err(|e| format!("not an APNs .p8 (PKCS#8 P-256) private key: {e}"))?;
-        Ok(ProviderToken {
+    ) -> ProviderToken {
+        ProviderToken {
             team_id: team_id.to_string(),
             key_id: key_id.to_string(),
             key,
             refresh_every,
             current: Mutex::new(None),
-        })
+        }
     }
 
     /// The JWT for the `authorization: bearer` header.
-    pub fn bearer(&self) -> Result<Arc<str>, String> {
+    pub fn bearer(&self) -> Result<Arc<str>, ProviderError> {
         self.bearer_at(unix_secs())
     }
 
-    fn bearer_at(&self, now: u64) -> Result<Arc<str>, String> {
+    fn bearer_at(&self, now: u64) -> Result<Arc<str>, ProviderError> {
         self.current_at(now).map(|minted| minted.jwt)
     }
 
     /// The token to send now, with its header value.
-    fn current(&self) -> Result<Minted, String> {
+    fn current(&self) -> Result<Minted, ProviderError> {
         self.current_at(unix_secs())
     }
 
-    fn current_at(&self, now: u64) -> Result<Minted, String> {
+    fn current_at(&self, now: u64) -> Result<Minted, ProviderError> {
         let mut current = self.lock();
         if let Some(minted) = current.as_ref() {
             // A clock stepping backwards must not keep a token alive past Apple's hour.
@@ -411,34 +419,6 @@ impl ProviderToken {
         let minted = self.mint(now)?;
         *current = Some(minted.clone());
         Ok(minted)
-    }
-
-    /// Replaces the token unconditionally.
-    pub fn force_refresh(&self) -> Result<(), String> {
-        self.force_refresh_at(unix_secs())
-    }
-
-    fn force_refresh_at(&self, now: u64) -> Result<(), String> {
-        let minted = self.mint(now)?;
-        *self.lock() = Some(minted);
-        Ok(())
-    }
-
-    /// Replaces the token unless it was minted less than `min_age_secs` ago.
-    fn refresh_unless_younger(&self, now: u64, min_age_secs: u64) {
-        let mut current = self.lock();
-        if current
-            .as_ref()
-            .is_some_and(|m| m.issued_at <= now && now - m.issued_at < min_age_secs)
-        {
-            return;
-        }
-        match self.mint(now) {
-            Ok(minted) => *current = Some(minted),
-            Err(e) => {
-                tracing::error!(key_id = %self.key_id, "cannot mint an APNs provider token: {e}")
-            }
-        }
     }
 
     /// Replaces the token if `rejected` is still the current one.
@@ -454,17 +434,22 @@ impl ProviderToken {
         }
     }
 
-    fn mint(&self, now: u64) -> Result<Minted, String> {
+    fn mint(&self, now: u64) -> Result<Minted, ProviderError> {
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(self.key_id.clone());
         let claims = Claims {
             iss: &self.team_id,
             iat: now,
         };
-        let jwt = jsonwebtoken::encode(&header, &claims, &self.key)
-            .map_err(|e| format!("cannot sign the APNs provider token: {e}"))?;
-        let authorization = HeaderValue::try_from(format!("bearer {jwt}"))
-            .map_err(|e| format!("the APNs provider token is not a header value: {e}"))?;
+        let jwt = jsonwebtoken::encode(&header, &claims, &self.key).map_err(|source| {
+            ProviderError::Signing {
+                what: "APNs provider token",
+                source,
+            }
+        })?;
+        // A JWT is base64url and dots: always a valid header value.
+        let authorization =
+            HeaderValue::try_from(format!("bearer {jwt}")).expect("a JWT is a valid header value");
         tracing::debug!(key_id = %self.key_id, team_id = %self.team_id, "minted a new APNs provider token");
         Ok(Minted {
             jwt: jwt.into(),
@@ -476,13 +461,6 @@ impl ProviderToken {
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Minted>> {
         self.current.lock().unwrap_or_else(|p| p.into_inner())
     }
-}
-
-fn unix_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -502,13 +480,8 @@ mod tests {
     }
 
     fn token() -> ProviderToken {
-        ProviderToken::new(
-            TEST_KEY,
-            "KEY1234567",
-            "TEAM123456",
-            Duration::from_secs(3000),
-        )
-        .expect("test key loads")
+        let key = EncodingKey::from_ec_pem(TEST_KEY).expect("test key loads");
+        ProviderToken::new(key, "KEY1234567", "TEAM123456", Duration::from_secs(3000))
     }
 
     #[derive(serde::Deserialize, Debug, PartialEq)]
@@ -549,26 +522,6 @@ mod tests {
         assert_eq!(token.bearer_at(4_001).expect("cached"), second);
         // A clock stepping back does not extend the token's life.
         assert_ne!(token.bearer_at(10).expect("mints"), second);
-    }
-
-    #[test]
-    fn forced_refresh_mints_a_new_jwt() {
-        let token = token();
-        let first = token.bearer_at(1_000).expect("mints");
-        token.force_refresh_at(1_001).expect("mints");
-        let second = token.bearer_at(1_001).expect("cached");
-        assert_ne!(second, first);
-        assert_eq!(token.bearer_at(1_002).expect("cached"), second);
-    }
-
-    #[test]
-    fn refresh_requests_spare_a_fresh_token() {
-        let token = token();
-        let first = token.bearer_at(1_000).expect("mints");
-        token.refresh_unless_younger(1_030, 60);
-        assert_eq!(token.bearer_at(1_030).expect("cached"), first);
-        token.refresh_unless_younger(1_060, 60);
-        assert_ne!(token.bearer_at(1_060).expect("cached"), first);
     }
 
     #[test]
@@ -618,12 +571,6 @@ mod tests {
             b.current_token().expect("token auth").expect("cached"),
             token_a
         );
-        // A token minted a moment ago is not replaced on request...
-        a.refresh_token();
-        assert_eq!(
-            b.current_token().expect("token auth").expect("cached"),
-            token_a
-        );
         assert_eq!(
             a.device_url("abc123").as_str(),
             "https://127.0.0.1:8443/3/device/abc123"
@@ -646,7 +593,10 @@ mod tests {
         let Err(e) = ApnsClient::new(&s, Duration::from_secs(5)) else {
             panic!("a missing key file must fail");
         };
-        assert!(e.contains("/nonexistent/AuthKey.p8"), "{e}");
+        assert!(
+            matches!(&e, ProviderError::Unreadable { path, .. } if path.ends_with("AuthKey.p8")),
+            "{e:?}"
+        );
 
         let mut s = settings();
         s.key_id = Some("BADKEY0001".into());
@@ -655,8 +605,9 @@ mod tests {
             panic!("a public key is not a signing key");
         };
         assert!(
-            e.contains("apns-test-key.pub.pem") && e.contains(".p8"),
-            "{e}"
+            matches!(&e, ProviderError::BadFile { path, problem }
+                if path.ends_with("apns-test-key.pub.pem") && problem.contains(".p8")),
+            "{e:?}"
         );
     }
 
@@ -715,7 +666,7 @@ mod tests {
             ),
             Instant::now(),
         );
-        assert_eq!(busy.retry_after, Some(Duration::from_secs(30)));
+        assert_eq!(busy.answer.retry_after, Some(Duration::from_secs(30)));
     }
 
     fn sylk(status: u16, body: Value) -> (u16, String, Value) {

@@ -5,15 +5,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use pushfleet_core::config::FcmSettings;
+use pushfleet_core::config::{FcmSettings, Platform};
 use reqwest::header::{HeaderValue, CONTENT_TYPE};
 use reqwest::Url;
 use serde_json::{json, Value};
 
 use super::oauth::{AccessTokens, ServiceAccount};
 use super::{
-    client_builder, error_chain, reason_phrase, retry_after, send_error, ConnectionLimits,
-    Connections, ProviderResponse, RawAnswer,
+    classify, client_builder, error_chain, reason_phrase, retry_after, send_error,
+    ConnectionLimits, Connections, ProviderError, ProviderResponse, RawAnswer,
 };
 
 const FCM_ERROR_TYPE: &str = "type.googleapis.com/google.firebase.fcm.v1.FcmError";
@@ -29,16 +29,19 @@ pub struct FcmClient {
 }
 
 impl FcmClient {
-    pub fn new(settings: &FcmSettings, request_timeout: Duration) -> Result<FcmClient, String> {
+    pub fn new(
+        settings: &FcmSettings,
+        request_timeout: Duration,
+    ) -> Result<FcmClient, ProviderError> {
         let account = ServiceAccount::load(&settings.service_account_file)?;
         let project = settings
             .project_id
             .clone()
             .or_else(|| account.project_id.clone())
             .ok_or_else(|| {
-                format!(
-                    "{}: no project_id in the service account; set fcm.project_id",
-                    settings.service_account_file.display()
+                ProviderError::bad_file(
+                    &settings.service_account_file,
+                    "no project_id in the service account; set fcm.project_id",
                 )
             })?;
         let ca_file = settings.ca_file.clone();
@@ -46,7 +49,10 @@ impl FcmClient {
         let build = move || {
             client_builder(ca_file.as_deref(), request_timeout)?
                 .build()
-                .map_err(|e| format!("cannot build the FCM HTTP client: {}", error_chain(&e)))
+                .map_err(|e| ProviderError::HttpClient {
+                    provider: "FCM",
+                    detail: error_chain(&e),
+                })
         };
         let connections = Connections::new(Box::new(build), ConnectionLimits::default())?;
         let send_url = format!(
@@ -54,7 +60,10 @@ impl FcmClient {
             settings.endpoint.trim_end_matches('/')
         );
         Ok(FcmClient {
-            send_target: Url::parse(&send_url).map_err(|e| format!("{send_url}: {e}"))?,
+            send_target: Url::parse(&send_url).map_err(|e| ProviderError::BadEndpoint {
+                url: send_url.clone(),
+                problem: e.to_string(),
+            })?,
             send_url,
             tokens: AccessTokens::shared(account, connections.first()),
             connections,
@@ -84,6 +93,7 @@ impl FcmClient {
             Ok(token) => token,
             Err(e) => {
                 return ProviderResponse::transport_failure(
+                    Platform::Firebase,
                     url,
                     format!("no OAuth access token: {e}"),
                     started,
@@ -102,25 +112,20 @@ impl FcmClient {
             .await;
         let answer = match sent {
             Ok(answer) => answer,
-            Err(e) => return ProviderResponse::transport_failure(url, send_error(e), started),
+            Err(e) => {
+                return ProviderResponse::transport_failure(
+                    Platform::Firebase,
+                    url,
+                    send_error(e),
+                    started,
+                )
+            }
         };
-        let oauth_rejected = answer.status == 401 && fcm_error_code(&answer.body).is_none();
         let response = parse_answer(url, answer, started);
-        if oauth_rejected {
-            // A 401 without an FcmError detail is about our access token (a 401 with one,
-            // THIRD_PARTY_AUTH_ERROR, is about the APNs credentials uploaded to Firebase).
+        if response.answer.refresh_credential {
             self.tokens.invalidate_if_current(&token).await;
         }
         response
-    }
-
-    /// Drops the cached access token unless it was fetched in the last few seconds; the next
-    /// send fetches a new one. [`FcmClient::send`] already drops a token FCM rejected, so calling
-    /// this after such an answer costs nothing extra.
-    pub async fn invalidate_access_token(&self) {
-        self.tokens
-            .invalidate_unless_younger(Duration::from_secs(10))
-            .await;
     }
 }
 
@@ -138,6 +143,17 @@ fn parse_answer(url: String, answer: RawAnswer, started: Instant) -> ProviderRes
     let reason = fcm_error_code(&answer.body)
         .or_else(|| answer.body.pointer("/error/status").and_then(Value::as_str))
         .map(str::to_string);
+    let message = answer
+        .body
+        .pointer("/error/message")
+        .and_then(Value::as_str);
+    let meaning = classify(
+        Platform::Firebase,
+        Some(answer.status),
+        reason.as_deref(),
+        message,
+    )
+    .with_retry_after(retry_after(&answer.headers));
     let message_id = if answer.status == 200 {
         answer
             .body
@@ -151,18 +167,18 @@ fn parse_answer(url: String, answer: RawAnswer, started: Instant) -> ProviderRes
         status: Some(answer.status),
         reason,
         message_id,
-        retry_after: retry_after(&answer.headers),
         apns_timestamp_ms: None,
         url,
         transport_error: answer.body_error,
         body: answer.body,
         duration: started.elapsed(),
+        answer: meaning,
     }
 }
 
-/// FCM part of [`super::sylk_result`]: the body imitates the `requests.Response` object the
-/// reference serialised into its answers.
-pub(super) fn sylk_result(status: u16, response: &ProviderResponse) -> (u16, String, Value) {
+/// FCM part of [`super::sylk_result`]: the reason text, and a body that imitates the
+/// `requests.Response` object the reference serialised into its answers.
+pub(super) fn sylk_result(status: u16, response: &ProviderResponse) -> (String, Value) {
     let phrase = reason_phrase(status);
     let body = json!({
         "_content": response.body,
@@ -173,22 +189,15 @@ pub(super) fn sylk_result(status: u16, response: &ProviderResponse) -> (u16, Str
         "reason": phrase,
     });
     if status == 200 {
-        return (200, phrase.to_string(), body);
+        return (phrase.to_string(), body);
     }
-    let error = response.body.get("error");
-    let error_code = error
-        .and_then(|e| e.get("code"))
-        .and_then(Value::as_u64)
-        .unwrap_or(u64::from(status));
-    let message = error
-        .and_then(|e| e.get("message"))
+    let message = response
+        .body
+        .pointer("/error/message")
         .and_then(Value::as_str)
         .unwrap_or("");
-    let token_gone = error_code == 404
-        || (error_code == 400 && message.contains("not a valid FCM registration token"));
-    let code = if token_gone { 410 } else { status };
     let reason = format!("{phrase} {message}").trim().to_string();
-    (code, reason, body)
+    (reason, body)
 }
 
 #[cfg(test)]
@@ -268,7 +277,7 @@ mod tests {
             ),
         );
         assert_eq!(r.reason.as_deref(), Some("QUOTA_EXCEEDED"));
-        assert_eq!(r.retry_after, Some(Duration::from_secs(17)));
+        assert_eq!(r.answer.retry_after, Some(Duration::from_secs(17)));
     }
 
     #[test]
@@ -389,13 +398,17 @@ mod tests {
             panic!("no project must fail");
         };
         assert!(
-            e.contains("without.json") && e.contains("project_id"),
-            "{e}"
+            matches!(&e, ProviderError::BadFile { path, problem }
+                if path.ends_with("without.json") && problem.contains("project_id")),
+            "{e:?}"
         );
         let Err(e) = FcmClient::new(&settings(&dir.join("missing.json"), None), timeout) else {
             panic!("missing file must fail");
         };
-        assert!(e.contains("missing.json"), "{e}");
+        assert!(
+            matches!(&e, ProviderError::Unreadable { path, .. } if path.ends_with("missing.json")),
+            "{e:?}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -528,8 +541,6 @@ mod tests {
             assert_eq!(retried.status, Some(200));
             assert_eq!(client.access_tokens().fetches(), 2);
 
-            // The explicit invalidation after the 401 does not throw away the brand-new token.
-            client.invalidate_access_token().await;
             assert_eq!(client.send(&message).await.status, Some(200));
             assert_eq!(client.access_tokens().fetches(), 2);
         }

@@ -1,8 +1,10 @@
 //! The provider side of a worker: one long-lived HTTP client per configured app, talking to APNs
-//! or FCM, and the translation of what the provider said into a [`ProviderResponse`] (for outcome
-//! classification) or into the Sylk-shaped answer synchronous callers expect.
+//! or FCM, what the provider said as a [`ProviderResponse`], its meaning from the answer table
+//! ([`answers`]), and the Sylk-shaped answer synchronous callers expect.
 
+pub mod answers;
 pub mod apns;
+mod error;
 pub mod fcm;
 pub mod oauth;
 
@@ -11,11 +13,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use pushfleet_core::clock::now_ms;
 use pushfleet_core::config::{AppSettings, Platform, WorkerSettings};
-use pushfleet_core::job::{now_ms, Job};
+use pushfleet_core::job::Job;
 use pushfleet_core::policy::EventPolicy;
 use serde_json::{json, Value};
 
+pub use self::answers::{classify, Answer, Class};
+use self::error::read_file;
+pub use self::error::ProviderError;
 use crate::payload;
 
 /// What one send produced, whether or not the provider answered.
@@ -29,32 +35,39 @@ pub struct ProviderResponse {
     pub body: Value,
     /// `apns-id` header / FCM message `name`.
     pub message_id: Option<String>,
-    pub retry_after: Option<Duration>,
     /// APNs 410: when the token stopped being valid, epoch milliseconds.
     pub apns_timestamp_ms: Option<u64>,
     pub url: String,
     pub transport_error: Option<String>,
     pub duration: Duration,
+    /// What the answer means, from the answer table.
+    pub answer: Answer,
 }
 
 impl ProviderResponse {
     /// A send that never got an HTTP answer.
-    pub fn transport_failure(url: String, error: String, started: Instant) -> ProviderResponse {
+    pub fn transport_failure(
+        platform: Platform,
+        url: String,
+        error: String,
+        started: Instant,
+    ) -> ProviderResponse {
         ProviderResponse {
             status: None,
             reason: None,
             body: json!({}),
             message_id: None,
-            retry_after: None,
             apns_timestamp_ms: None,
             url,
             transport_error: Some(error),
             duration: started.elapsed(),
+            answer: classify(platform, None, None, None),
         }
     }
 
-    pub fn is_success(&self) -> bool {
-        self.status == Some(200)
+    /// The provider's reason, or why no answer came.
+    pub fn reason_text(&self) -> Option<&str> {
+        self.reason.as_deref().or(self.transport_error.as_deref())
     }
 }
 
@@ -65,34 +78,31 @@ pub enum Provider {
 }
 
 impl Provider {
-    /// Loads credentials and builds the client; errors are one clear line naming the app and file.
-    pub fn for_app(app: &AppSettings, worker: &WorkerSettings) -> Result<Provider, String> {
-        let label = format!("app {} ({})", app.id, app.platform);
+    /// Loads credentials and builds the client; errors name the app and the file.
+    pub fn for_app(app: &AppSettings, worker: &WorkerSettings) -> Result<Provider, ProviderError> {
         let request_timeout = worker.request_timeout();
         let limits = ConnectionLimits {
             connections: worker.max_connections_per_app,
             streams_per_connection: worker.max_streams_per_connection,
         };
-        match app.platform {
-            Platform::Apple => {
-                let settings = app
-                    .apns
-                    .as_ref()
-                    .ok_or_else(|| format!("{label}: no [apps.apns] section"))?;
+        // Validation guarantees the section of the app's platform.
+        let built = match (app.platform, &app.apns, &app.fcm) {
+            (Platform::Apple, Some(settings), _) => {
                 apns::ApnsClient::new(settings, request_timeout)
                     .map(|client| Provider::Apns(client.with_limits(limits)))
-                    .map_err(|e| format!("{label}: {e}"))
             }
-            Platform::Firebase => {
-                let settings = app
-                    .fcm
-                    .as_ref()
-                    .ok_or_else(|| format!("{label}: no [apps.fcm] section"))?;
+            (Platform::Firebase, _, Some(settings)) => {
                 fcm::FcmClient::new(settings, request_timeout)
                     .map(|client| Provider::Fcm(client.with_limits(limits)))
-                    .map_err(|e| format!("{label}: {e}"))
             }
-        }
+            (Platform::Apple, ..) => Err(ProviderError::MissingSection("apns")),
+            (Platform::Firebase, ..) => Err(ProviderError::MissingSection("fcm")),
+        };
+        built.map_err(|source| ProviderError::App {
+            app: app.id.clone(),
+            platform: app.platform,
+            source: Box::new(source),
+        })
     }
 
     /// Sends `job`: one attempt. Never fails: every problem is described in the response.
@@ -119,18 +129,11 @@ impl Provider {
 
     /// Whether the answer refused a credential the client has just replaced.
     fn credential_replaced(&self, response: &ProviderResponse) -> bool {
-        let reason = response.reason.as_deref();
-        match self {
-            Provider::Apns(client) => {
-                client.uses_token_auth()
-                    && response.status == Some(403)
-                    && matches!(
-                        reason,
-                        Some("ExpiredProviderToken" | "InvalidProviderToken")
-                    )
-            }
-            Provider::Fcm(_) => response.status == Some(401) && reason == Some("UNAUTHENTICATED"),
-        }
+        let replaceable = match self {
+            Provider::Apns(client) => client.uses_token_auth(),
+            Provider::Fcm(_) => true,
+        };
+        replaceable && response.answer.refresh_credential
     }
 
     async fn send_once(
@@ -151,16 +154,6 @@ impl Provider {
         }
     }
 
-    /// Replaces the APNs provider token / drops the FCM access token, unless it is brand new.
-    /// `send` has already replaced a credential the provider rejected, so after a credential
-    /// error a retry is enough; calling this as well is harmless.
-    pub async fn refresh_credentials(&self) {
-        match self {
-            Provider::Apns(client) => client.refresh_token(),
-            Provider::Fcm(client) => client.invalidate_access_token().await,
-        }
-    }
-
     pub fn platform(&self) -> Platform {
         match self {
             Provider::Apns(_) => Platform::Apple,
@@ -170,20 +163,21 @@ impl Provider {
 }
 
 /// The Sylk-shaped result for sync answers: (code, reason text, body), as the reference reports
-/// it, including its mapping of "token is gone" answers to 410. When the provider gave no answer
-/// at all the reference crashed with a 500; pushfleet says 502, the gateway's own word for it.
+/// it. The code is the answer table's; the text and body are each provider's.
 pub fn sylk_result(platform: Platform, response: &ProviderResponse) -> (u16, String, Value) {
+    let code = response.answer.sylk_code;
     let Some(status) = response.status else {
         let error = response
             .transport_error
             .as_deref()
             .unwrap_or("no answer from the provider");
-        return (502, format!("Bad Gateway: {error}"), json!({}));
+        return (code, format!("Bad Gateway: {error}"), json!({}));
     };
-    match platform {
+    let (text, body) = match platform {
         Platform::Apple => apns::sylk_result(status, response),
         Platform::Firebase => fcm::sylk_result(status, response),
-    }
+    };
+    (code, text, body)
 }
 
 /// How many HTTP/2 connections a client may open to its provider, and how many requests each
@@ -209,7 +203,7 @@ struct Connection {
     in_flight: AtomicUsize,
 }
 
-type BuildClient = Box<dyn Fn() -> Result<reqwest::Client, String> + Send + Sync>;
+type BuildClient = Box<dyn Fn() -> Result<reqwest::Client, ProviderError> + Send + Sync>;
 
 /// The connections of one client to its provider. Requests fill the first connection up to its
 /// bound; the next connection opens only when the open ones are saturated, and a request waits
@@ -243,7 +237,7 @@ impl Drop for Lease {
 
 impl Connections {
     /// Builds the first client at once, so that a bad CA file or certificate fails at start-up.
-    pub fn new(build: BuildClient, limits: ConnectionLimits) -> Result<Connections, String> {
+    pub fn new(build: BuildClient, limits: ConnectionLimits) -> Result<Connections, ProviderError> {
         let first = build()?;
         Ok(Connections {
             build,
@@ -292,10 +286,6 @@ impl Connections {
     /// Any client, for requests outside the pool's accounting (the OAuth token endpoint).
     pub fn first(&self) -> reqwest::Client {
         self.open.read().expect("connections lock")[0].http.clone()
-    }
-
-    pub fn open_count(&self) -> usize {
-        self.open.read().expect("connections lock").len()
     }
 
     pub async fn lease(&self) -> Lease {
@@ -390,7 +380,7 @@ fn unprocessed(error: &reqwest::Error) -> bool {
 fn client_builder(
     ca_file: Option<&Path>,
     request_timeout: Duration,
-) -> Result<reqwest::ClientBuilder, String> {
+) -> Result<reqwest::ClientBuilder, ProviderError> {
     let mut builder = reqwest::Client::builder()
         .use_rustls_tls()
         .timeout(request_timeout)
@@ -403,20 +393,17 @@ fn client_builder(
         .http2_keep_alive_while_idle(true);
     if let Some(path) = ca_file {
         let pem = read_file(path)?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|e| format!("{}: not a PEM certificate bundle: {e}", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            ProviderError::bad_file(path, format!("not a PEM certificate bundle: {e}"))
+        })?;
         if certs.is_empty() {
-            return Err(format!("{}: no certificate found", path.display()));
+            return Err(ProviderError::bad_file(path, "no certificate found"));
         }
         for cert in certs {
             builder = builder.add_root_certificate(cert);
         }
     }
     Ok(builder)
-}
-
-fn read_file(path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
 /// reqwest's top-level message ("error sending request") hides the cause; the chain names it
@@ -498,12 +485,13 @@ mod tests {
 
     #[test]
     fn no_answer_is_a_502() {
-        let r = ProviderResponse::transport_failure(
-            "https://api.push.apple.com/3/device/abc".into(),
-            "connection refused".into(),
-            Instant::now(),
-        );
         for platform in [Platform::Apple, Platform::Firebase] {
+            let r = ProviderResponse::transport_failure(
+                platform,
+                "https://api.push.apple.com/3/device/abc".into(),
+                "connection refused".into(),
+                Instant::now(),
+            );
             assert_eq!(
                 sylk_result(platform, &r),
                 (

@@ -7,13 +7,14 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use pushfleet_core::clock::unix_secs;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use super::{error_chain, read_file};
+use super::{error_chain, read_file, ProviderError};
 
 pub const FCM_SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
 const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
@@ -49,16 +50,18 @@ struct AssertionClaims<'a> {
 }
 
 impl ServiceAccount {
-    pub fn load(path: &Path) -> Result<ServiceAccount, String> {
+    pub fn load(path: &Path) -> Result<ServiceAccount, ProviderError> {
         let text = read_file(path)?;
-        ServiceAccount::from_json(&text).map_err(|e| format!("{}: {e}", path.display()))
+        ServiceAccount::from_json(&text).map_err(|problem| ProviderError::bad_file(path, problem))
     }
 
-    pub fn from_json(text: &[u8]) -> Result<ServiceAccount, String> {
+    /// Reads a service-account key; the error says what is wrong with it.
+    fn from_json(text: &[u8]) -> Result<ServiceAccount, KeyFileProblem> {
         let file: ServiceAccountFile = serde_json::from_slice(text)
-            .map_err(|e| format!("not a Google service-account JSON key: {e}"))?;
-        let key = EncodingKey::from_rsa_pem(file.private_key.as_bytes())
-            .map_err(|e| format!("private_key is not an RSA private key in PEM: {e}"))?;
+            .map_err(|e| KeyFileProblem(format!("not a Google service-account JSON key: {e}")))?;
+        let key = EncodingKey::from_rsa_pem(file.private_key.as_bytes()).map_err(|e| {
+            KeyFileProblem(format!("private_key is not an RSA private key in PEM: {e}"))
+        })?;
         Ok(ServiceAccount {
             project_id: file.project_id.filter(|p| !p.is_empty()),
             client_email: file.client_email,
@@ -71,7 +74,7 @@ impl ServiceAccount {
     }
 
     /// The signed RS256 assertion exchanged for an access token.
-    pub fn assertion(&self, now_secs: u64) -> Result<String, String> {
+    pub fn assertion(&self, now_secs: u64) -> Result<String, ProviderError> {
         let mut header = Header::new(Algorithm::RS256);
         header.kid = self.private_key_id.clone();
         let claims = AssertionClaims {
@@ -81,8 +84,20 @@ impl ServiceAccount {
             iat: now_secs,
             exp: now_secs + ASSERTION_LIFETIME_SECS,
         };
-        jsonwebtoken::encode(&header, &claims, &self.key)
-            .map_err(|e| format!("cannot sign the OAuth assertion: {e}"))
+        jsonwebtoken::encode(&header, &claims, &self.key).map_err(|source| ProviderError::Signing {
+            what: "OAuth assertion",
+            source,
+        })
+    }
+}
+
+/// What is wrong with the contents of a service-account key file.
+#[derive(Debug)]
+struct KeyFileProblem(String);
+
+impl From<KeyFileProblem> for String {
+    fn from(problem: KeyFileProblem) -> String {
+        problem.0
     }
 }
 
@@ -98,12 +113,11 @@ pub struct AccessTokens {
 struct TokenState {
     token: Option<AccessToken>,
     /// The last failed fetch, handed to the callers that were waiting for it.
-    failure: Option<(Instant, String)>,
+    failure: Option<(Instant, ProviderError)>,
 }
 
 struct AccessToken {
     value: Arc<str>,
-    fetched_at: Instant,
     refresh_at: Instant,
     expires_at: Instant,
 }
@@ -149,17 +163,13 @@ impl AccessTokens {
             .clone()
     }
 
-    pub fn account(&self) -> &ServiceAccount {
-        &self.account
-    }
-
     /// Token requests made so far.
     pub fn fetches(&self) -> u64 {
         self.fetches.load(Ordering::Relaxed)
     }
 
     /// A valid access token, fetched only when the cached one is missing or about to expire.
-    pub async fn get(&self) -> Result<Arc<str>, String> {
+    pub async fn get(&self) -> Result<Arc<str>, ProviderError> {
         let asked = Instant::now();
         let mut state = self.state.lock().await;
         let now = Instant::now();
@@ -198,23 +208,6 @@ impl AccessTokens {
         }
     }
 
-    /// Forgets the cached token.
-    pub async fn invalidate(&self) {
-        self.state.lock().await.token = None;
-    }
-
-    /// Forgets the cached token unless it was fetched less than `min_age` ago.
-    pub async fn invalidate_unless_younger(&self, min_age: Duration) {
-        let mut state = self.state.lock().await;
-        if state
-            .token
-            .as_ref()
-            .is_some_and(|t| t.fetched_at.elapsed() >= min_age)
-        {
-            state.token = None;
-        }
-    }
-
     /// Forgets the cached token if it is `rejected`: after a burst of 401s for one expired
     /// token, only one new token is fetched.
     pub async fn invalidate_if_current(&self, rejected: &str) {
@@ -224,7 +217,7 @@ impl AccessTokens {
         }
     }
 
-    async fn fetch(&self) -> Result<AccessToken, String> {
+    async fn fetch(&self) -> Result<AccessToken, ProviderError> {
         self.fetches.fetch_add(1, Ordering::Relaxed);
         let uri = &self.account.token_uri;
         let sent = Instant::now();
@@ -238,12 +231,19 @@ impl AccessTokens {
             ])
             .send()
             .await
-            .map_err(|e| format!("token request to {uri} failed: {}", error_chain(&e)))?;
+            .map_err(|e| {
+                ProviderError::TokenEndpoint(format!(
+                    "token request to {uri} failed: {}",
+                    error_chain(&e)
+                ))
+            })?;
         let status = response.status();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| format!("token response from {uri} cut short: {}", error_chain(&e)))?;
+        let body = response.bytes().await.map_err(|e| {
+            ProviderError::TokenEndpoint(format!(
+                "token response from {uri} cut short: {}",
+                error_chain(&e)
+            ))
+        })?;
         if !status.is_success() {
             let detail: TokenError = serde_json::from_slice(&body).unwrap_or_default();
             let detail = match (detail.error, detail.error_description) {
@@ -251,15 +251,19 @@ impl AccessTokens {
                 (Some(error), None) => error,
                 _ => String::from_utf8_lossy(&body).into_owned(),
             };
-            return Err(format!("token endpoint {uri} answered {status}: {detail}"));
+            return Err(ProviderError::TokenEndpoint(format!(
+                "token endpoint {uri} answered {status}: {detail}"
+            )));
         }
-        let token: TokenResponse = serde_json::from_slice(&body)
-            .map_err(|e| format!("token endpoint {uri} sent an unexpected answer: {e}"))?;
+        let token: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
+            ProviderError::TokenEndpoint(format!(
+                "token endpoint {uri} sent an unexpected answer: {e}"
+            ))
+        })?;
         let lifetime = Duration::from_secs(token.expires_in.unwrap_or(3600));
         tracing::debug!(token_uri = %uri, expires_in = lifetime.as_secs(), "fetched an FCM access token");
         Ok(AccessToken {
             value: token.access_token.into(),
-            fetched_at: sent,
             refresh_at: sent + lifetime - refresh_margin(lifetime),
             expires_at: sent + lifetime,
         })
@@ -270,13 +274,6 @@ impl AccessTokens {
 /// between being handed out and reaching FCM.
 fn refresh_margin(lifetime: Duration) -> Duration {
     (lifetime / 10).min(Duration::from_secs(60))
-}
-
-fn unix_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -337,12 +334,12 @@ pub(crate) mod tests {
 
     #[test]
     fn bad_key_files_are_explained() {
-        let Err(e) = ServiceAccount::from_json(b"{}") else {
+        let Err(KeyFileProblem(e)) = ServiceAccount::from_json(b"{}") else {
             panic!("empty JSON accepted");
         };
         assert!(e.contains("service-account"), "{e}");
         let text = service_account_json(None, "https://x/token").replace("PRIVATE KEY", "KEY");
-        let Err(e) = ServiceAccount::from_json(text.as_bytes()) else {
+        let Err(KeyFileProblem(e)) = ServiceAccount::from_json(text.as_bytes()) else {
             panic!("garbage key accepted");
         };
         assert!(e.contains("private_key"), "{e}");

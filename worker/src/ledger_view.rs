@@ -4,13 +4,14 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
-use pushfleet_core::job::{now_ms, Job};
+use pushfleet_core::clock::{now_ms, unix_secs};
+use pushfleet_core::job::Job;
 use pushfleet_core::ledger::{dedupe_key, Claim, LedgerEntry};
 use pushfleet_core::topology::PERSISTENT;
 use pushfleet_core::{Event, EventPolicies, Topology};
@@ -33,7 +34,7 @@ pub enum Verdict {
     Duplicate(Uuid),
 }
 
-pub struct Ledger {
+pub struct LedgerView {
     topology: Topology,
     policies: EventPolicies,
     /// How long a cancel matters: the longest incoming-call TTL.
@@ -55,8 +56,8 @@ struct State {
     pruned_at_ms: u64,
 }
 
-impl Ledger {
-    pub fn new(topology: Topology, policies: EventPolicies) -> Ledger {
+impl LedgerView {
+    pub fn new(topology: Topology, policies: EventPolicies) -> LedgerView {
         let longest = |f: &dyn Fn(Event) -> Duration| Event::ALL.into_iter().map(f).max();
         let cancel_window = longest(&|e| {
             if e.is_incoming_call() {
@@ -67,7 +68,7 @@ impl Ledger {
         })
         .unwrap_or_default();
         let dedupe_window = longest(&|e| policies.get(e).dedupe_window).unwrap_or_default();
-        Ledger {
+        LedgerView {
             topology,
             policies,
             cancel_window_ms: cancel_window.as_millis() as u64,
@@ -155,12 +156,7 @@ impl Ledger {
         let channel = connection.create_channel().await?;
         // Streams require a prefetch and manual acks (which only grant credit).
         channel.basic_qos(1000, BasicQosOptions::default()).await?;
-        let from = SystemTime::now()
-            .checked_sub(self.replay)
-            .unwrap_or(UNIX_EPOCH)
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
+        let from = unix_secs().saturating_sub(self.replay.as_secs());
         let mut args = FieldTable::default();
         args.insert("x-stream-offset".into(), AMQPValue::Timestamp(from));
         let mut entries = channel
@@ -228,8 +224,8 @@ mod tests {
     use pushfleet_core::config::{Platform, RabbitSettings};
     use pushfleet_core::{Lane, PushData};
 
-    fn ledger() -> Ledger {
-        Ledger::new(
+    fn ledger() -> LedgerView {
+        LedgerView::new(
             Topology::new(&RabbitSettings::default()),
             EventPolicies::default(),
         )

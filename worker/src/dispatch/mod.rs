@@ -1,0 +1,308 @@
+//! The delivery loop: consume jobs from both lanes, send each to its provider, report the outcome
+//! to the audit exchange, answer a waiting sync caller, and only then acknowledge the job — so a
+//! worker that dies mid-push leaves the job in the queue for another worker (at-least-once).
+//! A push that may succeed later is parked in a retry queue of the broker, never in memory.
+//! What happens to one job in between — checked, sent, concluded — is in [`phases`].
+
+mod phases;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection};
+use pushfleet_core::config::{AppSettings, Platform, RetrySettings, Settings};
+use pushfleet_core::job::Job;
+use pushfleet_core::topology::{self, BrokerError, Topology, PERSISTENT};
+use pushfleet_core::{EventPolicies, Lane};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{info, warn, Instrument};
+
+pub use self::phases::Step;
+use crate::acks::{Acks, Settle};
+use crate::audit::AUDITED_HEADER;
+use crate::dead_tokens::DeadTokens;
+use crate::ledger_view::LedgerView;
+use crate::outcomes::{OutcomeBatcher, CONFIRM_TIMEOUT};
+use crate::providers::{Provider, ProviderError};
+use crate::replies::ReplySender;
+
+/// Everything a job handler needs, shared by all in-flight jobs.
+pub struct Dispatcher {
+    apps: HashMap<(String, Platform), (AppSettings, Provider)>,
+    policies: EventPolicies,
+    topology: Topology,
+    retry: RetrySettings,
+    worker_id: String,
+    pub ledger: Arc<LedgerView>,
+    pub dead_tokens: Arc<DeadTokens>,
+}
+
+/// Where a job handler's results go, on the worker's broker connection.
+#[derive(Clone)]
+struct Outlets {
+    /// Confirm mode: retry copies and dead letters.
+    publisher: Channel,
+    outcomes: OutcomeBatcher,
+    replies: ReplySender,
+}
+
+impl Dispatcher {
+    /// Builds one provider client per configured app; a bad credential file is an error here,
+    /// at start-up, not at the first push.
+    pub fn new(settings: &Settings, worker_id: String) -> Result<Dispatcher, ProviderError> {
+        let mut apps = HashMap::new();
+        for app in &settings.apps {
+            let provider = Provider::for_app(app, &settings.worker)?;
+            apps.insert((app.id.clone(), app.platform), (app.clone(), provider));
+        }
+        let topology = Topology::new(&settings.rabbitmq);
+        let policies = settings.event_policies();
+        Ok(Dispatcher {
+            apps,
+            ledger: Arc::new(LedgerView::new(topology.clone(), policies.clone())),
+            policies,
+            topology,
+            retry: settings.retry.clone(),
+            worker_id,
+            dead_tokens: Arc::new(DeadTokens::default()),
+        })
+    }
+
+    /// Consumes both lanes on `connection` until it fails or `shutdown` flips; then waits for
+    /// the jobs in flight to finish.
+    pub async fn run(
+        self: &Arc<Self>,
+        connection: &Connection,
+        prefetch: u16,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), lapin::Error> {
+        // Outcomes and replies go out on their own channel, in confirm mode: a job is acked only
+        // once the broker holds its outcome.
+        let publisher = connection.create_channel().await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let (outcomes, batches) = OutcomeBatcher::start(publisher.clone(), &self.topology);
+        let mut ackers = Vec::new();
+        // Sync replies are best effort and unconfirmed, on a channel of their own: a confirm
+        // channel would keep every reply's pending confirm.
+        let (replies, replying) = ReplySender::start(connection.create_channel().await?);
+        let outlets = Outlets {
+            publisher: publisher.clone(),
+            outcomes,
+            replies,
+        };
+        // Cancels and claims of the recent past first, so that no superseded push slips out.
+        self.ledger.wait_caught_up(Duration::from_secs(5)).await;
+        let mut consumers = Vec::new();
+        for lane in Lane::ALL {
+            // One channel per lane, so that a full messages lane never holds up calls.
+            let channel = connection.create_channel().await?;
+            // The prefetch bounds the pushes in flight per lane, and so the worker's memory.
+            channel
+                .basic_qos(prefetch, BasicQosOptions::default())
+                .await?;
+            let tag = format!("{}-{}", self.worker_id, lane);
+            let consumer = channel
+                .basic_consume(
+                    self.topology.lane_queue(lane).into(),
+                    tag.clone().into(),
+                    // Manual acks: a job is removed from the queue only after its outcome is safe.
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            let (acks, acking) = Acks::start();
+            ackers.push(acking);
+            consumers.push((channel, tag, consumer, acks));
+        }
+        info!(worker = %self.worker_id, "consuming calls and messages");
+
+        let mut streams =
+            futures_util::stream::select_all(consumers.iter_mut().map(|(_, _, consumer, acks)| {
+                let acks = acks.clone();
+                consumer
+                    .by_ref()
+                    .map(move |delivery| (delivery, acks.clone()))
+            }));
+        let mut in_flight = JoinSet::new();
+        let result = loop {
+            tokio::select! {
+                next = streams.next() => match next {
+                    Some((Ok(delivery), acks)) => {
+                        acks.received(delivery.delivery_tag);
+                        let (dispatcher, outlets) = (self.clone(), outlets.clone());
+                        in_flight.spawn(async move {
+                            let tag = delivery.delivery_tag;
+                            let acker = delivery.acker.clone();
+                            let settle = dispatcher.handle(delivery, &outlets).await;
+                            acks.finished(tag, acker, settle);
+                        });
+                    }
+                    Some((Err(e), _)) => break Err(e),
+                    None => break Ok(()),
+                },
+                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+                _ = shutdown.changed() => break Ok(()),
+            }
+        };
+        drop(streams);
+        // Stop taking new jobs, finish the ones in hand: their outcomes get published and acked.
+        for (channel, tag, _, _) in &consumers {
+            let _ = channel
+                .basic_cancel(tag.clone().into(), BasicCancelOptions::default())
+                .await;
+        }
+        while in_flight.join_next().await.is_some() {}
+        // Every handle on the outcome batcher and the ackers gone, they send their last
+        // batches; the lane channels stay open until the acks are out.
+        drop(outlets);
+        let channels: Vec<Channel> = consumers.into_iter().map(|(c, ..)| c).collect();
+        let _ = batches.await;
+        let _ = replying.await;
+        for acking in ackers {
+            let _ = acking.await;
+        }
+        drop(channels);
+        let _ = publisher.wait_for_confirms().await;
+        result
+    }
+
+    /// Handles one delivery and says how it leaves its queue.
+    async fn handle(&self, delivery: Delivery, outlets: &Outlets) -> Settle {
+        let Outlets {
+            publisher,
+            outcomes,
+            replies,
+        } = outlets;
+        let job: Job = match serde_json::from_slice(&delivery.data) {
+            Ok(job) => job,
+            Err(e) => {
+                warn!(error = %e, "unreadable job sent to the dead-letter queue");
+                metrics::counter!("pushfleet_jobs_unreadable_total").increment(1);
+                return Settle::Reject;
+            }
+        };
+        let span = tracing::info_span!("job", job_id = %job.id, call_id = %job.push.call_id, event = %job.event, app = %job.app_id, attempt = job.attempt + 1);
+        async {
+            let saved = match self.process(&job).await {
+                Step::Done {
+                    outcome,
+                    reply,
+                    dead_letter,
+                } => {
+                    if let Some(reply_to) = delivery.properties.reply_to() {
+                        // Best effort: if the caller gave up waiting, the reply goes nowhere.
+                        replies.send(reply_to, &reply);
+                    }
+                    let mut saved = outcomes.save(&outcome).await;
+                    if saved.is_ok() && dead_letter {
+                        let reason = outcome
+                            .terminal
+                            .as_ref()
+                            .and_then(|t| t.reason.clone())
+                            .unwrap_or_default();
+                        saved = self
+                            .publish_dead_letter(publisher, &delivery, &reason)
+                            .await;
+                    }
+                    saved
+                }
+                Step::Retry { outcome, tier_ms } => {
+                    let mut next = job.clone();
+                    next.attempt += 1;
+                    match self
+                        .publish_retry(publisher, &next, tier_ms, &delivery.properties)
+                        .await
+                    {
+                        Ok(()) => outcomes.save(&outcome).await,
+                        Err(e) => Err(e),
+                    }
+                }
+            };
+            match saved {
+                Ok(()) => Settle::Ack,
+                Err(e) => {
+                    // Without a recorded outcome the job is not done: put it back.
+                    warn!(error = %e, "outcome not confirmed; job returned to its queue");
+                    Settle::Requeue
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Parks `job` in a retry queue; it comes back to its lane when the tier's TTL runs out.
+    async fn publish_retry(
+        &self,
+        publisher: &Channel,
+        job: &Job,
+        tier_ms: u64,
+        original: &BasicProperties,
+    ) -> Result<(), BrokerError> {
+        let body = serde_json::to_vec(job)?;
+        let mut properties = topology::job_properties(job.id);
+        // A sync caller still waiting gets the answer of the attempt that ends the job.
+        if let Some(reply_to) = original.reply_to() {
+            properties = properties.with_reply_to(reply_to.clone());
+        }
+        let published = publisher
+            .basic_publish(
+                "".into(),
+                self.topology.retry_queue(job.lane, tier_ms).into(),
+                BasicPublishOptions::default(),
+                &body,
+                properties,
+            )
+            .await;
+        topology::confirm(published, CONFIRM_TIMEOUT).await
+    }
+
+    /// Keeps a copy of a job that gave up in the dead letters, for operators to inspect and
+    /// re-drive; its terminal row is already written.
+    async fn publish_dead_letter(
+        &self,
+        publisher: &Channel,
+        delivery: &Delivery,
+        reason: &str,
+    ) -> Result<(), BrokerError> {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            AUDITED_HEADER.into(),
+            AMQPValue::LongString("failed".into()),
+        );
+        headers.insert(
+            "x-first-death-reason".into(),
+            AMQPValue::LongString("retries-exhausted".into()),
+        );
+        headers.insert(
+            "x-pushfleet-reason".into(),
+            AMQPValue::LongString(reason.into()),
+        );
+        let properties = delivery
+            .properties
+            .clone()
+            .with_headers(headers)
+            .with_delivery_mode(PERSISTENT);
+        let published = publisher
+            .basic_publish(
+                self.topology.dead_exchange().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                &delivery.data,
+                properties,
+            )
+            .await;
+        topology::confirm(published, CONFIRM_TIMEOUT).await
+    }
+}
