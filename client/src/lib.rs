@@ -1,6 +1,6 @@
 //! `pushfleet`: the command-line client. Without a subcommand it is `sylk-pushclient` (the v1
 //! client OpenSIPS scripts call); with `push`, `add` or `remove` it is `sylk-pushclient-v2`;
-//! both keep the reference's options, output lines and exit codes (sylk-compat §6). It adds
+//! both keep the reference's options, output lines and exit codes. It adds
 //! `tokens list` and `audit` against the API, and `import` of existing tokens into Postgres.
 //! Installed (or linked) under the name `sylk-pushclient` or `sylk-pushclient-v2`, it behaves as
 //! that client whatever the arguments.

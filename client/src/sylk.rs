@@ -1,5 +1,5 @@
 //! The drop-ins for `sylk-pushclient` (v1) and `sylk-pushclient-v2`: the same options, request
-//! bodies, output lines and exit codes (sylk-compat §6), so that OpenSIPS scripts keep working.
+//! bodies, output lines and exit codes, so that OpenSIPS scripts keep working.
 
 use std::io::Write;
 use std::time::Duration;

@@ -81,7 +81,8 @@ fn default_badge() -> i64 {
     1
 }
 
-/// The terminal states of a job (contract: DESIGN.md "Outcomes and retries").
+/// The terminal states of a job: every accepted job ends in exactly one. Operators, alert rules
+/// and auditors rely on these names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeliveryStatus {

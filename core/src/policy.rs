@@ -1,5 +1,5 @@
 //! The event policy: which lane an event travels in, how long it stays worth delivering, and how
-//! APNs should treat it. One table, defaults from DESIGN.md, every value overridable in `[events]`.
+//! APNs should treat it. One table, defaults documented in README.md, every value overridable in `[events]`.
 
 use std::fmt;
 use std::time::Duration;

@@ -3,9 +3,12 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use pushfleet_core::db::DbError;
+use pushfleet_core::topology::BrokerError;
 use pushfleet_core::Settings;
 use pushfleet_ingest::Ingest;
-use pushfleet_worker::Worker;
+use pushfleet_worker::providers::ProviderError;
+use pushfleet_worker::{StartError, Worker};
 use tokio::net::TcpListener;
 
 use crate::support::*;
@@ -43,7 +46,10 @@ async fn an_unreachable_broker_stops_ingest_and_worker_at_start() {
     assert!(started.elapsed() < Duration::from_secs(5));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let error = Worker::start(s, listener).await.err().expect("start fails");
-    assert!(error.starts_with("cannot connect to RabbitMQ"), "{error}");
+    assert!(
+        matches!(error, StartError::Broker(BrokerError::Unreachable { .. })),
+        "{error:?}"
+    );
 }
 
 #[tokio::test]
@@ -54,9 +60,11 @@ async fn an_unreachable_database_stops_the_audit_worker_at_start() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let error = Worker::start(s, listener).await.err().expect("start fails");
     assert!(
-        error.starts_with("cannot connect to Postgres at postgres://postgres@127.0.0.1:"),
-        "{error}"
+        matches!(&error, StartError::Database(DbError::Unreachable { url, .. })
+            if url.starts_with("postgres://postgres@127.0.0.1:")),
+        "{error:?}"
     );
+    assert!(!error.to_string().contains('\n'), "{error}");
 }
 
 #[tokio::test]
@@ -72,9 +80,13 @@ async fn an_unreadable_credential_is_named_at_start() {
     let s = Settings::from_toml(&text, Vec::new(), &dir).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let error = Worker::start(s, listener).await.err().expect("start fails");
+    let StartError::Provider(ProviderError::App { app, source, .. }) = &error else {
+        panic!("{error:?}");
+    };
+    assert_eq!(app, "com.example");
     assert!(
-        error.contains("com.example") && error.contains("AuthKey.p8"),
-        "{error}"
+        matches!(&**source, ProviderError::BadFile { path, .. } if path.ends_with("AuthKey.p8")),
+        "{error:?}"
     );
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -541,6 +541,97 @@ async fn an_apns_410_older_than_the_registration_leaves_the_token_alive() {
     stack.stop().await;
 }
 
+/// A job that reaches a worker after its deadline is answered `expired`, with the 410 the
+/// reference gives a push that can no longer be delivered: that says nothing about the token,
+/// which stays registered and off the dead-token list.
+#[tokio::test]
+async fn a_push_that_expires_before_sending_leaves_the_token_registered() {
+    let stack = Stack::start_with(StackOptions {
+        start_worker: false,
+        sync_timeout_ms: 20_000,
+        extra_config: "[events.incoming_session]\nttl_secs = 2\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let account = account();
+    let token = apns_token();
+    register(&stack, &account, &add_body(SYLK, "apple", &token, "phone")).await;
+    let call = call_id();
+    let path = format!("{}/push/phone", tokens_path(&account));
+    let body = push_body("incoming_session", &call);
+    let ((status, answer), worker) = tokio::join!(
+        stack.call("POST", &path, Some(&body)),
+        hand_over_after_the_deadline(&stack)
+    );
+    assert_eq!(status, 200, "{answer}");
+    let item = &answer["data"][0];
+    assert_eq!(item["code"], 410, "{answer}");
+    assert_eq!(item["reason"], "push expired before it could be sent");
+    assert_eq!(stack.deliveries(&call, 1).await[0].status, "expired");
+    assert!(
+        !stored(&stack, &account, "phone").await.unwrap().2,
+        "a live token was marked dead"
+    );
+    let listed: i64 = stack
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT count(*) FROM invalid_tokens WHERE token_hash = $1",
+            &[&pushfleet_core::tokens::token_hash(&token)],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(listed, 0);
+    worker.stop().await;
+    stack.stop().await;
+}
+
+/// Takes the first calls job off its queue, holds it until its deadline has passed, and puts it
+/// back without the broker's expiry, as a worker busy past the deadline would leave it; then
+/// starts a worker.
+async fn hand_over_after_the_deadline(stack: &Stack) -> pushfleet_worker::Worker {
+    use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions};
+    use pushfleet_core::topology::{self, Topology};
+
+    let connection = topology::connect(&stack.settings.rabbitmq, "it-hold")
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let queue = Topology::new(&stack.settings.rabbitmq).lane_queue(pushfleet_core::Lane::Calls);
+    let delivery = loop {
+        let got = channel
+            .basic_get(queue.as_str().into(), BasicGetOptions::default())
+            .await
+            .unwrap();
+        match got {
+            Some(message) => break message.delivery,
+            None => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    };
+    let job: pushfleet_core::Job = serde_json::from_slice(&delivery.data).unwrap();
+    let left = job
+        .deadline_ms
+        .saturating_sub(pushfleet_core::clock::now_ms());
+    tokio::time::sleep(std::time::Duration::from_millis(left + 200)).await;
+    let reply_to = delivery.properties.reply_to().clone().expect("a sync job");
+    channel
+        .basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            &delivery.data,
+            topology::job_properties(job.id).with_reply_to(reply_to),
+        )
+        .await
+        .unwrap();
+    delivery.ack(BasicAckOptions::default()).await.unwrap();
+    let _ = connection.close(200, "handed over".into()).await;
+    start_worker(&stack.settings).await
+}
+
 #[tokio::test]
 async fn a_device_that_cannot_take_the_push_is_skipped_in_an_account_push() {
     let stack = Stack::start().await;

@@ -23,7 +23,7 @@ use crate::script::{DelaySpec, FakeClock, ScriptAction, ScriptBook, ScriptSpec, 
 use crate::server::{self, ConnInfo, ConnSettings, ServerHandle};
 use crate::tls::TestCa;
 
-/// Push types APNs knows (protocols.md A3).
+/// The `apns-push-type` values APNs accepts.
 const PUSH_TYPES: &[&str] = &[
     "alert",
     "background",

@@ -1,4 +1,4 @@
-//! Requests for Linphone clients (sylk-compat §2.3 and §2.6). Linphone only knows incoming-call
+//! Requests for Linphone clients, as Sylk Pushserver builds them. Linphone only knows incoming-call
 //! pushes, so every event is sent the same way: a VoIP push on APNs, a data message on FCM.
 
 use bytes::Bytes;

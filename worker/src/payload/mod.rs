@@ -55,7 +55,7 @@ pub fn fcm_message(app: &AppSettings, job: &Job, _policy: &EventPolicy, now_ms: 
 }
 
 /// Encodes a payload. The payload structs declare their fields in byte order of the JSON names,
-/// the order these payloads have always had on the wire (they were built as sorted JSON maps).
+/// so the keys go out sorted: one stable byte form for equal payloads.
 fn encode(payload: &impl Serialize) -> Bytes {
     // Room for a typical payload up front, rather than growing the buffer twice on the way.
     let mut out = Vec::with_capacity(512);

@@ -1,4 +1,4 @@
-//! Requests for Sylk clients (sylk-compat §2.2 and §2.5). Calls and cancellations are data-only
+//! Requests for Sylk clients, as Sylk Pushserver builds them for its own apps. Calls and cancellations are data-only
 //! pushes whose top-level keys the app reads directly; messages and transfers are user-visible.
 
 use bytes::Bytes;
