@@ -6,10 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 use tracing::debug;
 
 use crate::error::ApiError;
@@ -53,17 +51,24 @@ impl Network {
     }
 }
 
+/// An `allowed_hosts` entry that is neither an address nor a network.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("[ingest] allowed_hosts: {entry:?} is not an IP address or network")]
+pub struct InvalidEntry {
+    pub entry: String,
+}
+
 /// The parsed access list; empty allows everyone.
 #[derive(Debug, Clone, Default)]
 pub struct AccessList(Vec<Network>);
 
 impl AccessList {
-    pub fn parse(entries: &[String]) -> Result<AccessList, String> {
+    pub fn parse(entries: &[String]) -> Result<AccessList, InvalidEntry> {
         entries
             .iter()
             .map(|entry| {
-                Network::parse(entry).ok_or_else(|| {
-                    format!("[ingest] allowed_hosts: {entry:?} is not an IP address or network")
+                Network::parse(entry).ok_or_else(|| InvalidEntry {
+                    entry: entry.clone(),
                 })
             })
             .collect::<Result<_, _>>()
@@ -86,18 +91,14 @@ pub async fn guard(
         return next.run(request).await;
     }
     debug!(peer = %peer.ip(), path = %request.uri().path(), "request denied by the access list");
-    ApiError {
-        status: StatusCode::FORBIDDEN,
-        body: json!({"code": 403, "description": "access denied by access list", "data": {}}),
-    }
-    .into_response()
+    ApiError::AccessDenied.into_response()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn acl(entries: &[&str]) -> Result<AccessList, String> {
+    fn acl(entries: &[&str]) -> Result<AccessList, InvalidEntry> {
         AccessList::parse(&entries.iter().map(|e| e.to_string()).collect::<Vec<_>>())
     }
 
@@ -115,8 +116,15 @@ mod tests {
 
     #[test]
     fn bad_entries_are_named() {
+        let error = acl(&["10.0.0.1,10.0.0.2"]).unwrap_err();
         assert_eq!(
-            acl(&["10.0.0.1,10.0.0.2"]).unwrap_err(),
+            error,
+            InvalidEntry {
+                entry: "10.0.0.1,10.0.0.2".into()
+            }
+        );
+        assert_eq!(
+            error.to_string(),
             "[ingest] allowed_hosts: \"10.0.0.1,10.0.0.2\" is not an IP address or network"
         );
         assert!(acl(&["10.0.0.0/33"]).is_err());

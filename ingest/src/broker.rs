@@ -9,31 +9,25 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::{BasicProperties, Channel, Connection};
 use pushfleet_core::config::RabbitSettings;
 use pushfleet_core::job::{decode_batch, Job, SyncReply};
 use pushfleet_core::ledger::LedgerEntry;
-use pushfleet_core::topology::{self, Topology, DIRECT_REPLY_TO, PERSISTENT};
+use pushfleet_core::reconnect;
+use pushfleet_core::topology::{self, BrokerError, Topology, DIRECT_REPLY_TO, PERSISTENT};
 use pushfleet_core::Event;
 use tokio::sync::{oneshot, watch};
 use tracing::{info, warn};
 use uuid::Uuid;
 
-#[derive(Debug)]
-pub enum PublishError {
-    /// No connection to the broker right now.
-    Disconnected,
-    /// The broker did not confirm in time, refused the message, or the channel failed.
-    Broker(String),
-}
-
-impl std::fmt::Display for PublishError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PublishError::Disconnected => f.write_str("not connected to RabbitMQ"),
-            PublishError::Broker(e) => write!(f, "RabbitMQ: {e}"),
-        }
-    }
+/// Why the link could not be opened: no connection at all, or a connection on which the
+/// topology, the confirm mode or the reply consumer could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Connect(#[from] BrokerError),
+    #[error("RabbitMQ set-up failed: {0}")]
+    SetUp(#[from] lapin::Error),
 }
 
 type Pending = Arc<Mutex<HashMap<Uuid, oneshot::Sender<SyncReply>>>>;
@@ -54,7 +48,7 @@ impl Broker {
         settings: RabbitSettings,
         publish_timeout: Duration,
         shutdown: watch::Receiver<bool>,
-    ) -> Result<Broker, String> {
+    ) -> Result<Broker, OpenError> {
         let broker = Broker {
             topology: Topology::new(&settings),
             settings,
@@ -76,48 +70,26 @@ impl Broker {
     }
 
     /// Connects, declares the topology and sets up the publishing channel with its reply consumer.
-    async fn open(&self) -> Result<Connection, String> {
+    async fn open(&self) -> Result<Connection, OpenError> {
         let connection = topology::connect(&self.settings, "pushfleet-ingest").await?;
-        let setup = async {
-            let channel = connection.create_channel().await?;
-            self.topology.declare(&channel).await?;
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await?;
-            // Direct reply-to: replies come back on the channel that published, no queue needed.
-            let replies = channel
-                .basic_consume(
-                    DIRECT_REPLY_TO.into(),
-                    "pushfleet-ingest-replies".into(),
-                    BasicConsumeOptions {
-                        no_ack: true, // required by direct reply-to
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
-            Ok::<_, lapin::Error>((channel, replies))
-        };
-        let (channel, mut replies) = setup
-            .await
-            .map_err(|e| format!("RabbitMQ set-up failed: {e}"))?;
-        let pending = self.pending.clone();
-        tokio::spawn(async move {
-            while let Some(Ok(delivery)) = replies.next().await {
-                // Workers send replies in batches; a single reply is read too.
-                match decode_batch::<SyncReply>(&delivery.data) {
-                    Ok(replies) => {
-                        let mut pending = pending.lock().expect("lock");
-                        for reply in replies {
-                            if let Some(waiter) = pending.remove(&reply.job_id) {
-                                let _ = waiter.send(reply);
-                            }
-                        }
-                    }
-                    Err(e) => warn!(error = %e, "unreadable sync reply dropped"),
-                }
-            }
-        });
+        let channel = connection.create_channel().await?;
+        self.topology.declare(&channel).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        // Direct reply-to: replies come back on the channel that published, no queue needed.
+        let replies = channel
+            .basic_consume(
+                DIRECT_REPLY_TO.into(),
+                "pushfleet-ingest-replies".into(),
+                BasicConsumeOptions {
+                    no_ack: true, // required by direct reply-to
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        tokio::spawn(hand_out_replies(replies, self.pending.clone()));
         *self.channel.write().expect("lock") = Some(channel);
         metrics::gauge!("pushfleet_broker_connected", "service" => "ingest").set(1.0);
         Ok(connection)
@@ -125,33 +97,36 @@ impl Broker {
 
     async fn keep_alive(self, mut connection: Connection, mut shutdown: watch::Receiver<bool>) {
         loop {
-            tokio::select! {
-                _ = topology::closed(&connection) => {}
-                _ = shutdown.changed() => {
-                    let _ = connection.close(200, "shutdown".into()).await;
-                    return;
-                }
+            let stopping = tokio::select! {
+                _ = topology::closed(&connection) => false,
+                _ = shutdown.wait_for(|stop| *stop) => true,
+            };
+            if stopping {
+                let _ = connection.close(200, "shutdown".into()).await;
+                return;
             }
             *self.channel.write().expect("lock") = None;
             metrics::gauge!("pushfleet_broker_connected", "service" => "ingest").set(0.0);
             // Waiters of the lost channel will never hear back; their requests fall back to 202.
             warn!("lost the RabbitMQ connection; reconnecting");
-            let mut delay = Duration::from_millis(100);
-            connection = loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.changed() => return,
-                }
-                match self.open().await {
-                    Ok(c) => break c,
-                    Err(e) => {
-                        warn!(error = %e, "RabbitMQ still unreachable");
-                        delay = (delay * 2).min(Duration::from_secs(5));
-                    }
-                }
+            let reopened =
+                reconnect::until_ok("RabbitMQ still unreachable", &mut shutdown, || self.open());
+            let Some(reopened) = reopened.await else {
+                return;
             };
+            connection = reopened;
             info!("reconnected to RabbitMQ");
         }
+    }
+
+    /// The publishing channel, while connected.
+    fn channel(&self) -> Result<Channel, BrokerError> {
+        self.channel
+            .read()
+            .expect("lock")
+            .clone()
+            .filter(|c| c.status().connected())
+            .ok_or(BrokerError::Disconnected)
     }
 
     /// Publishes `job` into its lane, returning once the broker has confirmed it. With
@@ -162,14 +137,8 @@ impl Broker {
         job: &Job,
         ttl: Duration,
         want_reply: bool,
-    ) -> Result<Option<oneshot::Receiver<SyncReply>>, PublishError> {
-        let channel = self
-            .channel
-            .read()
-            .expect("lock")
-            .clone()
-            .filter(|c| c.status().connected())
-            .ok_or(PublishError::Disconnected)?;
+    ) -> Result<Option<oneshot::Receiver<SyncReply>>, BrokerError> {
+        let channel = self.channel()?;
         if job.event == Event::Cancel {
             let entry = LedgerEntry::Cancel {
                 call_id: job.push.call_id.clone(),
@@ -179,15 +148,8 @@ impl Broker {
         }
         // A job encodes to a few hundred bytes: allocated once rather than regrown on the way.
         let mut body = Vec::with_capacity(512);
-        serde_json::to_writer(&mut body, job).map_err(|e| PublishError::Broker(e.to_string()))?;
-        let mut id_text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        let id: &str = job.id.hyphenated().encode_lower(&mut id_text);
-        let mut properties = BasicProperties::default()
-            .with_delivery_mode(PERSISTENT)
-            .with_content_type("application/json".into())
-            .with_message_id(id.into())
-            .with_correlation_id(id.into())
-            .with_type("push.v1".into())
+        serde_json::to_writer(&mut body, job)?;
+        let mut properties = topology::job_properties(job.id)
             // The broker drops (dead-letters) the job once it is not worth delivering.
             .with_expiration(ttl.as_millis().to_string().into());
         let receiver = if want_reply {
@@ -198,81 +160,68 @@ impl Broker {
         } else {
             None
         };
-
-        let confirmed = tokio::time::timeout(self.publish_timeout, async {
-            channel
-                .basic_publish(
-                    self.topology.jobs_exchange().into(),
-                    Topology::lane_key(job.lane).into(),
-                    // Mandatory: a job that no queue would take comes back instead of vanishing.
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    &body,
-                    properties,
-                )
-                .await?
-                .await
-        })
-        .await;
-        let result = match confirmed {
-            Ok(Ok(Confirmation::Ack(None))) => Ok(receiver),
-            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Broker(
-                "job was not routable to a queue".into(),
-            )),
-            Ok(Ok(Confirmation::Nack(_))) => {
-                Err(PublishError::Broker("broker refused the job".into()))
+        let published = channel
+            .basic_publish(
+                self.topology.jobs_exchange().into(),
+                Topology::lane_key(job.lane).into(),
+                // Mandatory: a job that no queue would take comes back instead of vanishing.
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &body,
+                properties,
+            )
+            .await;
+        match topology::confirm(published, self.publish_timeout).await {
+            Ok(()) => Ok(receiver),
+            Err(e) => {
+                self.forget(job.id);
+                Err(e)
             }
-            Ok(Ok(Confirmation::NotRequested)) => Ok(receiver),
-            Ok(Err(e)) => Err(PublishError::Broker(e.to_string())),
-            Err(_) => Err(PublishError::Broker(format!(
-                "no confirm within {} ms",
-                self.publish_timeout.as_millis()
-            ))),
-        };
-        if result.is_err() {
-            self.forget(job.id);
         }
-        result
     }
 
     async fn publish_to_ledger(
         &self,
         channel: &Channel,
         entry: &LedgerEntry,
-    ) -> Result<(), PublishError> {
-        let body = serde_json::to_vec(entry).map_err(|e| PublishError::Broker(e.to_string()))?;
-        let confirmed = tokio::time::timeout(self.publish_timeout, async {
-            channel
-                .basic_publish(
-                    "".into(),
-                    self.topology.ledger_queue().into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    BasicProperties::default()
-                        .with_delivery_mode(PERSISTENT)
-                        .with_content_type("application/json".into()),
-                )
-                .await?
-                .await
-        })
-        .await;
-        match confirmed {
-            Ok(Ok(Confirmation::Ack(_) | Confirmation::NotRequested)) => Ok(()),
-            Ok(Ok(Confirmation::Nack(_))) => {
-                Err(PublishError::Broker("broker refused the cancel".into()))
-            }
-            Ok(Err(e)) => Err(PublishError::Broker(e.to_string())),
-            Err(_) => Err(PublishError::Broker(format!(
-                "no confirm within {} ms",
-                self.publish_timeout.as_millis()
-            ))),
-        }
+    ) -> Result<(), BrokerError> {
+        let body = serde_json::to_vec(entry)?;
+        let published = channel
+            .basic_publish(
+                "".into(),
+                self.topology.ledger_queue().into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default()
+                    .with_delivery_mode(PERSISTENT)
+                    .with_content_type("application/json".into()),
+            )
+            .await;
+        topology::confirm(published, self.publish_timeout).await
     }
 
     /// Drops the waiter of a job whose answer will not be awaited any more.
     pub fn forget(&self, job_id: Uuid) {
         self.pending.lock().expect("lock").remove(&job_id);
+    }
+}
+
+/// Hands each sync reply to the request waiting for it, until the channel goes.
+async fn hand_out_replies(mut replies: lapin::Consumer, pending: Pending) {
+    while let Some(Ok(delivery)) = replies.next().await {
+        // Workers send replies in batches; a single reply is read too.
+        match decode_batch::<SyncReply>(&delivery.data) {
+            Ok(replies) => {
+                let mut pending = pending.lock().expect("lock");
+                for reply in replies {
+                    if let Some(waiter) = pending.remove(&reply.job_id) {
+                        let _ = waiter.send(reply);
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "unreadable sync reply dropped"),
+        }
     }
 }

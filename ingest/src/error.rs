@@ -1,67 +1,321 @@
-//! Every answer that is not a success, as JSON. Bad input is the caller's mistake and gets a 4xx
-//! that says what is wrong; nothing a caller sends can produce a 500.
+//! Every answer that is not a success, in one place: each error knows its HTTP status, its JSON
+//! body and the label it is counted under. Bad input is the caller's mistake and gets a 4xx that
+//! says what is wrong; nothing a caller sends can produce a 500.
+//!
+//! Most bodies have the Sylk Pushserver shape `{"code", "description", "data": ""}`. Those the
+//! reference answers through FastAPI itself (a body that is not JSON, no such route, a wrong
+//! method) keep FastAPI's `{"detail": ...}`, and the few v2 answers that name what was not found
+//! keep the reference's own shapes.
 
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use pushfleet_core::config::Platform;
+use pushfleet_core::db::DbError;
+use pushfleet_core::topology::BrokerError;
 use serde_json::{json, Value};
+use tracing::warn;
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub body: Value,
+/// What went wrong with a request. The `Display` text is the description (or detail) the caller
+/// reads.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    // The reference's own checks, in its wording.
+    #[error("Field '{0}' required")]
+    RequiredField(&'static str),
+    #[error("'{}' item(s) missing.", .0.join(" ,"))]
+    MissingItems(Vec<&'static str>),
+    #[error("Field media-type required")]
+    MissingMediaType,
+    #[error("media-type must be 'audio', 'video', 'chat', 'sms', 'file-transfer', 'image'")]
+    InvalidMediaType,
+    #[error("event must be 'incoming_session', 'incoming_conference_request', 'cancel' or 'message', 'transfer': event")]
+    UnknownEvent,
+    /// Linphone apps only ring.
+    #[error("event not found (must be incoming_sesion)")]
+    OnlyIncomingSession,
+    #[error("'{0}' platform is not configured")]
+    UnknownPlatform(String),
+    /// A v2 registration words the same problem differently.
+    #[error("The '{0}' platform is not configured")]
+    UnknownRegistrationPlatform(String),
+    #[error("{} {app_id} app is not configured", platform.title())]
+    UnknownApp { platform: Platform, app_id: String },
+
+    // A field as pydantic reports it: `<problem>: <field>`.
+    #[error("field required: {0}")]
+    MissingField(&'static str),
+    #[error("{problem}: {field}")]
+    InvalidField {
+        field: &'static str,
+        problem: &'static str,
+    },
+    /// Text that is there but empty, where it must address something.
+    #[error("{0} must not be empty: {0}")]
+    EmptyField(&'static str),
+
+    // RFC 8599 push parameters.
+    #[error("pn-provider '{0}' is not supported (apns, apns.dev, fcm)")]
+    UnsupportedProvider(String),
+    #[error("pn-param must be <TeamID>.<BundleID>[.<service>]: {0}")]
+    MalformedPnParam(String),
+    #[error(
+        "pn-prid must hold one token per service of pn-param ('<token>:remote&<token>:voip'): {0}"
+    )]
+    MalformedPnPrid(String),
+    #[error("type must be 'call', 'message' or 'background': type")]
+    UnknownType,
+    #[error("no Firebase app is configured for pn-param '{pn_param}' (give its app-id)")]
+    NoFirebaseApp { pn_param: String },
+
+    // The request as a whole.
+    #[error("request body is empty")]
+    EmptyBody,
+    #[error("request body must be a JSON object")]
+    NotAnObject,
+    #[error("There was an error parsing the body")]
+    UnparsableBody,
+    #[error("request body is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("invalid {what} in the path: {rejection}")]
+    InvalidPath {
+        what: &'static str,
+        rejection: PathRejection,
+    },
+    #[error("invalid query string: {0}")]
+    InvalidQuery(QueryRejection),
+    #[error("access denied by access list")]
+    AccessDenied,
+    #[error("Not Found")]
+    NoRoute,
+    #[error("Method Not Allowed")]
+    MethodNotAllowed,
+
+    // v2: what the account does not have.
+    #[error("Push request was not sent: user not found")]
+    UserNotFound { account: String },
+    #[error("Push request was not sent: device not found")]
+    DeviceNotFound { device_id: String },
+    /// The reference's DELETE misses answer `{"result": …}`.
+    #[error("User not found")]
+    NoAccountToRemove,
+    #[error("Not found")]
+    NoDeviceToRemove,
+
+    // What pushfleet depends on is away.
+    #[error("push queue unavailable: {0}")]
+    QueueUnavailable(#[from] BrokerError),
+    /// The caller reads only that storage is away; the log gets the detail.
+    #[error("token storage unavailable")]
+    StorageUnavailable(#[from] DbError),
+    #[error("not connected to RabbitMQ")]
+    NotReady,
 }
 
 impl ApiError {
-    /// The Sylk Pushserver error shape: `{"code", "description", "data": ""}`.
-    pub fn sylk(status: StatusCode, description: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            body: json!({
-                "code": status.as_u16(),
-                "description": description.into(),
+    pub fn status(&self) -> StatusCode {
+        use ApiError::*;
+        match self {
+            RequiredField(_)
+            | MissingItems(_)
+            | MissingMediaType
+            | InvalidMediaType
+            | UnknownEvent
+            | MissingField(_)
+            | InvalidField { .. }
+            | EmptyField(_)
+            | UnsupportedProvider(_)
+            | MalformedPnParam(_)
+            | MalformedPnPrid(_)
+            | UnknownType
+            | EmptyBody
+            | NotAnObject
+            | UnparsableBody
+            | InvalidPath { .. }
+            | InvalidQuery(_) => StatusCode::BAD_REQUEST,
+            AccessDenied => StatusCode::FORBIDDEN,
+            OnlyIncomingSession
+            | UnknownPlatform(_)
+            | UnknownRegistrationPlatform(_)
+            | UnknownApp { .. }
+            | NoFirebaseApp { .. }
+            | NoRoute
+            | UserNotFound { .. }
+            | DeviceNotFound { .. }
+            | NoAccountToRemove
+            | NoDeviceToRemove => StatusCode::NOT_FOUND,
+            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            QueueUnavailable(_) | StorageUnavailable(_) | NotReady => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+
+    /// The `error` label of `pushfleet_ingest_requests_total`: a few kinds, so that a dashboard
+    /// can tell callers' mistakes from pushfleet's own trouble.
+    pub fn label(&self) -> &'static str {
+        use ApiError::*;
+        match self {
+            RequiredField(_) | MissingItems(_) | MissingMediaType | MissingField(_) => {
+                "missing_field"
+            }
+            InvalidMediaType
+            | UnknownEvent
+            | InvalidField { .. }
+            | EmptyField(_)
+            | MalformedPnParam(_)
+            | MalformedPnPrid(_)
+            | UnknownType => "invalid_field",
+            OnlyIncomingSession => "unsupported_event",
+            UnknownPlatform(_) | UnknownRegistrationPlatform(_) => "unknown_platform",
+            UnknownApp { .. } | NoFirebaseApp { .. } => "unknown_app",
+            UnsupportedProvider(_) => "unsupported_provider",
+            EmptyBody => "empty_body",
+            NotAnObject => "not_an_object",
+            UnparsableBody => "unparsable_body",
+            TooLarge(_) => "too_large",
+            InvalidPath { .. } => "invalid_path",
+            InvalidQuery(_) => "invalid_query",
+            AccessDenied => "access_denied",
+            NoRoute => "not_found",
+            MethodNotAllowed => "method_not_allowed",
+            UserNotFound { .. } | NoAccountToRemove => "user_not_found",
+            DeviceNotFound { .. } | NoDeviceToRemove => "device_not_found",
+            QueueUnavailable(_) => "queue_unavailable",
+            StorageUnavailable(_) => "storage_unavailable",
+            NotReady => "not_ready",
+        }
+    }
+
+    /// The JSON body the caller gets.
+    pub fn body(&self) -> Value {
+        let description = self.to_string();
+        match self {
+            ApiError::UnparsableBody | ApiError::NoRoute | ApiError::MethodNotAllowed => {
+                json!({ "detail": description })
+            }
+            ApiError::AccessDenied => {
+                json!({"code": 403, "description": description, "data": {}})
+            }
+            ApiError::UserNotFound { account } => json!({
+                "code": 404, "description": description, "data": {"account": account},
+            }),
+            ApiError::DeviceNotFound { device_id } => json!({
+                "code": 404, "description": description, "data": {"device_id": device_id},
+            }),
+            ApiError::NoAccountToRemove | ApiError::NoDeviceToRemove => {
+                json!({ "result": description })
+            }
+            _ => json!({
+                "code": self.status().as_u16(),
+                "description": description,
                 "data": "",
             }),
         }
     }
-
-    pub fn bad_request(description: impl Into<String>) -> ApiError {
-        ApiError::sylk(StatusCode::BAD_REQUEST, description)
-    }
-
-    pub fn not_found(description: impl Into<String>) -> ApiError {
-        ApiError::sylk(StatusCode::NOT_FOUND, description)
-    }
-
-    /// Malformed JSON: the reference's (FastAPI's) own wording and shape.
-    pub fn unparsable_body() -> ApiError {
-        ApiError {
-            status: StatusCode::BAD_REQUEST,
-            body: json!({"detail": "There was an error parsing the body"}),
-        }
-    }
-
-    pub fn too_large(limit: usize) -> ApiError {
-        ApiError::sylk(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body is larger than {limit} bytes"),
-        )
-    }
-
-    pub fn unavailable(description: impl Into<String>) -> ApiError {
-        ApiError::sylk(StatusCode::SERVICE_UNAVAILABLE, description)
-    }
-
-    pub fn detail(status: StatusCode, detail: &str) -> ApiError {
-        ApiError {
-            status,
-            body: json!({ "detail": detail }),
-        }
-    }
 }
+
+/// Set on an error response for the request counter, which sees only the response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorLabel(pub &'static str);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body)).into_response()
+        if let ApiError::StorageUnavailable(error) = &self {
+            warn!(error = %error, "device token storage failed");
+        }
+        let mut response = (self.status(), Json(self.body())).into_response();
+        response.extensions_mut().insert(ErrorLabel(self.label()));
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn answer(error: ApiError) -> (StatusCode, Option<ErrorLabel>, String) {
+        let response = error.into_response();
+        let label = response.extensions().get::<ErrorLabel>().copied();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .expect("body");
+        (
+            status,
+            label,
+            String::from_utf8(body.to_vec()).expect("UTF-8"),
+        )
+    }
+
+    #[tokio::test]
+    async fn bodies_keep_their_bytes() {
+        assert_eq!(
+            answer(ApiError::MissingField("to")).await,
+            (
+                StatusCode::BAD_REQUEST,
+                Some(ErrorLabel("missing_field")),
+                r#"{"code":400,"data":"","description":"field required: to"}"#.into()
+            )
+        );
+        assert_eq!(
+            answer(ApiError::UnparsableBody).await.2,
+            r#"{"detail":"There was an error parsing the body"}"#
+        );
+        assert_eq!(
+            answer(ApiError::AccessDenied).await,
+            (
+                StatusCode::FORBIDDEN,
+                Some(ErrorLabel("access_denied")),
+                r#"{"code":403,"data":{},"description":"access denied by access list"}"#.into()
+            )
+        );
+        assert_eq!(
+            answer(ApiError::UserNotFound {
+                account: "bob".into()
+            })
+            .await
+            .2,
+            r#"{"code":404,"data":{"account":"bob"},"description":"Push request was not sent: user not found"}"#
+        );
+        assert_eq!(
+            answer(ApiError::NoDeviceToRemove).await,
+            (
+                StatusCode::NOT_FOUND,
+                Some(ErrorLabel("device_not_found")),
+                r#"{"result":"Not found"}"#.into()
+            )
+        );
+        assert_eq!(
+            answer(ApiError::QueueUnavailable(BrokerError::Disconnected)).await,
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some(ErrorLabel("queue_unavailable")),
+                r#"{"code":503,"data":"","description":"push queue unavailable: not connected to RabbitMQ"}"#.into()
+            )
+        );
+    }
+
+    #[test]
+    fn descriptions_keep_the_reference_wording() {
+        assert_eq!(
+            ApiError::MissingItems(vec!["silent", "event"]).to_string(),
+            "'silent ,event' item(s) missing."
+        );
+        assert_eq!(
+            ApiError::UnknownApp {
+                platform: Platform::Apple,
+                app_id: "com.unknown".into()
+            }
+            .to_string(),
+            "Apple com.unknown app is not configured"
+        );
+        assert_eq!(
+            ApiError::EmptyField("token").to_string(),
+            "token must not be empty: token"
+        );
+        assert_eq!(ApiError::TooLarge(65536).status().as_u16(), 413);
     }
 }

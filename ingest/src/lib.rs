@@ -4,41 +4,90 @@
 #![forbid(unsafe_code)]
 
 pub mod acl;
-pub mod broker;
-pub mod error;
-pub mod rfc8599;
-pub mod routes;
-pub mod tokens;
-pub mod v1;
-pub mod v2;
+mod audit;
+mod broker;
+mod error;
+mod fcm_projects;
+mod fields;
+mod ops;
+mod pipeline;
+mod request;
+mod rfc8599;
+mod routes;
+mod state;
+mod v1;
+mod v2;
+mod validate;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pushfleet_core::{db, Settings};
+use pushfleet_core::db::{self, DbError};
+use pushfleet_core::topology::BrokerError;
+use pushfleet_core::Settings;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::info;
 
-use crate::acl::AccessList;
-use crate::broker::Broker;
+use crate::acl::{AccessList, InvalidEntry};
+use crate::broker::{Broker, OpenError};
+use crate::state::AppState;
+
+/// Why ingest did not start. Each names what it could not use.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// The listener handed over has no local address.
+    #[error("listener: {0}")]
+    Listener(#[source] std::io::Error),
+    #[error(transparent)]
+    AccessList(#[from] InvalidEntry),
+    #[error(transparent)]
+    Database(#[from] DbError),
+    /// No connection to RabbitMQ (`BrokerError::Unreachable` or `ConnectTimeout`).
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// Connected, but the topology or the reply consumer could not be set up.
+    #[error("RabbitMQ set-up failed: {0}")]
+    BrokerSetUp(#[source] lapin::Error),
+}
+
+impl From<OpenError> for StartError {
+    fn from(error: OpenError) -> StartError {
+        match error {
+            OpenError::Connect(e) => StartError::Broker(e),
+            OpenError::SetUp(e) => StartError::BrokerSetUp(e),
+        }
+    }
+}
+
+/// Why ingest did not stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum StopError {
+    #[error("HTTP server: {0}")]
+    Server(#[source] std::io::Error),
+    #[error("HTTP server task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
 
 /// A running ingest server.
 pub struct Ingest {
     pub addr: SocketAddr,
     shutdown: watch::Sender<bool>,
-    server: JoinHandle<Result<(), String>>,
+    server: JoinHandle<Result<(), StopError>>,
 }
 
 impl Ingest {
     /// Connects to Postgres and the broker (an error if either is unreachable) and serves on
     /// `listener`.
-    pub async fn start(settings: Settings, listener: TcpListener) -> Result<Ingest, String> {
-        let addr = listener
-            .local_addr()
-            .map_err(|e| format!("listener: {e}"))?;
+    pub async fn start(settings: Settings, listener: TcpListener) -> Result<Ingest, StartError> {
+        let addr = listener.local_addr().map_err(StartError::Listener)?;
         let acl = AccessList::parse(&settings.ingest.allowed_hosts)?;
         // The v2 token API and audit queries need the database from the first request on.
         let db = db::pool(&settings.postgres)?;
@@ -50,8 +99,8 @@ impl Ingest {
             shutdown_rx.clone(),
         )
         .await?;
-        let state = Arc::new(routes::AppState::new(settings, broker, db, acl));
-        let app = routes::router(state).into_make_service_with_connect_info::<SocketAddr>();
+        let state = Arc::new(AppState::new(settings, broker, db));
+        let app = routes::router(state, acl).into_make_service_with_connect_info::<SocketAddr>();
         let mut stop = shutdown_rx;
         let server = tokio::spawn(async move {
             axum::serve(listener, app)
@@ -59,7 +108,7 @@ impl Ingest {
                     let _ = stop.wait_for(|stop| *stop).await;
                 })
                 .await
-                .map_err(|e| format!("HTTP server: {e}"))
+                .map_err(StopError::Server)
         });
         info!(%addr, "ingest listening");
         Ok(Ingest {
@@ -70,19 +119,17 @@ impl Ingest {
     }
 
     /// Binds the configured address and starts.
-    pub async fn bind(settings: Settings) -> Result<Ingest, String> {
-        let listen = settings.ingest.listen;
-        let listener = TcpListener::bind(listen)
+    pub async fn bind(settings: Settings) -> Result<Ingest, StartError> {
+        let addr = settings.ingest.listen;
+        let listener = TcpListener::bind(addr)
             .await
-            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+            .map_err(|source| StartError::Listen { addr, source })?;
         Ingest::start(settings, listener).await
     }
 
     /// Stops accepting, lets in-flight requests finish, closes the broker link.
-    pub async fn stop(self) -> Result<(), String> {
+    pub async fn stop(self) -> Result<(), StopError> {
         let _ = self.shutdown.send(true);
-        self.server
-            .await
-            .map_err(|e| format!("HTTP server task: {e}"))?
+        self.server.await?
     }
 }

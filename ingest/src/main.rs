@@ -1,5 +1,6 @@
 //! `pushfleet-ingest --config <file>`: serves the push API until SIGTERM or SIGINT.
 
+use std::error::Error;
 use std::process::ExitCode;
 
 use pushfleet_core::service::{init_logging, shutdown_signal, CommandLine};
@@ -17,15 +18,15 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run() -> Result<(), String> {
+async fn run() -> Result<(), Box<dyn Error>> {
     let command_line = CommandLine::parse("pushfleet-ingest", "")?;
     if let Some(command) = command_line.command {
-        return Err(format!("unknown command {command:?}"));
+        return Err(format!("unknown command {command:?}").into());
     }
     let settings = command_line.settings()?;
     init_logging(&settings.log);
     let ingest = Ingest::bind(settings).await?;
     shutdown_signal().await;
     info!("shutting down: finishing in-flight requests");
-    ingest.stop().await
+    Ok(ingest.stop().await?)
 }

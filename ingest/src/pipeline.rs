@@ -1,0 +1,207 @@
+//! From a validated push to the caller's answer, the same for every API: the job, its
+//! publication into RabbitMQ, the wait for the worker's reply in sync mode, and the 202 or
+//! synchronous answer in the reference's shapes.
+
+use std::fmt::Display;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use pushfleet_core::clock::now_ms;
+use pushfleet_core::job::{Job, SyncReply, JOB_VERSION};
+use pushfleet_core::ResponseMode;
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::validate::{validate, ValidPush};
+
+/// Whether callers wait for the worker's answer.
+pub fn is_sync(state: &AppState) -> bool {
+    state.settings.ingest.mode == ResponseMode::Sync
+}
+
+/// Until when a request received now waits for its answers.
+pub fn sync_deadline(state: &AppState) -> Instant {
+    Instant::now() + Duration::from_millis(state.settings.ingest.sync_timeout_ms)
+}
+
+/// A job for a validated push, and the time it is worth delivering.
+pub fn new_job(state: &AppState, valid: ValidPush<'_>) -> (Job, Duration) {
+    let policy = state.policies.get(valid.event);
+    let now = now_ms();
+    let job = Job {
+        v: JOB_VERSION,
+        id: Uuid::new_v4(),
+        app_id: valid.app.id.clone(),
+        platform: valid.app.platform,
+        event: valid.event,
+        lane: policy.lane,
+        received_at_ms: now,
+        deadline_ms: now + policy.ttl.as_millis() as u64,
+        attempt: 0,
+        push: valid.push,
+    };
+    (job, policy.ttl)
+}
+
+/// Validates a v1-shaped push (from `/push` or built from RFC 8599 parameters), queues it and
+/// answers as the reference does.
+pub async fn accept(
+    state: &AppState,
+    peer: SocketAddr,
+    body: &Map<String, Value>,
+) -> Result<Response, ApiError> {
+    let valid = validate(body, &state.settings).inspect_err(|e| {
+        info!(peer = %peer.ip(), status = e.status().as_u16(), error = %e.body(), "push request rejected");
+    })?;
+    let (job, ttl) = new_job(state, valid);
+    let reply = enqueue(state, &job, ttl, is_sync(state), RequestId(&job), peer).await?;
+    let Some(reply) = reply else {
+        return Ok(accepted(job.id));
+    };
+    Ok(
+        match await_reply(state, job.id, reply, sync_deadline(state)).await {
+            Some(reply) => sync_answer(&job, reply),
+            None => accepted(job.id),
+        },
+    )
+}
+
+/// A v1 push's request id in the logs, `<event>-<app id>-<call id>`: written out only by the log
+/// lines that show it, instead of being built for every push.
+struct RequestId<'a>(&'a Job);
+
+impl Display for RequestId<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let job = self.0;
+        write!(f, "{}-{}-{}", job.event, job.app_id, job.push.call_id)
+    }
+}
+
+/// Publishes one job (logging and counting it); a broker problem is the caller's 503.
+pub async fn enqueue(
+    state: &AppState,
+    job: &Job,
+    ttl: Duration,
+    sync: bool,
+    request_id: impl Display,
+    peer: SocketAddr,
+) -> Result<Option<oneshot::Receiver<SyncReply>>, ApiError> {
+    let reply = state
+        .broker
+        .publish(job, ttl, sync)
+        .await
+        .inspect_err(|e| {
+            warn!(%request_id, call_id = %job.push.call_id, error = %e, "push not queued");
+        })?;
+    info!(
+        %request_id, call_id = %job.push.call_id, job_id = %job.id, peer = %peer.ip(),
+        platform = %job.platform, event = %job.event, to = %job.push.to, "push accepted"
+    );
+    metrics::counter!(
+        "pushfleet_ingest_jobs_total",
+        "app" => job.app_id.clone(), "platform" => job.platform.as_str(), "event" => job.event.as_str()
+    )
+    .increment(1);
+    Ok(reply)
+}
+
+/// The worker's answer, or `None` once `deadline` passes.
+pub async fn await_reply(
+    state: &AppState,
+    job_id: Uuid,
+    reply: oneshot::Receiver<SyncReply>,
+    deadline: Instant,
+) -> Option<SyncReply> {
+    match tokio::time::timeout_at(deadline, reply).await {
+        Ok(Ok(reply)) => Some(reply),
+        _ => {
+            // The job stays queued and will still be delivered and audited.
+            state.broker.forget(job_id);
+            metrics::counter!("pushfleet_ingest_sync_timeouts_total").increment(1);
+            None
+        }
+    }
+}
+
+/// The 202 answer, `{"code": 202, "data": {"job_id": ...}, "description": ...}`, written from a
+/// struct: cheaper than a `json!` map on every push. Its fields are declared in the order
+/// serde_json's maps write keys (sorted), so that it reads like every other answer.
+#[derive(Serialize)]
+struct Accepted {
+    code: u16,
+    data: AcceptedData,
+    description: &'static str,
+}
+
+#[derive(Serialize)]
+struct AcceptedData {
+    job_id: Uuid,
+}
+
+fn accepted(job_id: Uuid) -> Response {
+    let body = Accepted {
+        code: 202,
+        data: AcceptedData { job_id },
+        description: "accepted for delivery",
+    };
+    (StatusCode::ACCEPTED, Json(body)).into_response()
+}
+
+/// The reference's synchronous answer: the HTTP status is the provider-derived code.
+fn sync_answer(job: &Job, reply: SyncReply) -> Response {
+    let status = StatusCode::from_u16(reply.code).unwrap_or(StatusCode::BAD_GATEWAY);
+    (
+        status,
+        Json(json!({
+            "code": reply.code,
+            "description": "push notification response",
+            "data": push_result(job, &reply),
+        })),
+    )
+        .into_response()
+}
+
+/// One device's result, in the reference's shape.
+pub fn push_result(job: &Job, reply: &SyncReply) -> Value {
+    json!({
+        "body": reply.body,
+        "code": reply.code,
+        "reason": reply.reason,
+        "url": reply.url,
+        "platform": job.platform,
+        "call_id": job.push.call_id,
+        "token": job.push.token,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::header;
+
+    #[tokio::test]
+    async fn the_accepted_answer_keeps_its_bytes() {
+        let job_id = Uuid::parse_str("6f1c1c3e-4a43-4c3e-9d6f-5a1f8a2b0c11").expect("literal uuid");
+        let response = accepted(job_id);
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+        let body = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .expect("body");
+        let expected = json!({
+            "code": 202,
+            "description": "accepted for delivery",
+            "data": {"job_id": job_id},
+        });
+        assert_eq!(body, expected.to_string().as_bytes());
+    }
+}

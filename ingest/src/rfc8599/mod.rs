@@ -1,0 +1,254 @@
+//! `POST /rfc8599/push`: a push addressed by the RFC 8599 parameters a SIP registrar stored from
+//! the device's Contact (`pn-provider`, `pn-param`, `pn-prid`), so that OpenSIPS, Kamailio or a
+//! Flexisip "external push" can call pushfleet directly. The device is mapped to a configured
+//! app, and the push is turned into a v1 request and answered as one.
+
+mod params;
+mod resolve;
+
+use std::net::SocketAddr;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, State};
+use axum::response::Response;
+use pushfleet_core::config::Settings;
+use serde_json::{json, Map, Value};
+
+use self::params::parameters;
+use self::resolve::resolve;
+use crate::error::ApiError;
+use crate::fcm_projects::FcmProjects;
+use crate::fields::{field, python_str};
+use crate::pipeline;
+use crate::request::json_object;
+use crate::state::Shared;
+
+/// `POST /rfc8599/push`.
+pub async fn push(
+    State(state): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let body = json_object(body, state.body_limit()).await?;
+    let v1 = v1_body(&body, &state.settings, &state.fcm_projects)?;
+    pipeline::accept(&state, peer, &v1).await
+}
+
+/// The keys that address the device, replaced in the v1 request by its app, platform and token.
+const ADDRESS_KEYS: [&str; 7] = [
+    "contact",
+    "pn-provider",
+    "pn-param",
+    "pn-prid",
+    "pn-type",
+    "pn-tok",
+    "type",
+];
+
+/// The v1 request that the RFC 8599 push stands for.
+fn v1_body(
+    body: &Map<String, Value>,
+    settings: &Settings,
+    fcm_projects: &FcmProjects,
+) -> Result<Map<String, Value>, ApiError> {
+    let params = parameters(body)?;
+    let event = event(body)?;
+    let hint = field(body, "app-id").and_then(Value::as_str);
+    let target = resolve(&params, &event, hint, settings, fcm_projects)?;
+    let mut v1 = body.clone();
+    for key in ADDRESS_KEYS {
+        v1.remove(key);
+        v1.remove(&key.replace('-', "_"));
+    }
+    v1.insert("app-id".into(), json!(target.app_id));
+    v1.insert("platform".into(), json!(target.platform));
+    v1.insert("token".into(), json!(target.token));
+    v1.insert("event".into(), json!(event));
+    // What a SIP proxy may not know: the defaults of a plain audio call / chat message.
+    if field(body, "silent").is_none() {
+        v1.insert("silent".into(), json!(true));
+    }
+    if field(body, "media-type").is_none() && event != "cancel" {
+        let media = if event == "message" { "chat" } else { "audio" };
+        v1.insert("media-type".into(), json!(media));
+    }
+    Ok(v1)
+}
+
+/// The event of the push: a Sylk event name, or Flexisip's `type` (call, message, background).
+fn event(body: &Map<String, Value>) -> Result<String, ApiError> {
+    if let Some(event) = field(body, "event").filter(|v| !v.is_null()) {
+        return Ok(python_str(event));
+    }
+    match field(body, "type").filter(|v| !v.is_null()) {
+        None => Ok("incoming_session".into()),
+        Some(kind) => match kind.as_str() {
+            Some("call") => Ok("incoming_session".into()),
+            Some("message") => Ok("message".into()),
+            Some("background" | "cancel") => Ok("cancel".into()),
+            _ => Err(ApiError::UnknownType),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pushfleet_core::config::Platform;
+    use resolve::Target;
+    use std::path::Path;
+
+    fn settings() -> Settings {
+        let sa = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        let text = format!(
+            r#"
+            [[apps]]
+            id = "org.linphone.phone"
+            platform = "apple"
+            type = "linphone"
+            apns = {{ cert_file = "{0}", cert_key_file = "{0}" }}
+            [[apps]]
+            id = "com.example.sylk.prod"
+            platform = "apple"
+            type = "sylk"
+            apns = {{ cert_file = "{0}", cert_key_file = "{0}" }}
+            [[apps]]
+            id = "org.linphone.phone"
+            platform = "firebase"
+            type = "linphone"
+            fcm = {{ service_account_file = "{0}", project_id = "linphone-1234" }}
+            [[apps]]
+            id = "com.example.sylk"
+            platform = "firebase"
+            type = "sylk"
+            fcm = {{ service_account_file = "{0}" }}
+            "#,
+            sa.display()
+        );
+        Settings::from_toml(&text, Vec::new(), Path::new(".")).unwrap()
+    }
+
+    fn target(body: Value) -> Result<Target, ApiError> {
+        let settings = settings();
+        let projects = FcmProjects::load(&settings);
+        let body = body.as_object().unwrap().clone();
+        let params = parameters(&body)?;
+        let event = event(&body)?;
+        let hint = body.get("app-id").and_then(Value::as_str);
+        resolve(&params, &event, hint, &settings, &projects)
+    }
+
+    #[test]
+    fn linphone_ios_remote_and_voip_pair() {
+        let contact = "<sip:bob@192.0.2.1:5060;transport=tls;pn-provider=apns.dev;\
+            pn-param=ABCD1234.org.linphone.phone.remote%26voip;\
+            pn-prid=AAAA:remote&BBBB:voip;pn-timeout=0;pn-silent=1>";
+        let call = target(json!({"contact": contact})).unwrap();
+        assert_eq!(
+            (call.platform, call.app_id.as_str(), call.token.as_str()),
+            (Platform::Apple, "org.linphone.phone", "BBBB")
+        );
+        // Token order is free; the counts must match.
+        let swapped = json!({"pn-provider": "apns", "pn-param": "ABCD1234.org.linphone.phone.voip&remote",
+                             "pn-prid": "BBBB:voip&AAAA:remote"});
+        assert_eq!(target(swapped).unwrap().token, "BBBB");
+        let short = json!({"pn-provider": "apns", "pn-param": "ABCD1234.org.linphone.phone.remote&voip",
+                           "pn-prid": "AAAA:remote"});
+        assert!(matches!(
+            target(short),
+            Err(ApiError::MalformedPnPrid(prid)) if prid == "AAAA:remote"
+        ));
+    }
+
+    #[test]
+    fn sylk_messages_go_to_the_remote_token_and_suffixed_apps_are_found() {
+        let body = json!({"pn-provider": "apns", "pn-param": "TEAM.com.example.sylk.remote&voip",
+                          "pn-prid": "AAAA:remote&BBBB:voip", "event": "message"});
+        let t = target(body).unwrap();
+        assert_eq!(
+            (t.app_id.as_str(), t.token.as_str()),
+            ("com.example.sylk.prod", "AAAA")
+        );
+        let voip = json!({"pn-provider": "apns", "pn-param": "TEAM.com.example.sylk.voip",
+                          "pn-prid": "CCCC"});
+        assert_eq!(target(voip).unwrap().token, "CCCC");
+        let plain = json!({"pn-provider": "apns", "pn-param": "TEAM.com.example.sylk",
+                           "pn-prid": "DDDD", "type": "message"});
+        assert_eq!(target(plain).unwrap().token, "DDDD");
+    }
+
+    #[test]
+    fn linphone_android_and_legacy_forms() {
+        let android = json!({"contact": "sip:alice@198.51.100.7;pn-provider=fcm;pn-param=linphone-1234;pn-prid=fcmtok:APA91"});
+        let t = target(android).unwrap();
+        assert_eq!(
+            (t.platform, t.app_id.as_str(), t.token.as_str()),
+            (Platform::Firebase, "org.linphone.phone", "fcmtok:APA91")
+        );
+        // A sender id nobody configured: two Firebase apps, so the caller must name one.
+        let sender = json!({"pn-provider": "fcm", "pn-param": "929724111839", "pn-prid": "t"});
+        assert!(matches!(
+            target(sender.clone()),
+            Err(ApiError::NoFirebaseApp { pn_param }) if pn_param == "929724111839"
+        ));
+        let mut hinted = sender;
+        hinted["app-id"] = json!("com.example.sylk");
+        assert_eq!(target(hinted).unwrap().app_id, "com.example.sylk");
+        let legacy_ios =
+            json!({"pn-type": "apple", "app-id": "org.linphone.phone.voip.prod", "pn-tok": "EEEE"});
+        let t = target(legacy_ios).unwrap();
+        assert_eq!(
+            (t.app_id.as_str(), t.token.as_str()),
+            ("org.linphone.phone", "EEEE")
+        );
+        let legacy_android =
+            json!({"pn-type": "firebase", "app-id": "org.linphone.phone", "pn-tok": "FFFF"});
+        assert_eq!(target(legacy_android).unwrap().token, "FFFF");
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        assert!(matches!(
+            target(json!({"pn-provider": "wp", "pn-param": "x", "pn-prid": "y"})),
+            Err(ApiError::UnsupportedProvider(name)) if name == "wp"
+        ));
+        assert!(matches!(
+            target(json!({"pn-param": "x"})),
+            Err(ApiError::MissingField("pn-provider"))
+        ));
+        assert!(matches!(
+            target(json!({"pn-provider": "apns", "pn-param": "T.com.unknown.voip", "pn-prid": "y"})),
+            Err(ApiError::UnknownApp { platform: Platform::Apple, app_id }) if app_id == "com.unknown"
+        ));
+        assert!(matches!(
+            target(json!({"pn-provider": "apns", "pn-param": "nodot", "pn-prid": "y"})),
+            Err(ApiError::MalformedPnParam(_))
+        ));
+        assert!(matches!(
+            target(json!({"type": "fax"})),
+            Err(ApiError::UnknownType)
+        ));
+        assert!(matches!(
+            target(json!({"contact": 5})),
+            Err(ApiError::InvalidField {
+                field: "contact",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn the_v1_request_carries_the_device_and_call_defaults() {
+        let settings = settings();
+        let projects = FcmProjects::load(&settings);
+        let body = json!({"pn-provider": "fcm", "pn-param": "linphone-1234", "pn-prid": "tok",
+                          "call-id": "c", "from": "a", "to": "b", "type": "message"});
+        let v1 = v1_body(body.as_object().unwrap(), &settings, &projects).unwrap();
+        assert_eq!(
+            Value::Object(v1),
+            json!({"app-id": "org.linphone.phone", "platform": "firebase", "token": "tok",
+                   "event": "message", "silent": true, "media-type": "chat",
+                   "call-id": "c", "from": "a", "to": "b"})
+        );
+    }
+}

@@ -1,0 +1,337 @@
+//! The validation of a Sylk v1 push request: field names, aliases, coercions, validation order
+//! and messages as the reference implements them, minus its crashes. The first failing check is
+//! the one reported, as in the reference. v2 pushes and RFC 8599 pushes become v1 requests and
+//! pass through here too.
+
+use pushfleet_core::config::{AppSettings, AppType, Platform, Settings};
+use pushfleet_core::job::PushData;
+use pushfleet_core::policy::Event;
+use serde_json::{Map, Value};
+
+use crate::error::ApiError;
+use crate::fields::{
+    bool_or, field, given, int_or, optional_str, python_str, required_str, truthy,
+};
+
+/// A v1 request that passed validation.
+#[derive(Debug, Clone)]
+pub struct ValidPush<'a> {
+    pub app: &'a AppSettings,
+    pub event: Event,
+    pub push: PushData,
+}
+
+const MEDIA_TYPES: [&str; 6] = ["audio", "video", "image", "chat", "sms", "file-transfer"];
+
+/// Validates a parsed v1 body against the configured apps.
+pub fn validate<'a>(
+    body: &Map<String, Value>,
+    settings: &'a Settings,
+) -> Result<ValidPush<'a>, ApiError> {
+    let app = configured_app(body, settings, ApiError::UnknownPlatform)?;
+    require_keys(body, app.app_type)?;
+    check_media_type(body)?;
+    let event = event(body, app.app_type)?;
+    let push = push_data(body)?;
+    if push.token.is_empty() {
+        // An empty token cannot address a device; the reference would send it and fail.
+        return Err(ApiError::EmptyField("token"));
+    }
+    Ok(ValidPush { app, event, push })
+}
+
+/// Checks 1–4: the app and platform are there at all, pushfleet knows the platform, and an app
+/// is configured for it. v1 and v2 word an unknown platform differently: `unknown_platform`
+/// builds that error.
+pub fn configured_app<'a>(
+    body: &Map<String, Value>,
+    settings: &'a Settings,
+    unknown_platform: fn(String) -> ApiError,
+) -> Result<&'a AppSettings, ApiError> {
+    let present = |name| field(body, name).filter(|v| truthy(Some(v)));
+    let app_id = present("app-id").ok_or(ApiError::RequiredField("app-id"))?;
+    let platform_value = present("platform").ok_or(ApiError::RequiredField("platform"))?;
+    let platform = platform_value
+        .as_str()
+        .and_then(Platform::from_alias)
+        .ok_or_else(|| unknown_platform(python_str(platform_value)))?;
+    let app_id = python_str(app_id);
+    match settings.app(&app_id, platform) {
+        Some(app) => Ok(app),
+        None => Err(ApiError::UnknownApp { platform, app_id }),
+    }
+}
+
+/// Check 5: the keys each app type needs. The reference's order is random per process; ours is
+/// the order below, always.
+fn require_keys(body: &Map<String, Value>, app_type: AppType) -> Result<(), ApiError> {
+    let required: &[&'static str] = match app_type {
+        AppType::Sylk => &[
+            "app-id", "call-id", "platform", "from", "token", "silent", "to", "event",
+        ],
+        AppType::Linphone => &["app-id", "call-id", "platform", "from", "token"],
+    };
+    let missing: Vec<&'static str> = required
+        .iter()
+        .copied()
+        .filter(|k| given(body, k).is_none())
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::MissingItems(missing))
+    }
+}
+
+/// Check 6: a known media-type, except for a cancel.
+fn check_media_type(body: &Map<String, Value>) -> Result<(), ApiError> {
+    if given(body, "event").and_then(Value::as_str) == Some("cancel") {
+        return Ok(());
+    }
+    match given(body, "media-type") {
+        None => Err(ApiError::MissingMediaType),
+        Some(m) if !m.as_str().is_some_and(|m| MEDIA_TYPES.contains(&m)) => {
+            Err(ApiError::InvalidMediaType)
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+/// Check 7 and the first of 8: Linphone apps only ring, their event defaulting to
+/// incoming_session; any other app names a known event.
+fn event(body: &Map<String, Value>, app_type: AppType) -> Result<Event, ApiError> {
+    let name = match (app_type, given(body, "event")) {
+        (AppType::Linphone, None) => "incoming_session",
+        (AppType::Linphone, Some(v)) if v.as_str() != Some("incoming_session") => {
+            return Err(ApiError::OnlyIncomingSession)
+        }
+        (_, Some(Value::String(s))) => s.as_str(),
+        (_, Some(_)) => {
+            return Err(ApiError::InvalidField {
+                field: "event",
+                problem: "str type expected",
+            })
+        }
+        (_, None) => "",
+    };
+    Event::parse(name).ok_or(ApiError::UnknownEvent)
+}
+
+/// Check 8: the field types. Fields are read in the reference model's field order, so that the
+/// first bad one is the one reported.
+fn push_data(body: &Map<String, Value>) -> Result<PushData, ApiError> {
+    Ok(PushData {
+        token: required_str(body, "token")?,
+        device_id: optional_str(body, "device-id")?,
+        call_id: required_str(body, "call-id")?,
+        from: required_str(body, "from")?,
+        from_display_name: optional_str(body, "from-display-name")?,
+        to: required_str(body, "to")?,
+        media_type: optional_str(body, "media-type")?,
+        silent: bool_or(body, "silent", true)?,
+        reason: optional_str(body, "reason")?,
+        badge: int_or(body, "badge", 1)?,
+        filename: optional_str(body, "filename")?,
+        filetype: optional_str(body, "filetype")?,
+        account: optional_str(body, "account")?,
+        content: optional_str(body, "content")?,
+        content_type: optional_str(body, "content-type")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::path::Path;
+
+    fn settings() -> Settings {
+        let sa = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        let text = format!(
+            r#"
+            [[apps]]
+            id = "com.example.sylk"
+            platform = "firebase"
+            type = "sylk"
+            fcm = {{ service_account_file = "{0}" }}
+
+            [[apps]]
+            id = "com.example.linphone"
+            platform = "firebase"
+            type = "linphone"
+            fcm = {{ service_account_file = "{0}" }}
+            "#,
+            sa.display()
+        );
+        Settings::from_toml(&text, Vec::new(), Path::new(".")).unwrap()
+    }
+
+    fn sylk_body() -> Value {
+        json!({
+            "app-id": "com.example.sylk", "platform": "android", "token": "tok",
+            "device-id": "dev1", "call-id": "call-1", "from": "alice@example.com",
+            "from-display-name": "Alice", "to": "bob@example.com", "media-type": "audio",
+            "event": "incoming_session", "silent": "1"
+        })
+    }
+
+    fn check(body: Value) -> Result<ValidPush<'static>, (u16, String)> {
+        let settings: &'static Settings = Box::leak(Box::new(settings()));
+        validate(body.as_object().unwrap(), settings)
+            .map_err(|e| (e.status().as_u16(), e.to_string()))
+    }
+
+    fn without(mut body: Value, key: &str) -> Value {
+        body.as_object_mut().unwrap().remove(key);
+        body
+    }
+
+    fn with(mut body: Value, key: &str, value: Value) -> Value {
+        body.as_object_mut().unwrap().insert(key.into(), value);
+        body
+    }
+
+    #[test]
+    fn a_complete_sylk_request_is_accepted() {
+        let v = check(sylk_body()).unwrap();
+        assert_eq!(v.event, Event::IncomingSession);
+        assert_eq!(v.app.platform, Platform::Firebase);
+        assert_eq!(v.push.from_display_name.as_deref(), Some("Alice"));
+        assert!(v.push.silent);
+        assert_eq!(v.push.badge, 1);
+    }
+
+    #[test]
+    fn checks_run_in_the_reference_order() {
+        assert_eq!(
+            check(json!({})).unwrap_err(),
+            (400, "Field 'app-id' required".into())
+        );
+        assert_eq!(
+            check(json!({"app-id": "x"})).unwrap_err(),
+            (400, "Field 'platform' required".into())
+        );
+        assert_eq!(
+            check(json!({"app-id": "x", "platform": "Apple"})).unwrap_err(),
+            (404, "'Apple' platform is not configured".into())
+        );
+        assert_eq!(
+            check(json!({"app-id": "com.unknown", "platform": "ios"})).unwrap_err(),
+            (404, "Apple com.unknown app is not configured".into())
+        );
+        assert_eq!(
+            check(without(without(sylk_body(), "silent"), "event")).unwrap_err(),
+            (400, "'silent ,event' item(s) missing.".into())
+        );
+        assert_eq!(
+            check(without(sylk_body(), "media-type")).unwrap_err(),
+            (400, "Field media-type required".into())
+        );
+        assert_eq!(
+            check(with(sylk_body(), "media-type", json!("fax")))
+                .unwrap_err()
+                .0,
+            400
+        );
+        assert_eq!(
+            check(with(sylk_body(), "event", json!("ring"))).unwrap_err().1,
+            "event must be 'incoming_session', 'incoming_conference_request', 'cancel' or 'message', 'transfer': event"
+        );
+    }
+
+    #[test]
+    fn cancel_needs_no_media_type() {
+        let body = with(without(sylk_body(), "media-type"), "event", json!("cancel"));
+        assert_eq!(check(body).unwrap().event, Event::Cancel);
+    }
+
+    #[test]
+    fn both_spellings_are_accepted() {
+        let body = with(
+            without(sylk_body(), "from-display-name"),
+            "from_display_name",
+            json!("Alice U."),
+        );
+        assert_eq!(
+            check(body).unwrap().push.from_display_name.as_deref(),
+            Some("Alice U.")
+        );
+        let body = with(sylk_body(), "event", json!("incoming_conference"));
+        assert_eq!(check(body).unwrap().event, Event::IncomingConferenceRequest);
+    }
+
+    #[test]
+    fn values_are_coerced_like_pydantic() {
+        let v = check(with(
+            with(sylk_body(), "token", json!(12345)),
+            "badge",
+            json!("2"),
+        ))
+        .unwrap();
+        assert_eq!((v.push.token.as_str(), v.push.badge), ("12345", 2));
+        assert!(
+            !check(with(sylk_body(), "silent", json!("off")))
+                .unwrap()
+                .push
+                .silent
+        );
+        assert_eq!(
+            check(with(sylk_body(), "silent", json!("abc"))).unwrap_err(),
+            (400, "value could not be parsed to a boolean: silent".into())
+        );
+        assert_eq!(
+            check(with(sylk_body(), "badge", Value::Null)).unwrap_err(),
+            (400, "none is not an allowed value: badge".into())
+        );
+        assert_eq!(
+            check(with(sylk_body(), "to", json!({"user": "bob"}))).unwrap_err(),
+            (400, "str type expected: to".into())
+        );
+    }
+
+    #[test]
+    fn linphone_rings_only() {
+        let body = json!({
+            "app-id": "com.example.linphone", "platform": "firebase", "token": "t",
+            "call-id": "c", "from": "f", "to": "t", "media-type": "audio"
+        });
+        assert_eq!(check(body.clone()).unwrap().event, Event::IncomingSession);
+        assert_eq!(
+            check(with(body.clone(), "event", json!("message"))).unwrap_err(),
+            (404, "event not found (must be incoming_sesion)".into())
+        );
+        assert_eq!(
+            check(without(body, "to")).unwrap_err(),
+            (400, "field required: to".into())
+        );
+    }
+
+    #[test]
+    fn errors_name_what_is_wrong() {
+        let settings = settings();
+        let object = |v: Value| v.as_object().unwrap().clone();
+        assert!(matches!(
+            configured_app(
+                &object(json!({"app-id": "x", "platform": "Apple"})),
+                &settings,
+                ApiError::UnknownRegistrationPlatform
+            ),
+            Err(ApiError::UnknownRegistrationPlatform(p)) if p == "Apple"
+        ));
+        assert!(matches!(
+            validate(&object(with(sylk_body(), "token", json!(""))), &settings),
+            Err(ApiError::EmptyField("token"))
+        ));
+        assert!(matches!(
+            validate(
+                &object(with(sylk_body(), "media-type", json!("fax"))),
+                &settings
+            ),
+            Err(ApiError::InvalidMediaType)
+        ));
+        assert!(matches!(
+            validate(&object(with(sylk_body(), "event", json!(5))), &settings),
+            Err(ApiError::InvalidField { field: "event", .. })
+        ));
+    }
+}
