@@ -25,8 +25,8 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{Confirmation, Connection, ConnectionProperties};
 use pushfleet_bench::{main_of, process_usage, report, Args};
-use pushfleet_core::config::Platform;
 use pushfleet_core::clock::now_ms;
+use pushfleet_core::config::Platform;
 use pushfleet_core::job::{Job, PushData, JOB_VERSION};
 use pushfleet_core::topology::{self, Topology};
 use pushfleet_core::{Event, Lane};
