@@ -148,6 +148,14 @@ pub struct RabbitSettings {
     /// The delays a job can wait before its next attempt: one retry queue per delay and lane.
     /// A computed back-off is rounded up to the next tier.
     pub retry_tiers_ms: Vec<u64>,
+    /// Deliveries of one message before a consumed queue dead-letters it instead of handing it
+    /// out again: a message that brings its consumer down every time does not loop.
+    pub delivery_limit: u32,
+    /// Jobs a lane holds at most; beyond it the broker refuses the publish and the caller gets
+    /// 503. 0: no limit.
+    pub lane_max_length: u64,
+    /// How long the dead letters kept for operators (`<ns>.dead`, `<ns>.audit.dead`) stay.
+    pub dead_letter_max_age_secs: u64,
 }
 
 impl Default for RabbitSettings {
@@ -158,6 +166,9 @@ impl Default for RabbitSettings {
             prefetch: 256,
             connect_timeout_ms: 5000,
             retry_tiers_ms: vec![1_000, 2_000, 5_000, 15_000, 60_000, 300_000],
+            delivery_limit: 20,
+            lane_max_length: 1_000_000,
+            dead_letter_max_age_secs: 7 * 24 * 3600,
         }
     }
 }
@@ -202,6 +213,9 @@ pub struct WorkerSettings {
     pub max_streams_per_connection: usize,
     /// How often the list of tokens providers declared dead is reloaded from Postgres.
     pub invalid_tokens_refresh_secs: u64,
+    /// On SIGTERM, how long the jobs in hand may take to finish before the worker closes its
+    /// connections anyway (unfinished jobs go back to their queue).
+    pub shutdown_timeout_ms: u64,
 }
 
 /// Retries of pushes that may succeed later (429, 5xx, no answer): exponential back-off with
@@ -242,6 +256,7 @@ impl Default for WorkerSettings {
             max_connections_per_app: 4,
             max_streams_per_connection: 1000,
             invalid_tokens_refresh_secs: 30,
+            shutdown_timeout_ms: 10_000,
         }
     }
 }
@@ -562,6 +577,16 @@ impl RabbitSettings {
             !tiers.is_empty() && tiers[0] >= 100 && tiers.windows(2).all(|w| w[0] < w[1]),
             "[rabbitmq] retry_tiers_ms",
             "must list increasing delays of at least 100 ms",
+        )?;
+        ensure(
+            self.delivery_limit > 0,
+            "[rabbitmq] delivery_limit",
+            "must be at least 1",
+        )?;
+        ensure(
+            (1..=365 * 24 * 3600).contains(&self.dead_letter_max_age_secs),
+            "[rabbitmq] dead_letter_max_age_secs",
+            "must be between 1 and 31536000 (a year)",
         )
     }
 }
@@ -606,6 +631,11 @@ impl WorkerSettings {
             self.invalid_tokens_refresh_secs > 0,
             "[worker] invalid_tokens_refresh_secs",
             "must be at least 1",
+        )?;
+        ensure(
+            (1..=600_000).contains(&self.shutdown_timeout_ms),
+            "[worker] shutdown_timeout_ms",
+            "must be between 1 and 600000",
         )
     }
 }

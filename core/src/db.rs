@@ -53,6 +53,24 @@ impl DbError {
     pub fn query(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> DbError {
         move |source| DbError::Query { context, source }
     }
+
+    /// Whether the database refused the data itself (SQLSTATE class 22, data exception, such as
+    /// a NUL in text; class 23, integrity constraint violation): the same rows would fail again,
+    /// however often they were retried. Anything else (no connection, a restart, a timeout) may
+    /// pass later.
+    pub fn is_data_error(&self) -> bool {
+        let source = match self {
+            DbError::Query { source, .. } | DbError::Migration { source, .. } => source,
+            _ => return false,
+        };
+        source
+            .code()
+            .is_some_and(|state| is_data_sqlstate(state.code()))
+    }
+}
+
+fn is_data_sqlstate(code: &str) -> bool {
+    code.starts_with("22") || code.starts_with("23")
 }
 
 /// A pool whose connections are checked before reuse, so that a database restart costs one
@@ -146,4 +164,20 @@ pub async fn ensure_partitions(pool: &Pool) -> Result<(), DbError> {
         )
         .await
         .map_err(DbError::query("audit partitions"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_errors_are_classes_22_and_23() {
+        // 22021: character not in repertoire (a NUL in text); 23505: unique violation.
+        assert!(is_data_sqlstate("22021"));
+        assert!(is_data_sqlstate("23505"));
+        // 08006: connection failure; 57P01: admin shutdown (a restart); 40001: serialization.
+        assert!(!is_data_sqlstate("08006"));
+        assert!(!is_data_sqlstate("57P01"));
+        assert!(!is_data_sqlstate("40001"));
+    }
 }

@@ -7,8 +7,14 @@
 //!                    ──messages──► <ns>.messages (quorum)                                      └─► <ns>.dead.audit
 //! <ns>.retry.<lane>.<delay> (quorum, per-queue TTL) ──dead-letter──► <ns>.jobs, routing key <lane>
 //! <ns>.outcomes (fanout) ──► <ns>.audit (quorum)
+//! <ns>.audit, <ns>.dead.audit ──dead-letter / parked by the sink──► <ns>.audit.dead (fanout) ──► <ns>.audit.dead
 //! <ns>.ledger (stream): cancels and dedupe claims, read by every worker
 //! ```
+//!
+//! Every consumed quorum queue has a delivery limit, so that a message that brings its consumer
+//! down every time is dead-lettered instead of looping. The lanes have a maximum length and
+//! refuse publishes beyond it, so an overload reaches callers as a 503 instead of a broker-wide
+//! memory alarm; what is kept for operators (`dead`, `audit.dead`) expires after a maximum age.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +26,7 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
     PublisherConfirm,
 };
+use tracing::warn;
 use uuid::Uuid;
 
 use crate::config::RabbitSettings;
@@ -94,11 +101,14 @@ pub async fn confirm(
     }
 }
 
-/// Exchange and queue names under one namespace.
+/// Exchange and queue names under one namespace, and the limits their queues are declared with.
 #[derive(Debug, Clone)]
 pub struct Topology {
     namespace: String,
     retry_tiers_ms: Vec<u64>,
+    delivery_limit: u32,
+    lane_max_length: u64,
+    dead_letter_max_age_ms: u64,
 }
 
 impl Topology {
@@ -106,6 +116,9 @@ impl Topology {
         Topology {
             namespace: settings.namespace.clone(),
             retry_tiers_ms: settings.retry_tiers_ms.clone(),
+            delivery_limit: settings.delivery_limit,
+            lane_max_length: settings.lane_max_length,
+            dead_letter_max_age_ms: settings.dead_letter_max_age_secs.saturating_mul(1000),
         }
     }
 
@@ -169,6 +182,15 @@ impl Topology {
         format!("{}.dead", self.namespace)
     }
 
+    /// Where outcomes the audit sink cannot write are parked, with the error, for operators.
+    pub fn audit_dead_exchange(&self) -> String {
+        format!("{}.audit.dead", self.namespace)
+    }
+
+    pub fn audit_dead_queue(&self) -> String {
+        format!("{}.audit.dead", self.namespace)
+    }
+
     /// Every queue, for tools and tests that clean a namespace up.
     pub fn queues(&self) -> Vec<String> {
         let mut queues = vec![
@@ -177,6 +199,7 @@ impl Topology {
             self.audit_queue(),
             self.dead_queue(),
             self.dead_audit_queue(),
+            self.audit_dead_queue(),
             self.ledger_queue(),
         ];
         for lane in Lane::ALL {
@@ -192,79 +215,65 @@ impl Topology {
             self.jobs_exchange(),
             self.outcomes_exchange(),
             self.dead_exchange(),
+            self.audit_dead_exchange(),
         ]
     }
 
-    /// Declares the whole topology on `channel`.
-    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
+    /// Declares the whole topology, on a channel of its own.
+    pub async fn declare(&self, connection: &Connection) -> Result<(), BrokerError> {
+        let mut declare = Declarer {
+            channel: connection.create_channel().await?,
+            connection,
         };
-        channel
-            .exchange_declare(
-                self.jobs_exchange().into(),
-                ExchangeKind::Direct,
-                durable,
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .exchange_declare(
-                self.outcomes_exchange().into(),
-                ExchangeKind::Fanout,
-                durable,
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .exchange_declare(
-                self.dead_exchange().into(),
-                ExchangeKind::Fanout,
-                durable,
-                FieldTable::default(),
-            )
-            .await?;
+        for (exchange, kind) in [
+            (self.jobs_exchange(), ExchangeKind::Direct),
+            (self.outcomes_exchange(), ExchangeKind::Fanout),
+            (self.dead_exchange(), ExchangeKind::Fanout),
+            (self.audit_dead_exchange(), ExchangeKind::Fanout),
+        ] {
+            declare.exchange(&exchange, kind).await?;
+        }
 
         for lane in Lane::ALL {
+            // Jobs that expire in the queue, are rejected, or reach the delivery limit go to the
+            // dead-letter exchange.
+            let mut args = self.consumed(dead_lettering_args(&self.dead_exchange()));
+            if self.lane_max_length > 0 {
+                // With `reject-publish` (set for dead-lettering): a full lane nacks the publish.
+                args.insert(
+                    "x-max-length".into(),
+                    AMQPValue::LongLongInt(self.lane_max_length as i64),
+                );
+            }
             let queue = self.lane_queue(lane);
-            // Jobs that expire in the queue or are rejected go to the dead-letter exchange.
-            let args = dead_lettering_args(&self.dead_exchange());
-            declare_queue(channel, &queue, args).await?;
-            channel
-                .queue_bind(
-                    queue.into(),
-                    self.jobs_exchange().into(),
-                    Self::lane_key(lane).into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
+            declare.queue(&queue, args).await?;
+            declare
+                .bind(&queue, &self.jobs_exchange(), Self::lane_key(lane))
                 .await?;
         }
 
-        declare_queue(channel, &self.audit_queue(), quorum_args()).await?;
-        channel
-            .queue_bind(
-                self.audit_queue().into(),
-                self.outcomes_exchange().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
+        let parked = self.consumed(dead_lettering_args(&self.audit_dead_exchange()));
+        declare.queue(&self.audit_queue(), parked.clone()).await?;
+        declare
+            .bind(&self.audit_queue(), &self.outcomes_exchange(), "")
             .await?;
 
-        for dead in [self.dead_queue(), self.dead_audit_queue()] {
-            declare_queue(channel, &dead, quorum_args()).await?;
-            channel
-                .queue_bind(
-                    dead.into(),
-                    self.dead_exchange().into(),
-                    "".into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-        }
+        declare
+            .queue(&self.dead_queue(), self.kept(quorum_args()))
+            .await?;
+        declare
+            .bind(&self.dead_queue(), &self.dead_exchange(), "")
+            .await?;
+        declare.queue(&self.dead_audit_queue(), parked).await?;
+        declare
+            .bind(&self.dead_audit_queue(), &self.dead_exchange(), "")
+            .await?;
+        declare
+            .queue(&self.audit_dead_queue(), self.kept(quorum_args()))
+            .await?;
+        declare
+            .bind(&self.audit_dead_queue(), &self.audit_dead_exchange(), "")
+            .await?;
 
         // A waiting retry lives in the broker, not in a worker: it survives a worker crash and
         // costs no worker memory. When its tier's TTL runs out it goes back to its lane.
@@ -276,7 +285,7 @@ impl Topology {
                     AMQPValue::LongString(Self::lane_key(lane).into()),
                 );
                 args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(tier as i64));
-                declare_queue(channel, &self.retry_queue(lane, tier), args).await?;
+                declare.queue(&self.retry_queue(lane, tier), args).await?;
             }
         }
 
@@ -293,9 +302,93 @@ impl Topology {
             "x-stream-max-segment-size-bytes".into(),
             AMQPValue::LongLongInt(LEDGER_SEGMENT_BYTES),
         );
-        declare_queue(channel, &self.ledger_queue(), ledger).await?;
+        declare.queue(&self.ledger_queue(), ledger).await?;
+        let _ = declare.channel.close(200, "declared".into()).await;
         Ok(())
     }
+
+    /// A queue a consumer reads: a message redelivered `delivery_limit` times is dead-lettered.
+    fn consumed(&self, mut args: FieldTable) -> FieldTable {
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
+        );
+        args
+    }
+
+    /// A queue kept for operators: its messages expire after the maximum age.
+    fn kept(&self, mut args: FieldTable) -> FieldTable {
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(self.dead_letter_max_age_ms as i64),
+        );
+        args
+    }
+}
+
+/// Declares on one channel, replacing it when the broker closes it over a queue that exists
+/// with other arguments.
+struct Declarer<'c> {
+    connection: &'c Connection,
+    channel: Channel,
+}
+
+impl Declarer<'_> {
+    async fn exchange(&self, name: &str, kind: ExchangeKind) -> Result<(), BrokerError> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        self.channel
+            .exchange_declare(name.into(), kind, durable, FieldTable::default())
+            .await?;
+        Ok(())
+    }
+
+    /// A queue that already exists with other arguments (declared by an earlier version, or
+    /// with other limits) is kept as it is: RabbitMQ cannot change a queue's arguments, an
+    /// operator policy can (see README, "RabbitMQ topology").
+    async fn queue(&mut self, name: &str, args: FieldTable) -> Result<(), BrokerError> {
+        let declared = self
+            .channel
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await;
+        match declared {
+            Ok(_) => Ok(()),
+            Err(e) if precondition_failed(&e) => {
+                warn!(queue = name, error = %e, "queue exists with other arguments; kept as it is");
+                self.channel = self.connection.create_channel().await?;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn bind(&self, queue: &str, exchange: &str, key: &str) -> Result<(), BrokerError> {
+        self.channel
+            .queue_bind(
+                queue.into(),
+                exchange.into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// AMQP 406 PRECONDITION_FAILED: what RabbitMQ answers a declaration that differs from the
+/// queue that exists.
+fn precondition_failed(error: &lapin::Error) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 406)
 }
 
 /// A quorum queue that dead-letters to `exchange` at least once: the broker cannot drop a
@@ -326,20 +419,6 @@ fn quorum_args() -> FieldTable {
         AMQPValue::LongString("quorum".into()),
     );
     args
-}
-
-async fn declare_queue(channel: &Channel, name: &str, args: FieldTable) -> lapin::Result<()> {
-    channel
-        .queue_declare(
-            name.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            args,
-        )
-        .await?;
-    Ok(())
 }
 
 /// Opens a connection, bounded by the configured timeout so that an unreachable broker is

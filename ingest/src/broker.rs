@@ -72,8 +72,8 @@ impl Broker {
     /// Connects, declares the topology and sets up the publishing channel with its reply consumer.
     async fn open(&self) -> Result<Connection, OpenError> {
         let connection = topology::connect(&self.settings, "pushfleet-ingest").await?;
+        self.topology.declare(&connection).await?;
         let channel = connection.create_channel().await?;
-        self.topology.declare(&channel).await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;

@@ -171,18 +171,7 @@ async fn a_refused_third_party_credential_fails_without_a_refresh_loop() {
         1
     );
     assert_eq!(stack.fakes.oauth.token_fetches(), 1);
-    let metrics = stack
-        .http
-        .get(format!(
-            "http://{}/metrics",
-            stack.worker.as_ref().unwrap().http_addr
-        ))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = stack.worker_metrics().await;
     assert!(
         metrics.contains("pushfleet_credential_failures_total"),
         "the credential alarm metric"

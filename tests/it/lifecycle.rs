@@ -129,6 +129,44 @@ async fn sigterm_finishes_the_jobs_in_hand_and_exits_zero() {
     stack.stop().await;
 }
 
+/// A provider that never answers in time cannot hold a stopping worker past
+/// `[worker] shutdown_timeout_ms`: the jobs it had in hand go back to the queue, and the next
+/// worker delivers each of them once.
+#[tokio::test]
+async fn a_stopping_worker_gives_up_its_jobs_at_the_shutdown_deadline() {
+    let mut stack = Stack::start_with(StackOptions {
+        mode: "async",
+        start_worker: false,
+        fakes: FakeOptions::default().with_response_delay(Duration::from_secs(4)),
+        env: vec![
+            (
+                "PUSHFLEET__WORKER__SHUTDOWN_TIMEOUT_MS".into(),
+                "500".into(),
+            ),
+            (
+                "PUSHFLEET__WORKER__REQUEST_TIMEOUT_MS".into(),
+                "8000".into(),
+            ),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let jobs = accept_pushes(&stack, 5).await;
+    stack.start_worker().await;
+    let busy = Instant::now() + Duration::from_secs(30);
+    while stack.fakes.apns.request_count() < 5 && Instant::now() < busy {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stopping = Instant::now();
+    stack.worker.take().unwrap().stop().await;
+    let took = stopping.elapsed();
+    assert!(took < Duration::from_millis(3000), "stop took {took:?}");
+    stack.start_worker().await;
+    let rows = wait_for_terminal_rows(&stack, &jobs, Duration::from_secs(60)).await;
+    assert_each_delivered_once(&jobs, &rows);
+    stack.stop().await;
+}
+
 #[tokio::test]
 async fn with_postgres_away_deliveries_go_on_and_the_audit_catches_up() {
     let proxy = TcpProxy::start("127.0.0.1:5432".into()).await;

@@ -203,6 +203,19 @@ impl Stack {
         (status, json)
     }
 
+    /// The worker's `/metrics` text.
+    pub async fn worker_metrics(&self) -> String {
+        let addr = self.worker.as_ref().expect("a worker").http_addr;
+        self.http
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .await
+            .expect("worker answers")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     /// Waits for the audit rows of `call_id`; returns (status, attempts, event, platform) each.
     pub async fn deliveries(&self, call_id: &str, expected: usize) -> Vec<DeliveryRow> {
         let deadline = Instant::now() + Duration::from_secs(15);

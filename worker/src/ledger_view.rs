@@ -9,15 +9,17 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection};
+use lapin::BasicProperties;
 use pushfleet_core::clock::{now_ms, unix_secs};
 use pushfleet_core::job::Job;
 use pushfleet_core::ledger::{dedupe_key, Claim, LedgerEntry};
-use pushfleet_core::topology::PERSISTENT;
+use pushfleet_core::topology::{BrokerError, PERSISTENT};
 use pushfleet_core::{Event, EventPolicies, Topology};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 use uuid::Uuid;
+
+use crate::links::Links;
 
 /// Claims are published in small batches: one ledger message per flush, not one per push.
 const CLAIM_FLUSH: Duration = Duration::from_millis(5);
@@ -149,11 +151,11 @@ impl LedgerView {
     /// Follows the stream and publishes our claims, until the connection fails or `shutdown`.
     pub async fn run(
         &self,
-        connection: &Connection,
+        links: &Links,
         mut shutdown: watch::Receiver<bool>,
-    ) -> Result<(), lapin::Error> {
+    ) -> Result<(), BrokerError> {
         self.caught_up.send_replace(false);
-        let channel = connection.create_channel().await?;
+        let channel = links.consume.create_channel().await?;
         // Streams require a prefetch and manual acks (which only grant credit).
         channel.basic_qos(1000, BasicQosOptions::default()).await?;
         let from = unix_secs().saturating_sub(self.replay.as_secs());
@@ -167,7 +169,7 @@ impl LedgerView {
                 args,
             )
             .await?;
-        let publisher = connection.create_channel().await?;
+        let publisher = links.publish.create_channel().await?;
         let mut flush = tokio::time::interval(CLAIM_FLUSH);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let quiet = tokio::time::sleep(CAUGHT_UP_AFTER);
@@ -185,7 +187,7 @@ impl LedgerView {
                             quiet.as_mut().reset(tokio::time::Instant::now() + CAUGHT_UP_AFTER);
                         }
                     }
-                    Some(Err(e)) => return Err(e),
+                    Some(Err(e)) => return Err(e.into()),
                     None => return Ok(()),
                 },
                 _ = &mut quiet, if !*self.caught_up.borrow() => {

@@ -7,6 +7,7 @@ pub mod audit;
 pub mod dead_tokens;
 pub mod dispatch;
 pub mod ledger_view;
+pub mod links;
 pub mod outcomes;
 pub mod payload;
 pub mod providers;
@@ -24,7 +25,7 @@ use axum::{Json, Router};
 use pushfleet_core::db::{self, DbError};
 use pushfleet_core::reconnect;
 use pushfleet_core::service::metrics_recorder;
-use pushfleet_core::topology::{self, BrokerError, Topology};
+use pushfleet_core::topology::{BrokerError, Topology};
 use pushfleet_core::Settings;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -34,6 +35,7 @@ use tracing::{info, warn};
 
 use crate::audit::AuditSink;
 use crate::dispatch::Dispatcher;
+use crate::links::Links;
 use crate::providers::ProviderError;
 
 /// Why a worker cannot start; each names what to fix.
@@ -57,6 +59,7 @@ pub enum StartError {
 pub struct Worker {
     pub http_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
+    shutdown_timeout: Duration,
     tasks: JoinSet<()>,
 }
 
@@ -66,17 +69,9 @@ impl Worker {
     pub async fn start(settings: Settings, http: TcpListener) -> Result<Worker, StartError> {
         let worker_id = settings.worker.id.clone().unwrap_or_else(default_worker_id);
         let dispatcher = Arc::new(Dispatcher::new(&settings, worker_id.clone())?);
-        let first_connection = topology::connect(&settings.rabbitmq, &worker_id).await?;
+        let links = Links::open(&settings.rabbitmq, &worker_id, settings.worker.audit_sink).await?;
         let topology = Topology::new(&settings.rabbitmq);
-        let channel = first_connection
-            .create_channel()
-            .await
-            .map_err(BrokerError::from)?;
-        topology
-            .declare(&channel)
-            .await
-            .map_err(BrokerError::from)?;
-        let _ = channel.close(200, "declared".into()).await;
+        topology.declare(&links.publish).await?;
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
@@ -107,18 +102,20 @@ impl Worker {
             source,
         })?;
         tasks.spawn(serve_http(http, shutdown_rx.clone()));
+        let shutdown_timeout = Duration::from_millis(settings.worker.shutdown_timeout_ms);
         tasks.spawn(supervise(
             settings,
             worker_id,
             dispatcher,
             sink,
-            Some(first_connection),
+            Some(links),
             shutdown_rx,
         ));
         info!(%http_addr, "worker started");
         Ok(Worker {
             http_addr,
             shutdown,
+            shutdown_timeout,
             tasks,
         })
     }
@@ -131,10 +128,22 @@ impl Worker {
         Worker::start(settings, http).await
     }
 
-    /// Stops consuming, finishes the jobs in hand, flushes outcomes, closes connections.
+    /// Stops consuming, finishes the jobs in hand, flushes outcomes, closes connections. Jobs
+    /// still unfinished after `[worker] shutdown_timeout_ms` are dropped with their
+    /// connections, which returns them to their queues for another worker.
     pub async fn stop(mut self) {
         let _ = self.shutdown.send(true);
-        while self.tasks.join_next().await.is_some() {}
+        let drained = tokio::time::timeout(self.shutdown_timeout, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!(
+                timeout_ms = self.shutdown_timeout.as_millis() as u64,
+                "jobs still in hand at the shutdown deadline; returned to their queues"
+            );
+            self.tasks.shutdown().await;
+        }
     }
 }
 
@@ -145,70 +154,68 @@ fn default_worker_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// Owns the broker connection: runs the dispatcher and the sink on it, and reconnects when it
-/// drops, until shutdown.
+/// Owns the broker connections: runs the dispatcher and the sink on them, and reconnects when
+/// one drops, until shutdown.
 async fn supervise(
     settings: Settings,
     worker_id: String,
     dispatcher: Arc<Dispatcher>,
     sink: Option<Arc<AuditSink>>,
-    mut connection: Option<lapin::Connection>,
+    mut opened: Option<Links>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let audit_sink = sink.is_some();
     loop {
-        let conn = match connection.take() {
-            Some(c) => c,
+        let links = match opened.take() {
+            Some(links) => links,
             None => {
-                let connect = || topology::connect(&settings.rabbitmq, &worker_id);
-                match reconnect::until_ok("RabbitMQ unreachable", &mut shutdown, connect).await {
-                    Some(c) => {
+                let open = || Links::open(&settings.rabbitmq, &worker_id, audit_sink);
+                match reconnect::until_ok("RabbitMQ unreachable", &mut shutdown, open).await {
+                    Some(links) => {
                         info!("reconnected to RabbitMQ");
-                        c
+                        links
                     }
                     None => return,
                 }
             }
         };
         metrics::gauge!("pushfleet_broker_connected", "service" => "worker").set(1.0);
-        let declare = async {
-            let channel = conn.create_channel().await?;
-            Topology::new(&settings.rabbitmq).declare(&channel).await?;
-            channel.close(200, "declared".into()).await
-        };
         let work = async {
-            declare.await?;
-            let senders = dispatcher.run(&conn, settings.rabbitmq.prefetch, shutdown.clone());
-            let ledger = dispatcher.ledger.run(&conn, shutdown.clone());
-            match &sink {
-                Some(sink) => {
-                    // Any part failing ends the work, and the connection is opened anew.
+            Topology::new(&settings.rabbitmq)
+                .declare(&links.publish)
+                .await?;
+            let senders = dispatcher.run(&links, settings.rabbitmq.prefetch, shutdown.clone());
+            let ledger = dispatcher.ledger.run(&links, shutdown.clone());
+            match (&sink, &links.audit) {
+                (Some(sink), Some(audit)) => {
+                    // Any part failing ends the work, and the connections are opened anew.
                     tokio::try_join!(
                         senders,
                         ledger,
-                        sink.run(&conn, shutdown.clone()),
-                        sink.run_dead_letters(&conn, shutdown.clone())
+                        sink.run(audit, &links.publish, shutdown.clone()),
+                        sink.run_dead_letters(audit, &links.publish, shutdown.clone())
                     )
                     .map(|_| ())
                 }
-                None => tokio::try_join!(senders, ledger).map(|_| ()),
+                _ => tokio::try_join!(senders, ledger).map(|_| ()),
             }
         };
-        // A dead connection ends the work at once: its unacked jobs return to the queues, and
-        // the loop reconnects.
-        let result = tokio::select! {
+        // A dead connection ends the work at once: unacked jobs return to the queues, and the
+        // loop reconnects.
+        let result: Result<(), BrokerError> = tokio::select! {
             result = work => result,
-            _ = topology::closed(&conn) => Ok(()),
+            _ = links.any_closed() => Ok(()),
         };
         metrics::gauge!("pushfleet_broker_connected", "service" => "worker").set(0.0);
         if *shutdown.borrow() {
-            let _ = conn.close(200, "shutdown".into()).await;
+            links.close("shutdown").await;
             return;
         }
         match result {
             Err(e) => warn!(error = %e, "lost the RabbitMQ connection; reconnecting"),
             Ok(()) => warn!("RabbitMQ cancelled our consumers; reconnecting"),
         }
-        let _ = conn.close(200, "reconnecting".into()).await;
+        links.close("reconnecting").await;
     }
 }
 

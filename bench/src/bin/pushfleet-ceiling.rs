@@ -123,7 +123,7 @@ async fn run(plan: Plan) -> Result<()> {
     let publisher_conn = connect(&plan.url, "pushfleet-ceiling-publisher").await?;
     let consumer_conn = connect(&plan.url, "pushfleet-ceiling-consumer").await?;
     let publisher = publisher_conn.create_channel().await?;
-    topology.declare(&publisher).await?;
+    topology.declare(&publisher_conn).await?;
     publisher
         .queue_purge(queue.clone().into(), QueuePurgeOptions::default())
         .await

@@ -7,17 +7,18 @@
 mod phases;
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::{BasicProperties, Channel};
 use pushfleet_core::config::{AppSettings, Platform, RetrySettings, Settings};
 use pushfleet_core::job::Job;
 use pushfleet_core::topology::{self, BrokerError, Topology, PERSISTENT};
@@ -31,6 +32,7 @@ use crate::acks::{Acks, Settle};
 use crate::audit::AUDITED_HEADER;
 use crate::dead_tokens::DeadTokens;
 use crate::ledger_view::LedgerView;
+use crate::links::Links;
 use crate::outcomes::{OutcomeBatcher, CONFIRM_TIMEOUT};
 use crate::providers::{Provider, ProviderError};
 use crate::replies::ReplySender;
@@ -77,17 +79,17 @@ impl Dispatcher {
         })
     }
 
-    /// Consumes both lanes on `connection` until it fails or `shutdown` flips; then waits for
-    /// the jobs in flight to finish.
+    /// Consumes both lanes until a connection fails or `shutdown` flips; then waits for the
+    /// jobs in flight to finish.
     pub async fn run(
         self: &Arc<Self>,
-        connection: &Connection,
+        links: &Links,
         prefetch: u16,
         mut shutdown: watch::Receiver<bool>,
-    ) -> Result<(), lapin::Error> {
+    ) -> Result<(), BrokerError> {
         // Outcomes and replies go out on their own channel, in confirm mode: a job is acked only
         // once the broker holds its outcome.
-        let publisher = connection.create_channel().await?;
+        let publisher = links.publish.create_channel().await?;
         publisher
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
@@ -95,7 +97,7 @@ impl Dispatcher {
         let mut ackers = Vec::new();
         // Sync replies are best effort and unconfirmed, on a channel of their own: a confirm
         // channel would keep every reply's pending confirm.
-        let (replies, replying) = ReplySender::start(connection.create_channel().await?);
+        let (replies, replying) = ReplySender::start(links.publish.create_channel().await?);
         let outlets = Outlets {
             publisher: publisher.clone(),
             outcomes,
@@ -106,7 +108,7 @@ impl Dispatcher {
         let mut consumers = Vec::new();
         for lane in Lane::ALL {
             // One channel per lane, so that a full messages lane never holds up calls.
-            let channel = connection.create_channel().await?;
+            let channel = links.consume.create_channel().await?;
             // The prefetch bounds the pushes in flight per lane, and so the worker's memory.
             channel
                 .basic_qos(prefetch, BasicQosOptions::default())
@@ -144,11 +146,15 @@ impl Dispatcher {
                         in_flight.spawn(async move {
                             let tag = delivery.delivery_tag;
                             let acker = delivery.acker.clone();
-                            let settle = dispatcher.handle(delivery, &outlets).await;
+                            let redelivered = delivery.redelivered;
+                            let handled = AssertUnwindSafe(dispatcher.handle(delivery, &outlets))
+                                .catch_unwind()
+                                .await;
+                            let settle = handled.unwrap_or_else(|_| after_panic(redelivered));
                             acks.finished(tag, acker, settle);
                         });
                     }
-                    Some((Err(e), _)) => break Err(e),
+                    Some((Err(e), _)) => break Err(e.into()),
                     None => break Ok(()),
                 },
                 Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
@@ -200,10 +206,6 @@ impl Dispatcher {
                     reply,
                     dead_letter,
                 } => {
-                    if let Some(reply_to) = delivery.properties.reply_to() {
-                        // Best effort: if the caller gave up waiting, the reply goes nowhere.
-                        replies.send(reply_to, &reply);
-                    }
                     let mut saved = outcomes.save(&outcome).await;
                     if saved.is_ok() && dead_letter {
                         let reason = outcome
@@ -214,6 +216,12 @@ impl Dispatcher {
                         saved = self
                             .publish_dead_letter(publisher, &delivery, &reason)
                             .await;
+                    }
+                    // Only an answer the audit trail holds is given: a job whose outcome is not
+                    // saved goes back to its queue and may still end otherwise.
+                    if let (Ok(()), Some(reply_to)) = (&saved, delivery.properties.reply_to()) {
+                        // Best effort: if the caller gave up waiting, the reply goes nowhere.
+                        replies.send(reply_to, &reply);
                     }
                     saved
                 }
@@ -304,5 +312,30 @@ impl Dispatcher {
             )
             .await;
         topology::confirm(published, CONFIRM_TIMEOUT).await
+    }
+}
+
+/// How a job whose handler panicked leaves its queue: back once, in case the panic came from
+/// something passing; to the dead letters (and so an audit row) when it comes back and panics
+/// again. Either way its prefetch slot is given back.
+fn after_panic(redelivered: bool) -> Settle {
+    metrics::counter!("pushfleet_jobs_panicked_total").increment(1);
+    if redelivered {
+        warn!("a job's handler panicked again; job sent to the dead letters");
+        Settle::Reject
+    } else {
+        warn!("a job's handler panicked; job returned to its queue once");
+        Settle::Requeue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_job_is_requeued_once_then_dead_lettered() {
+        assert_eq!(after_panic(false), Settle::Requeue);
+        assert_eq!(after_panic(true), Settle::Reject);
     }
 }

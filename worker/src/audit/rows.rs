@@ -1,197 +1,17 @@
-//! The audit sink: drains the durable `audit` queue into Postgres in batches. Workers never
-//! wait on Postgres; if the database is away, outcomes wait in RabbitMQ and the sink catches up
-//! when it returns. Writes are idempotent, so a redelivered outcome never doubles a row.
-
-use std::time::{Duration, Instant};
+//! The rows the audit sink writes: a batch of outcomes (attempts, terminal rows, dead tokens)
+//! in one transaction, and the terminal row of a dead letter. Every write is idempotent, so an
+//! outcome delivered twice never doubles a row.
 
 use deadpool_postgres::Pool;
-use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
-use lapin::types::AMQPValue;
-use lapin::types::FieldTable;
-use lapin::Connection;
 use pushfleet_core::clock::{now_ms, system_time};
 use pushfleet_core::db::{DbError, GenericClient};
-use pushfleet_core::job::{decode_batch, Job, OutcomeEvent, Terminal, TokenInvalidation};
-use pushfleet_core::reconnect;
+use pushfleet_core::job::{Job, OutcomeEvent, Terminal, TokenInvalidation};
 use pushfleet_core::tokens::{self, Invalidation};
-use pushfleet_core::topology::Topology;
 use pushfleet_core::DeliveryStatus;
 use serde_json::Value;
-use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::info;
 use uuid::Uuid;
-
-pub struct AuditSink {
-    pool: Pool,
-    topology: Topology,
-    batch_size: usize,
-    flush_after: Duration,
-}
-
-impl AuditSink {
-    pub fn new(
-        pool: Pool,
-        topology: Topology,
-        batch_size: usize,
-        flush_after: Duration,
-    ) -> AuditSink {
-        AuditSink {
-            pool,
-            topology,
-            batch_size,
-            flush_after,
-        }
-    }
-
-    /// Consumes until the connection fails or `shutdown` flips; the batch in hand is written
-    /// before returning.
-    pub async fn run(
-        &self,
-        connection: &Connection,
-        mut shutdown: watch::Receiver<bool>,
-    ) -> Result<(), lapin::Error> {
-        let channel = connection.create_channel().await?;
-        // Room for a full batch being written while the next one arrives. A message holds up
-        // to MAX_OUTCOMES_PER_MESSAGE outcomes, so the prefetch in messages also bounds memory.
-        let prefetch = (self.batch_size * 2 / 16).clamp(32, usize::from(u16::MAX)) as u16;
-        channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await?;
-        let mut consumer = channel
-            .basic_consume(
-                self.topology.audit_queue().into(),
-                "pushfleet-audit-sink".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        loop {
-            let mut batch = Batch::default();
-            // Wait for the first outcome, then give the batch `flush_after` to fill.
-            tokio::select! {
-                next = consumer.next() => match next {
-                    Some(Ok(delivery)) => batch.add(delivery).await,
-                    Some(Err(e)) => return Err(e),
-                    None => return Ok(()),
-                },
-                _ = shutdown.changed() => return Ok(()),
-            }
-            let deadline = tokio::time::Instant::now() + self.flush_after;
-            while batch.outcomes.len() < self.batch_size {
-                match tokio::time::timeout_at(deadline, consumer.next()).await {
-                    Ok(Some(Ok(delivery))) => batch.add(delivery).await,
-                    Ok(Some(Err(e))) => {
-                        // Unacked deliveries return to the queue with the channel.
-                        return Err(e);
-                    }
-                    Ok(None) | Err(_) => break,
-                }
-            }
-            self.write(batch, &mut shutdown).await;
-        }
-    }
-
-    /// Gives every dead letter its terminal audit row: jobs that expired in a lane queue, and
-    /// jobs a worker could not read. (Jobs that exhausted their retries were audited by their
-    /// worker and carry [`AUDITED_HEADER`].) The `dead` queue keeps its own copy for operators.
-    pub async fn run_dead_letters(
-        &self,
-        connection: &Connection,
-        mut shutdown: watch::Receiver<bool>,
-    ) -> Result<(), lapin::Error> {
-        let channel = connection.create_channel().await?;
-        channel.basic_qos(64, BasicQosOptions::default()).await?;
-        let mut consumer = channel
-            .basic_consume(
-                self.topology.dead_audit_queue().into(),
-                "pushfleet-dead-letters".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        loop {
-            let delivery = tokio::select! {
-                next = consumer.next() => match next {
-                    Some(Ok(delivery)) => delivery,
-                    Some(Err(e)) => return Err(e),
-                    None => return Ok(()),
-                },
-                _ = shutdown.changed() => return Ok(()),
-            };
-            let headers = delivery.properties.headers().clone().unwrap_or_default();
-            let header = |name: &str| match headers.inner().get(name) {
-                Some(AMQPValue::LongString(s)) => Some(s.to_string()),
-                Some(AMQPValue::ShortString(s)) => Some(s.to_string()),
-                _ => None,
-            };
-            let death = header("x-first-death-reason").unwrap_or_else(|| "unknown".into());
-            metrics::counter!("pushfleet_dead_letters_total", "reason" => death.clone())
-                .increment(1);
-            if header(AUDITED_HEADER).is_none() {
-                let row = dead_letter_row(&delivery, &death);
-                let written =
-                    reconnect::until_ok("dead letter not audited yet", &mut shutdown, || {
-                        write_dead_letter(&self.pool, &row)
-                    })
-                    .await;
-                if written.is_none() {
-                    // Shutting down: not acked, the dead letter waits for the next sink.
-                    return Ok(());
-                }
-            }
-            delivery.ack(BasicAckOptions::default()).await?;
-        }
-    }
-
-    /// Writes one batch, retrying while Postgres is unavailable, then acks it.
-    async fn write(&self, batch: Batch, shutdown: &mut watch::Receiver<bool>) {
-        let Batch { outcomes, last } = batch;
-        let what = format!("audit write of {} outcomes failed", outcomes.len());
-        let written = reconnect::until_ok(&what, shutdown, || async {
-            let started = Instant::now();
-            write_outcomes(&self.pool, &outcomes)
-                .await
-                .inspect_err(|_| {
-                    metrics::counter!("pushfleet_audit_write_errors_total").increment(1)
-                })
-                .map(|()| started.elapsed())
-        })
-        .await;
-        // Shutting down before the write: not acked, the outcomes stay for the next sink.
-        let Some(took) = written else { return };
-        metrics::histogram!("pushfleet_audit_write_seconds").record(took.as_secs_f64());
-        metrics::counter!("pushfleet_audit_outcomes_written_total")
-            .increment(outcomes.len() as u64);
-        if let Some(last) = last {
-            let _ = last.ack(BasicAckOptions { multiple: true }).await;
-        }
-    }
-}
-
-/// The outcomes read since the last write, and the last message they came in, whose ack
-/// (`multiple`) covers the whole batch.
-#[derive(Default)]
-struct Batch {
-    outcomes: Vec<OutcomeEvent>,
-    last: Option<Delivery>,
-}
-
-impl Batch {
-    async fn add(&mut self, delivery: Delivery) {
-        match decode_batch::<OutcomeEvent>(&delivery.data) {
-            Ok(outcomes) => {
-                self.outcomes.extend(outcomes);
-                self.last = Some(delivery);
-            }
-            Err(e) => {
-                warn!(error = %e, "unreadable outcome message sent to the dead-letter queue");
-                let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
-            }
-        }
-    }
-}
 
 /// Inserts attempts and terminal rows of a batch in one transaction; duplicates are ignored.
 pub async fn write_outcomes(pool: &Pool, outcomes: &[OutcomeEvent]) -> Result<(), DbError> {
@@ -327,11 +147,8 @@ async fn invalidate_token(
     Ok(())
 }
 
-/// Set on the dead-letter copy of a job whose terminal row its worker already wrote.
-pub const AUDITED_HEADER: &str = "x-pushfleet-audited";
-
 /// The audit row of a dead letter: the job's own when it can be read, else what can be made out.
-enum DeadLetterRow {
+pub enum DeadLetterRow {
     Job(Box<OutcomeEvent>),
     Unreadable {
         id: Uuid,
@@ -340,7 +157,7 @@ enum DeadLetterRow {
     },
 }
 
-fn dead_letter_row(delivery: &Delivery, death: &str) -> DeadLetterRow {
+pub fn dead_letter_row(delivery: &Delivery, death: &str) -> DeadLetterRow {
     match serde_json::from_slice::<Job>(&delivery.data) {
         Ok(job) => {
             let (status, reason) = match death {
@@ -384,7 +201,7 @@ fn dead_letter_row(delivery: &Delivery, death: &str) -> DeadLetterRow {
     }
 }
 
-async fn write_dead_letter(pool: &Pool, row: &DeadLetterRow) -> Result<(), DbError> {
+pub async fn write_dead_letter(pool: &Pool, row: &DeadLetterRow) -> Result<(), DbError> {
     match row {
         DeadLetterRow::Job(outcome) => write_outcomes(pool, std::slice::from_ref(outcome)).await,
         DeadLetterRow::Unreadable { id, fields, reason } => {
@@ -415,22 +232,6 @@ async fn write_dead_letter(pool: &Pool, row: &DeadLetterRow) -> Result<(), DbErr
                 .await
                 .map_err(DbError::query("deliveries"))?;
             Ok(())
-        }
-    }
-}
-
-/// Keeps this month's and next month's partitions in place, checking a few times a day.
-pub async fn maintain_partitions(pool: Pool, mut shutdown: watch::Receiver<bool>) {
-    loop {
-        match pushfleet_core::db::ensure_partitions(&pool).await {
-            Ok(()) => info!("audit partitions in place"),
-            Err(e) => {
-                warn!(error = %e, "could not create audit partitions; rows go to the default partition")
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(6 * 3600)) => {}
-            _ = shutdown.changed() => return,
         }
     }
 }

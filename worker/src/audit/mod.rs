@@ -1,0 +1,292 @@
+//! The audit sink: drains the durable `audit` queue into Postgres in batches. Workers never
+//! wait on Postgres; if the database is away, outcomes wait in RabbitMQ and the sink catches up
+//! when it returns. Writes are idempotent, so a redelivered outcome never doubles a row.
+//!
+//! Nothing in an outcome can stop the sink: a write the database refuses for its data (SQLSTATE
+//! classes 22 and 23, say a NUL in a text) is split until the refused outcomes are found, the
+//! others are written, and the refused ones are parked in `<ns>.audit.dead` with the error, as
+//! are messages that cannot be read at all. Only an unavailable database is waited for.
+
+mod parking;
+mod rows;
+
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::Connection;
+use pushfleet_core::db::DbError;
+use pushfleet_core::job::{decode_batch, OutcomeEvent};
+use pushfleet_core::reconnect;
+use pushfleet_core::topology::{BrokerError, Topology};
+use tokio::sync::{watch, Mutex};
+use tracing::{info, warn};
+
+use self::parking::Parking;
+pub use self::rows::write_outcomes;
+use self::rows::{dead_letter_row, write_dead_letter};
+
+/// Set on the dead-letter copy of a job whose terminal row its worker already wrote.
+pub const AUDITED_HEADER: &str = "x-pushfleet-audited";
+
+pub struct AuditSink {
+    pool: Pool,
+    topology: Topology,
+    batch_size: usize,
+    flush_after: Duration,
+}
+
+/// Why a write is to be tried again.
+#[derive(Debug, thiserror::Error)]
+enum WriteError {
+    #[error(transparent)]
+    Database(#[from] DbError),
+    #[error("parking a refused outcome: {0}")]
+    Parking(#[from] BrokerError),
+}
+
+impl AuditSink {
+    pub fn new(
+        pool: Pool,
+        topology: Topology,
+        batch_size: usize,
+        flush_after: Duration,
+    ) -> AuditSink {
+        AuditSink {
+            pool,
+            topology,
+            batch_size,
+            flush_after,
+        }
+    }
+
+    /// Consumes on `audit` until it fails or `shutdown` flips; the batch in hand is written
+    /// before returning. What cannot be written is parked through `publish`.
+    pub async fn run(
+        &self,
+        audit: &Connection,
+        publish: &Connection,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), BrokerError> {
+        let parking = Parking::open(publish, &self.topology).await?;
+        let channel = audit.create_channel().await?;
+        // Room for a full batch being written while the next one arrives. A message holds up
+        // to MAX_OUTCOMES_PER_MESSAGE outcomes, so the prefetch in messages also bounds memory.
+        let prefetch = (self.batch_size * 2 / 16).clamp(32, usize::from(u16::MAX)) as u16;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        let mut consumer = channel
+            .basic_consume(
+                self.topology.audit_queue().into(),
+                "pushfleet-audit-sink".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        loop {
+            let mut batch = Batch::default();
+            // Wait for the first outcome, then give the batch `flush_after` to fill.
+            tokio::select! {
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => batch.add(delivery),
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Ok(()),
+                },
+                _ = shutdown.changed() => return Ok(()),
+            }
+            let deadline = tokio::time::Instant::now() + self.flush_after;
+            while batch.outcomes.len() < self.batch_size {
+                match tokio::time::timeout_at(deadline, consumer.next()).await {
+                    Ok(Some(Ok(delivery))) => batch.add(delivery),
+                    // Unacked deliveries return to the queue with the channel.
+                    Ok(Some(Err(e))) => return Err(e.into()),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            if !self.write(batch, &parking, &mut shutdown).await {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Gives every dead letter its terminal audit row: jobs that expired in a lane queue, and
+    /// jobs a worker could not read. (Jobs that exhausted their retries were audited by their
+    /// worker and carry [`AUDITED_HEADER`].) The `dead` queue keeps its own copy for operators.
+    pub async fn run_dead_letters(
+        &self,
+        audit: &Connection,
+        publish: &Connection,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), BrokerError> {
+        let parking = Parking::open(publish, &self.topology).await?;
+        let channel = audit.create_channel().await?;
+        channel.basic_qos(64, BasicQosOptions::default()).await?;
+        let mut consumer = channel
+            .basic_consume(
+                self.topology.dead_audit_queue().into(),
+                "pushfleet-dead-letters".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        loop {
+            let delivery = tokio::select! {
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => delivery,
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Ok(()),
+                },
+                _ = shutdown.changed() => return Ok(()),
+            };
+            let headers = delivery.properties.headers().clone().unwrap_or_default();
+            let header = |name: &str| match headers.inner().get(name) {
+                Some(AMQPValue::LongString(s)) => Some(s.to_string()),
+                Some(AMQPValue::ShortString(s)) => Some(s.to_string()),
+                _ => None,
+            };
+            let death = header("x-first-death-reason").unwrap_or_else(|| "unknown".into());
+            metrics::counter!("pushfleet_dead_letters_total", "reason" => death.clone())
+                .increment(1);
+            if header(AUDITED_HEADER).is_none() {
+                let row = dead_letter_row(&delivery, &death);
+                let audited =
+                    reconnect::until_ok("dead letter not audited yet", &mut shutdown, || async {
+                        match write_dead_letter(&self.pool, &row).await {
+                            Err(e) if e.is_data_error() => {
+                                parking.park(&delivery.data, "data", &e.to_string()).await?;
+                                Ok(())
+                            }
+                            written => written.map_err(WriteError::from),
+                        }
+                    })
+                    .await;
+                if audited.is_none() {
+                    // Shutting down: not acked, the dead letter waits for the next sink.
+                    return Ok(());
+                }
+            }
+            delivery.ack(BasicAckOptions::default()).await?;
+        }
+    }
+
+    /// Writes one batch, parking what the database refuses and retrying while it is
+    /// unavailable, then acks the batch's messages. False when shutdown came first (nothing
+    /// acked: the outcomes stay in the queue for the next sink).
+    async fn write(
+        &self,
+        batch: Batch,
+        parking: &Parking,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let Batch {
+            outcomes,
+            unreadable,
+            last,
+        } = batch;
+        // The parts not yet written, so that a retry goes on where the last attempt stopped.
+        let remaining = Mutex::new(vec![outcomes.as_slice()]);
+        let what = format!("audit write of {} outcomes failed", outcomes.len());
+        let started = Instant::now();
+        let written = reconnect::until_ok(&what, shutdown, || async {
+            let mut remaining = remaining.lock().await;
+            self.write_or_park(&mut remaining, parking).await
+        })
+        .await;
+        if written.is_none() {
+            return false;
+        }
+        metrics::histogram!("pushfleet_audit_write_seconds")
+            .record(started.elapsed().as_secs_f64());
+        for (body, error) in &unreadable {
+            let parked = reconnect::until_ok("parking an unreadable outcome", shutdown, || {
+                parking.park(body, "unreadable", error)
+            })
+            .await;
+            if parked.is_none() {
+                return false;
+            }
+        }
+        if let Some(last) = last {
+            let _ = last.ack(BasicAckOptions { multiple: true }).await;
+        }
+        true
+    }
+
+    /// Writes the parts on `remaining`. A part the database refuses for its data is split in
+    /// halves, down to the single outcome it refuses, which is parked. Stops at the first
+    /// error worth retrying, leaving what is still to do on `remaining`.
+    async fn write_or_park(
+        &self,
+        remaining: &mut Vec<&[OutcomeEvent]>,
+        parking: &Parking,
+    ) -> Result<(), WriteError> {
+        while let Some(part) = remaining.pop() {
+            match write_outcomes(&self.pool, part).await {
+                Ok(()) => {
+                    metrics::counter!("pushfleet_audit_outcomes_written_total")
+                        .increment(part.len() as u64);
+                }
+                Err(e) if e.is_data_error() && part.len() > 1 => {
+                    let (first, second) = part.split_at(part.len() / 2);
+                    remaining.extend([second, first]);
+                }
+                Err(e) if e.is_data_error() => {
+                    let body = serde_json::to_vec(&part[0]).unwrap_or_default();
+                    if let Err(parking_failed) = parking.park(&body, "data", &e.to_string()).await {
+                        remaining.push(part);
+                        return Err(parking_failed.into());
+                    }
+                }
+                Err(e) => {
+                    metrics::counter!("pushfleet_audit_write_errors_total").increment(1);
+                    remaining.push(part);
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The outcomes read since the last write, the messages that could not be read, and the last
+/// message of all, whose ack (`multiple`) covers the whole batch.
+#[derive(Default)]
+struct Batch {
+    outcomes: Vec<OutcomeEvent>,
+    /// The body of each unreadable message, with why.
+    unreadable: Vec<(Vec<u8>, String)>,
+    last: Option<Delivery>,
+}
+
+impl Batch {
+    fn add(&mut self, delivery: Delivery) {
+        match decode_batch::<OutcomeEvent>(&delivery.data) {
+            Ok(outcomes) => self.outcomes.extend(outcomes),
+            Err(e) => self.unreadable.push((
+                delivery.data.clone(),
+                format!("unreadable outcome message: {e}"),
+            )),
+        }
+        self.last = Some(delivery);
+    }
+}
+
+/// Keeps this month's and next month's partitions in place, checking a few times a day.
+pub async fn maintain_partitions(pool: Pool, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        match pushfleet_core::db::ensure_partitions(&pool).await {
+            Ok(()) => info!("audit partitions in place"),
+            Err(e) => {
+                warn!(error = %e, "could not create audit partitions; rows go to the default partition")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(6 * 3600)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
