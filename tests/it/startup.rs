@@ -92,3 +92,32 @@ async fn an_unreadable_credential_is_named_at_start() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// RabbitMQ cannot change a queue's arguments: a deployment whose queues were declared with
+/// other limits (an earlier version, a changed configuration) still starts, keeping them.
+#[tokio::test]
+async fn queues_declared_with_other_limits_are_kept() {
+    let stack = Stack::start().await;
+    let mut rabbitmq = stack.settings.rabbitmq.clone();
+    rabbitmq.delivery_limit = 3;
+    rabbitmq.lane_max_length = 10;
+    let connection = pushfleet_core::topology::connect(&rabbitmq, "it-redeclare")
+        .await
+        .unwrap();
+    pushfleet_core::Topology::new(&rabbitmq)
+        .declare(&connection)
+        .await
+        .expect("declared, existing queues kept");
+    let _ = connection.close(200, "done".into()).await;
+    let (status, answer) = stack
+        .push(&v1_body(
+            SYLK,
+            "apple",
+            &apns_token(),
+            "incoming_session",
+            &call_id(),
+        ))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    stack.stop().await;
+}
