@@ -59,3 +59,45 @@ async fn broker_outage_gives_503_quickly_and_ingest_recovers() {
     }
     stack.stop().await;
 }
+
+/// A lane holds at most `rabbitmq.lane_max_length` jobs: beyond it the broker refuses the
+/// publish, and the caller gets 503 instead of the broker raising a memory alarm for everyone.
+#[tokio::test]
+async fn a_full_lane_refuses_pushes_with_503() {
+    let stack = Stack::start_with(StackOptions {
+        mode: "async",
+        start_worker: false,
+        env: vec![("PUSHFLEET__RABBITMQ__LANE_MAX_LENGTH".into(), "5".into())],
+        ..Default::default()
+    })
+    .await;
+    let body = || v1_body(SYLK, "apple", &apns_token(), "incoming_session", &call_id());
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        statuses.push(stack.push(&body()).await.0);
+    }
+    // A quorum queue enforces its length a message late: the 6th may still get in.
+    assert!(statuses[..5].iter().all(|s| *s == 202), "{statuses:?}");
+    assert!(
+        statuses[5..].iter().filter(|s| **s == 202).count() <= 1,
+        "{statuses:?}"
+    );
+    let (status, answer) = stack.push(&body()).await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(
+        answer["description"].as_str().unwrap().contains("refused"),
+        "{answer}"
+    );
+    // Other lanes are not affected.
+    let (status, answer) = stack
+        .push(&v1_body(
+            SYLK,
+            "apple",
+            &apns_token(),
+            "message",
+            &call_id(),
+        ))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    stack.stop().await;
+}
