@@ -83,6 +83,8 @@ pub struct Settings {
     #[serde(default)]
     pub ingest: IngestSettings,
     #[serde(default)]
+    pub http: HttpSettings,
+    #[serde(default)]
     pub rabbitmq: RabbitSettings,
     #[serde(default)]
     pub postgres: PostgresSettings,
@@ -120,6 +122,9 @@ pub struct IngestSettings {
     /// Addresses and networks (`10.0.0.0/8`, `192.0.2.7`) allowed to call the API; empty allows
     /// everyone. Checked by ingest at start-up.
     pub allowed_hosts: Vec<String>,
+    /// On SIGTERM, how long requests in progress (sync waits included) may take to finish before
+    /// their connections are closed.
+    pub shutdown_timeout_ms: u64,
 }
 
 impl Default for IngestSettings {
@@ -131,6 +136,37 @@ impl Default for IngestSettings {
             max_body_bytes: 64 * 1024,
             publish_timeout_ms: 1000,
             allowed_hosts: Vec::new(),
+            shutdown_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// Limits of every HTTP listener (ingest's API, the worker's probes and metrics), so that idle,
+/// slow or too many clients cannot take a listener down.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    /// A request head (request line and headers) must be complete this long after the
+    /// connection opened or its first byte came; otherwise the connection is closed.
+    pub header_read_timeout_ms: u64,
+    /// A request body must be complete this long after its head; otherwise 408.
+    pub request_body_timeout_ms: u64,
+    /// A keep-alive connection without a request in progress is closed after this long.
+    pub idle_timeout_ms: u64,
+    /// Connections served at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// Requests in progress at once (probes excepted); further ones get 503 at once.
+    pub max_in_flight_requests: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            header_read_timeout_ms: 5_000,
+            request_body_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            max_connections: 4096,
+            max_in_flight_requests: 4096,
         }
     }
 }
@@ -509,6 +545,7 @@ impl Settings {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.ingest.validate()?;
+        self.http.validate()?;
         self.rabbitmq.validate()?;
         self.postgres.validate()?;
         self.worker.validate()?;
@@ -546,7 +583,44 @@ impl IngestSettings {
             self.max_body_bytes >= 1024,
             "[ingest] max_body_bytes",
             "must be at least 1024",
+        )?;
+        ensure(
+            (1..=600_000).contains(&self.shutdown_timeout_ms),
+            "[ingest] shutdown_timeout_ms",
+            "must be between 1 and 600000",
         )
+    }
+}
+
+impl HttpSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let timeouts = [
+            ("[http] header_read_timeout_ms", self.header_read_timeout_ms),
+            (
+                "[http] request_body_timeout_ms",
+                self.request_body_timeout_ms,
+            ),
+            ("[http] idle_timeout_ms", self.idle_timeout_ms),
+        ];
+        for (key, ms) in timeouts {
+            ensure(
+                (1..=3_600_000).contains(&ms),
+                key,
+                "must be between 1 and 3600000",
+            )?;
+        }
+        let bounds = [
+            ("[http] max_connections", self.max_connections),
+            ("[http] max_in_flight_requests", self.max_in_flight_requests),
+        ];
+        for (key, bound) in bounds {
+            ensure(
+                (1..=1_000_000).contains(&bound),
+                key,
+                "must be between 1 and 1000000",
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -910,6 +984,66 @@ mod tests {
             e.to_string(),
             "[retry] jitter: must be at least 0 and below 1"
         );
+    }
+}
+
+#[cfg(test)]
+mod http_settings {
+    use std::path::Path;
+
+    use super::{ConfigError, Settings};
+
+    fn load(text: &str) -> Result<Settings, ConfigError> {
+        Settings::from_toml(text, Vec::new(), Path::new("."))
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let s = load("").unwrap();
+        assert_eq!(s.http.header_read_timeout_ms, 5000);
+        assert_eq!(s.http.request_body_timeout_ms, 10_000);
+        assert_eq!(s.http.idle_timeout_ms, 60_000);
+        assert_eq!(s.http.max_connections, 4096);
+        assert_eq!(s.http.max_in_flight_requests, 4096);
+        assert_eq!(s.ingest.shutdown_timeout_ms, 10_000);
+        let s = load("[http]\nmax_connections = 2\nidle_timeout_ms = 1500").unwrap();
+        assert_eq!((s.http.max_connections, s.http.idle_timeout_ms), (2, 1500));
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (text, key) in [
+            (
+                "[http]\nheader_read_timeout_ms = 0",
+                "[http] header_read_timeout_ms",
+            ),
+            (
+                "[http]\nrequest_body_timeout_ms = 0",
+                "[http] request_body_timeout_ms",
+            ),
+            (
+                "[http]\nidle_timeout_ms = 3600001",
+                "[http] idle_timeout_ms",
+            ),
+            ("[http]\nmax_connections = 0", "[http] max_connections"),
+            (
+                "[http]\nmax_in_flight_requests = 0",
+                "[http] max_in_flight_requests",
+            ),
+            (
+                "[ingest]\nshutdown_timeout_ms = 0",
+                "[ingest] shutdown_timeout_ms",
+            ),
+        ] {
+            let e = load(text).unwrap_err();
+            assert_eq!(e.key(), Some(key), "{text}: {e}");
+        }
+        assert_eq!(
+            load("[http]\nmax_connections = 0").unwrap_err().to_string(),
+            "[http] max_connections: must be between 1 and 1000000"
+        );
+        let e = load("[http]\nheader_timeout_ms = 1").unwrap_err();
+        assert!(matches!(e, ConfigError::Shape(_)), "{e:?}");
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod clock;
 pub mod config;
 pub mod db;
+pub mod http;
 pub mod job;
 pub mod ledger;
 pub mod policy;

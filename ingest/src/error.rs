@@ -7,8 +7,10 @@
 //! method) keep FastAPI's `{"detail": ...}`, and the few v2 answers that name what was not found
 //! keep the reference's own shapes.
 
+use std::time::Duration;
+
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use pushfleet_core::config::Platform;
@@ -111,6 +113,13 @@ pub enum ApiError {
     StorageUnavailable(#[from] DbError),
     #[error("not connected to RabbitMQ")]
     NotReady,
+
+    // The HTTP limits (`[http]`).
+    /// More requests in progress than `max_in_flight_requests`: refused before any work.
+    #[error("too many requests in progress, retry later")]
+    Overloaded,
+    #[error("request body not received within {} ms", .0.as_millis())]
+    BodyTimeout(Duration),
 }
 
 impl ApiError {
@@ -147,9 +156,10 @@ impl ApiError {
             | NoDeviceToRemove => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            QueueUnavailable(_) | StorageUnavailable(_) | NotReady => {
+            QueueUnavailable(_) | StorageUnavailable(_) | NotReady | Overloaded => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -186,6 +196,8 @@ impl ApiError {
             QueueUnavailable(_) => "queue_unavailable",
             StorageUnavailable(_) => "storage_unavailable",
             NotReady => "not_ready",
+            Overloaded => "overloaded",
+            BodyTimeout(_) => "body_timeout",
         }
     }
 
@@ -217,6 +229,9 @@ impl ApiError {
     }
 }
 
+/// What a shed caller is told to wait: in-flight requests mostly finish within a second.
+const RETRY_AFTER_SECS: &str = "1";
+
 /// Set on an error response for the request counter, which sees only the response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ErrorLabel(pub &'static str);
@@ -228,6 +243,12 @@ impl IntoResponse for ApiError {
         }
         let mut response = (self.status(), Json(self.body())).into_response();
         response.extensions_mut().insert(ErrorLabel(self.label()));
+        if let ApiError::Overloaded = self {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+        }
         response
     }
 }
@@ -294,6 +315,28 @@ mod tests {
                 StatusCode::SERVICE_UNAVAILABLE,
                 Some(ErrorLabel("queue_unavailable")),
                 r#"{"code":503,"data":"","description":"push queue unavailable: not connected to RabbitMQ"}"#.into()
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn limit_answers_have_the_sylk_shape() {
+        let response = ApiError::Overloaded.into_response();
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(
+            answer(ApiError::Overloaded).await,
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some(ErrorLabel("overloaded")),
+                r#"{"code":503,"data":"","description":"too many requests in progress, retry later"}"#.into()
+            )
+        );
+        assert_eq!(
+            answer(ApiError::BodyTimeout(Duration::from_millis(1500))).await,
+            (
+                StatusCode::REQUEST_TIMEOUT,
+                Some(ErrorLabel("body_timeout")),
+                r#"{"code":408,"data":"","description":"request body not received within 1500 ms"}"#.into()
             )
         );
     }

@@ -24,12 +24,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pushfleet_core::db::{self, DbError};
+use pushfleet_core::http;
 use pushfleet_core::topology::BrokerError;
 use pushfleet_core::Settings;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::acl::{AccessList, InvalidEntry};
 use crate::broker::{Broker, OpenError};
@@ -70,11 +71,12 @@ impl From<OpenError> for StartError {
 /// Why ingest did not stop cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum StopError {
-    #[error("HTTP server: {0}")]
-    Server(#[source] std::io::Error),
     #[error("HTTP server task: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
+
+/// After the HTTP drain, how long the broker link gets to close cleanly.
+const BROKER_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A running ingest server.
 pub struct Ingest {
@@ -92,23 +94,38 @@ impl Ingest {
         // The v2 token API and audit queries need the database from the first request on.
         let db = db::pool(&settings.postgres)?;
         db::ping(&db, &settings.postgres).await?;
-        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (shutdown, mut shutdown_rx) = watch::channel(false);
+        // The broker link outlives the HTTP drain: sync requests still in progress at shutdown
+        // wait for their answers over it.
+        let (close_broker, close_broker_rx) = watch::channel(false);
         let broker = Broker::start(
             settings.rabbitmq.clone(),
             Duration::from_millis(settings.ingest.publish_timeout_ms),
-            shutdown_rx.clone(),
+            close_broker_rx,
         )
         .await?;
-        let state = Arc::new(AppState::new(settings, broker, db));
-        let app = routes::router(state, acl).into_make_service_with_connect_info::<SocketAddr>();
-        let mut stop = shutdown_rx;
+        let http = settings.http.clone();
+        let grace = Duration::from_millis(settings.ingest.shutdown_timeout_ms);
+        let state = Arc::new(AppState::new(settings, broker.clone(), db));
+        let app = routes::router(state, acl);
         let server = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|stop| *stop).await;
-                })
+            let stop = async move {
+                let _ = shutdown_rx.wait_for(|stop| *stop).await;
+            };
+            http::serve(listener, app, &http, stop, grace).await;
+            let _ = close_broker.send(true);
+            let closed = async {
+                while broker.is_connected() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            };
+            if tokio::time::timeout(BROKER_CLOSE_TIMEOUT, closed)
                 .await
-                .map_err(StopError::Server)
+                .is_err()
+            {
+                warn!("the RabbitMQ connection did not close in time");
+            }
+            Ok(())
         });
         info!(%addr, "ingest listening");
         Ok(Ingest {
@@ -127,7 +144,8 @@ impl Ingest {
         Ingest::start(settings, listener).await
     }
 
-    /// Stops accepting, lets in-flight requests finish, closes the broker link.
+    /// Stops accepting and closes idle connections, lets in-flight requests finish for up to
+    /// `[ingest] shutdown_timeout_ms`, closes the connections still open, then the broker link.
     pub async fn stop(self) -> Result<(), StopError> {
         let _ = self.shutdown.send(true);
         self.server.await?

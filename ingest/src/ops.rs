@@ -1,15 +1,19 @@
 //! What operators and load balancers call rather than clients: the reference's home page,
 //! liveness, readiness (connected to RabbitMQ), the Prometheus metrics, and the request counter
-//! that feeds them. Also the answers for a path or method the API does not have.
+//! that feeds them. Also the answers for a path or method the API does not have, and those of the
+//! HTTP limits: load shedding and slow bodies.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::header;
+use axum::http::{header, HeaderValue, Version};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use pushfleet_core::http::BodyDeadline;
 use serde_json::{json, Value};
+use tokio::sync::Semaphore;
 
 use crate::error::{ApiError, ErrorLabel};
 use crate::state::Shared;
@@ -75,4 +79,44 @@ pub async fn count_requests(request: Request, next: Next) -> Response {
     metrics::histogram!("pushfleet_ingest_request_duration_seconds", "route" => route)
         .record(started.elapsed().as_secs_f64());
     response
+}
+
+/// What a load balancer or Prometheus calls: answered even when everything else is shed, so that
+/// an overloaded ingest is not also taken for a dead one.
+const PROBES: [&str; 3] = ["/health", "/ready", "/metrics"];
+
+/// Middleware: refuses a request at once (503, `Retry-After`) when `[http]
+/// max_in_flight_requests` are already in progress, probes excepted; and answers 408 for a
+/// request whose body did not arrive within `[http] request_body_timeout_ms` (the handler only
+/// saw its read fail).
+pub async fn limit_requests(
+    State(in_flight): State<Arc<Semaphore>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let _permit = if PROBES.contains(&request.uri().path()) {
+        None
+    } else {
+        match in_flight.try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) => return ApiError::Overloaded.into_response(),
+        }
+    };
+    let deadline = request.extensions().get::<BodyDeadline>().cloned();
+    let http1 = request.version() < Version::HTTP_2;
+    let response = next.run(request).await;
+    match deadline {
+        Some(deadline) if deadline.expired() => {
+            let mut response = ApiError::BodyTimeout(deadline.timeout()).into_response();
+            // The rest of the body may still be on its way: the connection cannot carry another
+            // request, and the client should know before it tries.
+            if http1 {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            response
+        }
+        _ => response,
+    }
 }

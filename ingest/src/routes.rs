@@ -1,5 +1,5 @@
-//! The API's routes, and the layers every request passes: the request counter, then the access
-//! list.
+//! The API's routes, and the layers every request passes: the request counter, the HTTP limits
+//! (load shedding, slow bodies), then the access list.
 
 use std::sync::Arc;
 
@@ -7,6 +7,7 @@ use axum::middleware;
 use axum::response::Redirect;
 use axum::routing::{any, get, post};
 use axum::Router;
+use tokio::sync::Semaphore;
 
 use crate::acl::{self, AccessList};
 use crate::ops::{self, method_not_allowed};
@@ -14,6 +15,7 @@ use crate::state::Shared;
 use crate::{audit, rfc8599, v1, v2};
 
 pub fn router(state: Shared, acl: AccessList) -> Router {
+    let in_flight = Arc::new(Semaphore::new(state.settings.http.max_in_flight_requests));
     Router::new()
         .route("/", get(ops::home))
         .route("/push", post(v1::push).fallback(method_not_allowed))
@@ -44,6 +46,10 @@ pub fn router(state: Shared, acl: AccessList) -> Router {
         .route("/metrics", get(ops::metrics_text))
         .fallback(ops::no_route)
         .layer(middleware::from_fn_with_state(Arc::new(acl), acl::guard))
+        .layer(middleware::from_fn_with_state(
+            in_flight,
+            ops::limit_requests,
+        ))
         .layer(middleware::from_fn(ops::count_requests))
         .with_state(state)
 }

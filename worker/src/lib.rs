@@ -22,7 +22,9 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
+use pushfleet_core::config::HttpSettings;
 use pushfleet_core::db::{self, DbError};
+use pushfleet_core::http;
 use pushfleet_core::reconnect;
 use pushfleet_core::service::metrics_recorder;
 use pushfleet_core::topology::{BrokerError, Topology};
@@ -101,7 +103,7 @@ impl Worker {
             addr: settings.worker.listen,
             source,
         })?;
-        tasks.spawn(serve_http(http, shutdown_rx.clone()));
+        tasks.spawn(serve_http(http, settings.http.clone(), shutdown_rx.clone()));
         let shutdown_timeout = Duration::from_millis(settings.worker.shutdown_timeout_ms);
         tasks.spawn(supervise(
             settings,
@@ -219,7 +221,14 @@ async fn supervise(
     }
 }
 
-async fn serve_http(listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+/// Probes and scrapes answer in milliseconds: a hung scraper must not hold up the worker's exit.
+const HTTP_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+async fn serve_http(
+    listener: TcpListener,
+    limits: HttpSettings,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let metrics = metrics_recorder();
     let app = Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
@@ -236,9 +245,8 @@ async fn serve_http(listener: TcpListener, mut shutdown: watch::Receiver<bool>) 
                 }
             }),
         );
-    let _ = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-        })
-        .await;
+    let stop = async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+    };
+    http::serve(listener, app, &limits, stop, HTTP_SHUTDOWN_GRACE).await;
 }
