@@ -120,6 +120,8 @@ pub struct IngestSettings {
     /// Addresses and networks (`10.0.0.0/8`, `192.0.2.7`) allowed to call the API; empty allows
     /// everyone. Checked by ingest at start-up.
     pub allowed_hosts: Vec<String>,
+    /// Devices a v2 account may hold; a new one beyond that gets 409.
+    pub max_devices_per_account: usize,
 }
 
 impl Default for IngestSettings {
@@ -131,6 +133,7 @@ impl Default for IngestSettings {
             max_body_bytes: 64 * 1024,
             publish_timeout_ms: 1000,
             allowed_hosts: Vec::new(),
+            max_devices_per_account: 20,
         }
     }
 }
@@ -531,6 +534,11 @@ impl IngestSettings {
             self.max_body_bytes >= 1024,
             "[ingest] max_body_bytes",
             "must be at least 1024",
+        )?;
+        ensure(
+            self.max_devices_per_account >= 1,
+            "[ingest] max_devices_per_account",
+            "must be at least 1",
         )
     }
 }
@@ -800,6 +808,7 @@ mod tests {
         assert_eq!(s.ingest.listen.to_string(), "127.0.0.1:8400");
         assert_eq!(s.ingest.mode, ResponseMode::Sync);
         assert_eq!(s.ingest.sync_timeout_ms, 5000);
+        assert_eq!(s.ingest.max_devices_per_account, 20);
         assert_eq!(s.rabbitmq.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
         assert_eq!(
             s.postgres.url,
@@ -849,6 +858,8 @@ mod tests {
         assert!(matches!(e, ConfigError::Shape(_)), "{e:?}");
         let e = load("[ingest]\nsync_timeout_ms = 0", &[]).unwrap_err();
         assert_eq!(e.key(), Some("[ingest] sync_timeout_ms"));
+        let e = load("[ingest]\nmax_devices_per_account = 0", &[]).unwrap_err();
+        assert_eq!(e.key(), Some("[ingest] max_devices_per_account"));
         let e = load("[ingest\n", &[]).unwrap_err();
         assert!(matches!(e, ConfigError::Syntax(_)), "{e:?}");
         let e = load(
