@@ -9,6 +9,7 @@ mod connections;
 mod delivery;
 mod import;
 mod lifecycle;
+mod limits;
 mod outcomes;
 mod rfc8599;
 mod startup;
