@@ -125,6 +125,8 @@ pub struct IngestSettings {
     /// On SIGTERM, how long requests in progress (sync waits included) may take to finish before
     /// their connections are closed.
     pub shutdown_timeout_ms: u64,
+    /// Devices a v2 account may hold; a new one beyond that gets 409.
+    pub max_devices_per_account: usize,
 }
 
 impl Default for IngestSettings {
@@ -137,6 +139,7 @@ impl Default for IngestSettings {
             publish_timeout_ms: 1000,
             allowed_hosts: Vec::new(),
             shutdown_timeout_ms: 10_000,
+            max_devices_per_account: 20,
         }
     }
 }
@@ -588,6 +591,11 @@ impl IngestSettings {
             (1..=600_000).contains(&self.shutdown_timeout_ms),
             "[ingest] shutdown_timeout_ms",
             "must be between 1 and 600000",
+        )?;
+        ensure(
+            self.max_devices_per_account >= 1,
+            "[ingest] max_devices_per_account",
+            "must be at least 1",
         )
     }
 }
@@ -904,6 +912,7 @@ mod tests {
         assert_eq!(s.ingest.listen.to_string(), "127.0.0.1:8400");
         assert_eq!(s.ingest.mode, ResponseMode::Sync);
         assert_eq!(s.ingest.sync_timeout_ms, 5000);
+        assert_eq!(s.ingest.max_devices_per_account, 20);
         assert_eq!(s.rabbitmq.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
         assert_eq!(
             s.postgres.url,
@@ -953,6 +962,8 @@ mod tests {
         assert!(matches!(e, ConfigError::Shape(_)), "{e:?}");
         let e = load("[ingest]\nsync_timeout_ms = 0", &[]).unwrap_err();
         assert_eq!(e.key(), Some("[ingest] sync_timeout_ms"));
+        let e = load("[ingest]\nmax_devices_per_account = 0", &[]).unwrap_err();
+        assert_eq!(e.key(), Some("[ingest] max_devices_per_account"));
         let e = load("[ingest\n", &[]).unwrap_err();
         assert!(matches!(e, ConfigError::Syntax(_)), "{e:?}");
         let e = load(

@@ -193,6 +193,60 @@ pub async fn register(
     })
 }
 
+/// Why [`register_within`] did not register.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    /// A new device for an account that already holds `limit`.
+    #[error("the account already has {limit} devices")]
+    AccountFull { limit: usize },
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// [`register`] (forced, as the API registers) for an account that may hold at most
+/// `max_devices` devices. A device the account already has (same app and device id) is always
+/// updated, even when the account holds more than the limit (a lowered limit, an import); a new
+/// one beyond the limit is refused. Dead devices count until they are removed.
+///
+/// Registrations for one account are serialised by a transaction-scoped advisory lock: without
+/// it two concurrent registrations could both count the last free place and both take it.
+pub async fn register_within(
+    client: &mut impl GenericClient,
+    token: &NewToken,
+    max_devices: usize,
+) -> Result<Registered, RegisterError> {
+    let tx = client
+        .transaction()
+        .await
+        .map_err(DbError::query("device_tokens"))?;
+    // Its own statement: a count in the same statement would read a snapshot taken before the
+    // lock was granted.
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('pushfleet_device_tokens'), hashtext($1))",
+        &[&token.account],
+    )
+    .await
+    .map_err(DbError::query("device_tokens lock"))?;
+    let row = tx
+        .query_one(
+            "SELECT count(*), count(*) FILTER (WHERE app_id = $2 AND device_id = $3) > 0
+               FROM device_tokens WHERE account = $1",
+            &[&token.account, &token.app_id, &token.device_id],
+        )
+        .await
+        .map_err(DbError::query("device_tokens"))?;
+    let (devices, known): (i64, bool) = (row.get(0), row.get(1));
+    if !known && usize::try_from(devices).unwrap_or(usize::MAX) >= max_devices {
+        tx.rollback()
+            .await
+            .map_err(DbError::query("device_tokens"))?;
+        return Err(RegisterError::AccountFull { limit: max_devices });
+    }
+    let registered = register(&tx, token, true).await?;
+    tx.commit().await.map_err(DbError::query("device_tokens"))?;
+    Ok(registered)
+}
+
 /// Removes the device (or, without one, every device of the app) from the account; returns how
 /// many rows went.
 pub async fn remove(

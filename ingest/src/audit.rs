@@ -10,6 +10,7 @@ use pushfleet_core::db::DbError;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
+use crate::limits;
 use crate::state::Shared;
 
 /// The query string as the reference reads it: any keys, the last of a repeated one winning.
@@ -39,6 +40,8 @@ pub async fn audit(
         .or_else(|| query.get("call-id"))
         .filter(|c| !c.is_empty())
         .ok_or(ApiError::MissingField("call_id"))?;
+    // Postgres refuses a NUL in text: that must be the caller's 400, not a 503.
+    limits::check_as(&limits::CALL_ID, "call_id", call_id)?;
     let row = state
         .db_client()
         .await?

@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use pushfleet_core::config::Platform;
 use pushfleet_core::db::DbError;
+use pushfleet_core::tokens::RegisterError;
 use pushfleet_core::topology::BrokerError;
 use serde_json::{json, Value};
 use tracing::warn;
@@ -56,6 +57,12 @@ pub enum ApiError {
     /// Text that is there but empty, where it must address something.
     #[error("{0} must not be empty: {0}")]
     EmptyField(&'static str),
+    /// Text longer than its limit (`crate::limits`), in pydantic's `max_length` wording.
+    #[error("ensure this value has at most {max_chars} characters: {field}")]
+    TooLong {
+        field: &'static str,
+        max_chars: usize,
+    },
 
     // RFC 8599 push parameters.
     #[error("pn-provider '{0}' is not supported (apns, apns.dev, fcm)")]
@@ -104,6 +111,9 @@ pub enum ApiError {
     NoAccountToRemove,
     #[error("Not found")]
     NoDeviceToRemove,
+    /// A new device for an account that holds as many as it may.
+    #[error("the account already has {limit} devices, the most [ingest] max_devices_per_account allows: remove one before registering another")]
+    TooManyDevices { limit: usize },
 
     // What pushfleet depends on is away.
     #[error("push queue unavailable: {0}")]
@@ -134,6 +144,7 @@ impl ApiError {
             | MissingField(_)
             | InvalidField { .. }
             | EmptyField(_)
+            | TooLong { .. }
             | UnsupportedProvider(_)
             | MalformedPnParam(_)
             | MalformedPnPrid(_)
@@ -155,6 +166,7 @@ impl ApiError {
             | NoAccountToRemove
             | NoDeviceToRemove => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            TooManyDevices { .. } => StatusCode::CONFLICT,
             TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             QueueUnavailable(_) | StorageUnavailable(_) | NotReady | Overloaded => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -175,6 +187,7 @@ impl ApiError {
             | UnknownEvent
             | InvalidField { .. }
             | EmptyField(_)
+            | TooLong { .. }
             | MalformedPnParam(_)
             | MalformedPnPrid(_)
             | UnknownType => "invalid_field",
@@ -193,11 +206,23 @@ impl ApiError {
             MethodNotAllowed => "method_not_allowed",
             UserNotFound { .. } | NoAccountToRemove => "user_not_found",
             DeviceNotFound { .. } | NoDeviceToRemove => "device_not_found",
+            TooManyDevices { .. } => "too_many_devices",
             QueueUnavailable(_) => "queue_unavailable",
             StorageUnavailable(_) => "storage_unavailable",
             NotReady => "not_ready",
             Overloaded => "overloaded",
             BodyTimeout(_) => "body_timeout",
+        }
+    }
+
+    /// The request field a field-level error is about.
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            ApiError::MissingField(field)
+            | ApiError::EmptyField(field)
+            | ApiError::InvalidField { field, .. }
+            | ApiError::TooLong { field, .. } => Some(field),
+            _ => None,
         }
     }
 
@@ -231,6 +256,15 @@ impl ApiError {
 
 /// What a shed caller is told to wait: in-flight requests mostly finish within a second.
 const RETRY_AFTER_SECS: &str = "1";
+
+impl From<RegisterError> for ApiError {
+    fn from(error: RegisterError) -> ApiError {
+        match error {
+            RegisterError::AccountFull { limit } => ApiError::TooManyDevices { limit },
+            RegisterError::Db(error) => ApiError::StorageUnavailable(error),
+        }
+    }
+}
 
 /// Set on an error response for the request counter, which sees only the response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -360,5 +394,33 @@ mod tests {
             "token must not be empty: token"
         );
         assert_eq!(ApiError::TooLarge(65536).status().as_u16(), 413);
+    }
+
+    #[tokio::test]
+    async fn limits_answer_in_the_sylk_shape() {
+        assert_eq!(
+            answer(ApiError::TooLong {
+                field: "call-id",
+                max_chars: 256
+            })
+            .await,
+            (
+                StatusCode::BAD_REQUEST,
+                Some(ErrorLabel("invalid_field")),
+                r#"{"code":400,"data":"","description":"ensure this value has at most 256 characters: call-id"}"#.into()
+            )
+        );
+        let (status, label, body) = answer(RegisterError::AccountFull { limit: 20 }.into()).await;
+        assert_eq!(
+            (status, label),
+            (StatusCode::CONFLICT, Some(ErrorLabel("too_many_devices")))
+        );
+        let body: Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!((&body["code"], &body["data"]), (&json!(409), &json!("")));
+        let description = body["description"].as_str().expect("a description");
+        assert!(
+            description.contains("20 devices") && description.contains("max_devices_per_account"),
+            "{description}"
+        );
     }
 }

@@ -4,11 +4,14 @@
 #![forbid(unsafe_code)]
 
 pub mod acl;
+#[cfg(test)]
+mod arbitrary;
 mod audit;
 mod broker;
 mod error;
 mod fcm_projects;
 mod fields;
+mod limits;
 mod ops;
 mod pipeline;
 mod request;

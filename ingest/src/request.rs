@@ -8,6 +8,7 @@ use axum::extract::Path;
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
+use crate::limits;
 
 /// Reads the whole body, refusing more than `limit` bytes.
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
@@ -29,22 +30,30 @@ pub async fn json_object(body: Body, limit: usize) -> Result<Map<String, Value>,
     }
 }
 
-/// The account from the path; a path that is not valid text is the caller's 400.
+/// The account from the path; a path that is not valid text, or an account beyond the limits
+/// of `crate::limits`, is the caller's 400.
 pub fn account(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
-    path.map(|Path(account)| account)
+    let account = path
+        .map(|Path(account)| account)
         .map_err(|rejection| ApiError::InvalidPath {
             what: "account",
             rejection,
-        })
+        })?;
+    limits::check(&limits::ACCOUNT, &account)?;
+    Ok(account)
 }
 
 /// The account and device from the path.
 pub fn account_and_device(
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<(String, String), ApiError> {
-    path.map(|Path(names)| names)
-        .map_err(|rejection| ApiError::InvalidPath {
-            what: "account or device",
-            rejection,
-        })
+    let (account, device) =
+        path.map(|Path(names)| names)
+            .map_err(|rejection| ApiError::InvalidPath {
+                what: "account or device",
+                rejection,
+            })?;
+    limits::check(&limits::ACCOUNT, &account)?;
+    limits::check(&limits::DEVICE_ID, &device)?;
+    Ok((account, device))
 }

@@ -12,6 +12,7 @@ use crate::error::ApiError;
 use crate::fields::{
     bool_or, field, given, int_or, optional_str, python_str, required_str, truthy,
 };
+use crate::limits::{self, check, check_optional};
 
 /// A v1 request that passed validation.
 #[derive(Debug, Clone)]
@@ -37,6 +38,7 @@ pub fn validate<'a>(
         // An empty token cannot address a device; the reference would send it and fail.
         return Err(ApiError::EmptyField("token"));
     }
+    check_limits(app.platform, &push)?;
     Ok(ValidPush { app, event, push })
 }
 
@@ -56,6 +58,7 @@ pub fn configured_app<'a>(
         .and_then(Platform::from_alias)
         .ok_or_else(|| unknown_platform(python_str(platform_value)))?;
     let app_id = python_str(app_id);
+    check(&limits::APP_ID, &app_id)?;
     match settings.app(&app_id, platform) {
         Some(app) => Ok(app),
         None => Err(ApiError::UnknownApp { platform, app_id }),
@@ -139,9 +142,31 @@ fn push_data(body: &Map<String, Value>) -> Result<PushData, ApiError> {
     })
 }
 
+/// Check 9, pushfleet's own: every text within its limits, the token of its platform's shape
+/// (see `crate::limits`), in the model's field order.
+fn check_limits(platform: Platform, push: &PushData) -> Result<(), ApiError> {
+    limits::check_token(platform, limits::TOKEN.field, &push.token)?;
+    check_optional(&limits::DEVICE_ID, push.device_id.as_deref())?;
+    check(&limits::CALL_ID, &push.call_id)?;
+    check(&limits::FROM, &push.from)?;
+    check_optional(
+        &limits::FROM_DISPLAY_NAME,
+        push.from_display_name.as_deref(),
+    )?;
+    check(&limits::TO, &push.to)?;
+    check_optional(&limits::MEDIA_TYPE, push.media_type.as_deref())?;
+    check_optional(&limits::REASON, push.reason.as_deref())?;
+    check_optional(&limits::FILENAME, push.filename.as_deref())?;
+    check_optional(&limits::FILETYPE, push.filetype.as_deref())?;
+    check_optional(&limits::ACCOUNT, push.account.as_deref())?;
+    check_optional(&limits::CONTENT, push.content.as_deref())?;
+    check_optional(&limits::CONTENT_TYPE, push.content_type.as_deref())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::arbitrary;
     use serde_json::json;
     use std::path::Path;
 
@@ -304,6 +329,67 @@ mod tests {
             check(without(body, "to")).unwrap_err(),
             (400, "field required: to".into())
         );
+    }
+
+    #[test]
+    fn texts_are_checked_after_the_reference_checks() {
+        assert_eq!(
+            check(with(sylk_body(), "call-id", json!("a\u{0}b"))).unwrap_err(),
+            (400, "must not contain control characters: call-id".into())
+        );
+        assert_eq!(
+            check(with(sylk_body(), "to", json!("b".repeat(513)))).unwrap_err(),
+            (
+                400,
+                "ensure this value has at most 512 characters: to".into()
+            )
+        );
+        assert_eq!(
+            check(with(sylk_body(), "content", json!("two\r\nlines\t!")))
+                .unwrap()
+                .push
+                .content
+                .as_deref(),
+            Some("two\r\nlines\t!")
+        );
+        // The reference's own checks come first.
+        let both = with(
+            with(sylk_body(), "call-id", json!("a\u{0}b")),
+            "silent",
+            Value::Null,
+        );
+        assert_eq!(
+            check(both).unwrap_err(),
+            (400, "'silent' item(s) missing.".into())
+        );
+        assert_eq!(
+            check(with(sylk_body(), "app-id", json!("x".repeat(257)))).unwrap_err(),
+            (
+                400,
+                "ensure this value has at most 256 characters: app-id".into()
+            )
+        );
+        assert_eq!(
+            check(with(sylk_body(), "token", json!("tok/1")))
+                .unwrap_err()
+                .0,
+            400
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(arbitrary::config())]
+
+        /// Whatever the body, validation answers: a push whose texts keep the limits, or a 4xx.
+        #[test]
+        fn any_body_is_accepted_within_the_limits_or_refused_with_a_4xx(
+            body in arbitrary::push_body()
+        ) {
+            match validate(&body, arbitrary::settings()) {
+                Ok(valid) => arbitrary::assert_push_clean(valid.app.platform, &valid.push),
+                Err(error) => arbitrary::assert_refused(&error),
+            }
+        }
     }
 
     #[test]

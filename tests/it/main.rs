@@ -10,6 +10,7 @@ mod delivery;
 mod http_limits;
 mod import;
 mod lifecycle;
+mod limits;
 mod outcomes;
 mod rfc8599;
 mod startup;

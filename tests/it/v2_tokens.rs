@@ -731,12 +731,13 @@ async fn the_access_list_guards_every_route() {
     .await;
     let denied = json!({"code": 403, "description": "access denied by access list", "data": {}});
     let account = account();
+    let token = apns_token();
     let calls: [(&str, String, Option<Value>); 8] = [
         ("POST", "/push".into(), Some(json!({"bad": "body"}))),
         (
             "POST",
             tokens_path(&account),
-            Some(add_body(SYLK, "apple", "t", "d")),
+            Some(add_body(SYLK, "apple", &token, "d")),
         ),
         (
             "DELETE",
@@ -775,7 +776,7 @@ async fn the_access_list_guards_every_route() {
         .call(
             "POST",
             &tokens_path(&account),
-            Some(&add_body(SYLK, "apple", "t", "d")),
+            Some(&add_body(SYLK, "apple", &token, "d")),
         )
         .await;
     assert_eq!(status, 200);

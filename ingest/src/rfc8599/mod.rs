@@ -19,6 +19,7 @@ use self::resolve::resolve;
 use crate::error::ApiError;
 use crate::fcm_projects::FcmProjects;
 use crate::fields::{field, python_str};
+use crate::limits;
 use crate::pipeline;
 use crate::request::json_object;
 use crate::state::Shared;
@@ -55,6 +56,8 @@ fn v1_body(
     let event = event(body)?;
     let hint = field(body, "app-id").and_then(Value::as_str);
     let target = resolve(&params, &event, hint, settings, fcm_projects)?;
+    // The v1 validation checks it again as `token`; here the caller reads the name it gave.
+    limits::check_token(target.platform, target.token_param, &target.token)?;
     let mut v1 = body.clone();
     for key in ADDRESS_KEYS {
         v1.remove(key);
@@ -94,6 +97,8 @@ fn event(body: &Map<String, Value>) -> Result<String, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::arbitrary;
+    use crate::validate::validate;
     use pushfleet_core::config::Platform;
     use resolve::Target;
     use std::path::Path;
@@ -235,6 +240,63 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn decoded_and_resolved_values_are_checked() {
+        let settings = settings();
+        let projects = FcmProjects::load(&settings);
+        let v1 = |body: Value| {
+            v1_body(body.as_object().unwrap(), &settings, &projects).map_err(|e| e.to_string())
+        };
+        let hex = "ab".repeat(32);
+        assert_eq!(
+            v1(
+                json!({"contact": format!("sip:b@h;pn-provider=apns;pn-param=T.org.linphone.phone;pn-prid={hex}%00")})
+            ),
+            Err("must not contain control characters: pn-prid".into())
+        );
+        assert_eq!(
+            v1(json!({"pn-provider": "apns", "pn-param": "T.org.linphone.phone", "pn-prid": "y"})),
+            Err(
+                "must be an APNs device token of 64 to 200 hex digits (an even number): pn-prid"
+                    .into()
+            )
+        );
+        assert!(v1(
+            json!({"pn-type": "apple", "app-id": "org.linphone.phone.voip.prod", "pn-tok": "EEEE"})
+        )
+        .unwrap_err()
+        .ends_with(": pn-tok"));
+        // Only the token a push goes to is forwarded, so only its shape matters.
+        let pair = format!("{hex}:voip&nothex:remote");
+        let call = v1(
+            json!({"pn-provider": "apns", "pn-param": "T.org.linphone.phone.remote&voip",
+                             "pn-prid": pair}),
+        )
+        .unwrap();
+        assert_eq!(call["token"], hex.as_str());
+        assert_eq!(
+            v1(json!({"pn-provider": "fcm", "pn-param": "linphone-1234", "pn-prid": "a b"})),
+            Err("must be an FCM registration token of letters, digits, '_', ':', '.' and '-': pn-prid".into())
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(arbitrary::config())]
+
+        /// Whatever the body, it becomes a v1 request that validation accepts within the limits
+        /// or refuses, or it is refused itself: always with a 4xx.
+        #[test]
+        fn any_body_becomes_a_push_within_the_limits_or_a_4xx(body in arbitrary::rfc8599_body()) {
+            let settings = arbitrary::settings();
+            let accepted = v1_body(&body, settings, arbitrary::fcm_projects())
+                .and_then(|v1| validate(&v1, settings));
+            match accepted {
+                Ok(valid) => arbitrary::assert_push_clean(valid.app.platform, &valid.push),
+                Err(error) => arbitrary::assert_refused(&error),
+            }
+        }
     }
 
     #[test]

@@ -7,12 +7,20 @@ use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 use crate::fields::field;
+use crate::limits::{self, Limit};
 
 /// Parameter name (lower case) → value.
 pub type Params = HashMap<String, String>;
 
-/// The keys a request may give directly; they win over the contact's.
-const KEYS: [&str; 5] = ["pn-provider", "pn-param", "pn-prid", "pn-type", "pn-tok"];
+/// The keys a request may give directly; they win over the contact's. Their values are checked
+/// against their limits as they will be used: decoded.
+const KEYS: [Limit; 5] = [
+    limits::PN_PROVIDER,
+    limits::PN_PARAM,
+    limits::PN_PRID,
+    limits::PN_TYPE,
+    limits::PN_TOK,
+];
 
 pub fn parameters(body: &Map<String, Value>) -> Result<Params, ApiError> {
     let mut params = Params::new();
@@ -23,13 +31,19 @@ pub fn parameters(body: &Map<String, Value>) -> Result<Params, ApiError> {
         })?;
         read_contact(contact, &mut params);
     }
-    for key in KEYS {
+    for limit in &KEYS {
+        let key = limit.field;
         if let Some(value) = field(body, key).filter(|v| !v.is_null()) {
             let value = value.as_str().ok_or(ApiError::InvalidField {
                 field: key,
                 problem: "str type expected",
             })?;
             params.insert(key.to_string(), value.trim().to_string());
+        }
+    }
+    for limit in &KEYS {
+        if let Some(value) = params.get(limit.field) {
+            limits::check(limit, value)?;
         }
     }
     Ok(params)
@@ -104,5 +118,26 @@ mod tests {
         assert_eq!(params.get("pn-provider").map(String::as_str), Some("fcm"));
         assert_eq!(params.get("pn-prid").map(String::as_str), Some("t"));
         assert!(!params.contains_key("x-header"));
+    }
+
+    #[test]
+    fn decoded_parameters_are_checked() {
+        let body = |contact: &str| {
+            serde_json::json!({ "contact": contact })
+                .as_object()
+                .unwrap()
+                .clone()
+        };
+        let error = parameters(&body("<sip:bob@host;pn-provider=fcm;pn-prid=ab%00cd>"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(error, "must not contain control characters: pn-prid");
+        let long = format!("sip:bob@host;pn-param={}", "x".repeat(257));
+        assert_eq!(
+            parameters(&body(&long)).unwrap_err().to_string(),
+            "ensure this value has at most 256 characters: pn-param"
+        );
+        // Parameters pushfleet does not use are not its business.
+        assert!(parameters(&body("sip:bob@host;pn-provider=fcm;x-note=a%01b")).is_ok());
     }
 }

@@ -14,6 +14,8 @@ pub struct Target {
     pub platform: Platform,
     pub app_id: String,
     pub token: String,
+    /// The parameter the token came from (`pn-prid`, or the legacy `pn-tok`), for messages.
+    pub token_param: &'static str,
 }
 
 /// Resolves the parameters to a configured app and a token for `event`. `app_hint` is the
@@ -113,6 +115,7 @@ fn resolve_apple(
         platform: Platform::Apple,
         app_id: app.id.clone(),
         token: apple_token(&tokens, app, event),
+        token_param: token_param(provider.legacy),
     })
 }
 
@@ -244,7 +247,16 @@ fn resolve_firebase(
         platform: Platform::Firebase,
         app_id: app.id.clone(),
         token: token.to_string(),
+        token_param: token_param(legacy),
     })
+}
+
+fn token_param(legacy: bool) -> &'static str {
+    if legacy {
+        "pn-tok"
+    } else {
+        "pn-prid"
+    }
 }
 
 /// The Firebase app a push names: by the request's own `app-id`, by `pn-param` as an app id or

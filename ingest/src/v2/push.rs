@@ -22,6 +22,7 @@ use tracing::{info, warn};
 
 use crate::error::ApiError;
 use crate::fields::{field, python_str, required_str};
+use crate::limits;
 use crate::pipeline::{await_reply, enqueue, is_sync, new_job, push_result, sync_deadline};
 use crate::request::{account, account_and_device, json_object};
 use crate::state::{AppState, Shared};
@@ -59,6 +60,7 @@ async fn push(
     for name in ["call-id", "from", "to"] {
         required_str(&request, name)?;
     }
+    limits::check_call_fields(&request)?;
     let client = state.db_client().await?;
     let devices = devices(&client, account, device).await?;
     let fanout = Fanout {
@@ -176,8 +178,10 @@ struct Fanout<'a> {
 impl Fanout<'_> {
     /// Every device's push is validated before any is sent: a bad request (a 400) sends
     /// nothing. A device that cannot take this push (a 404: its app is no longer configured, a
-    /// Linphone app and anything but a call) is skipped in an account-wide push, so that the
-    /// account's other devices still get it; when no device can take it, that is the answer.
+    /// Linphone app and anything but a call; or a 400 about its own stored token or device id,
+    /// which a registration from before the input limits or an import may hold) is skipped in an
+    /// account-wide push, so that the account's other devices still get it; when no device can
+    /// take it, that is the answer.
     fn plan(
         &self,
         request: &Map<String, Value>,
@@ -197,7 +201,7 @@ impl Fanout<'_> {
                     info!(account = %self.account, device_id = %device.device_id,
                           peer = %self.peer.ip(), error = %e.body(),
                           "v2 push request rejected for a device");
-                    if e.status() != StatusCode::NOT_FOUND || one_device {
+                    if !device_fault(&e) || one_device {
                         return Err(e);
                     }
                     planned.push(Planned::Skip(Skipped::refused(device, &e)));
@@ -245,6 +249,12 @@ impl Fanout<'_> {
             },
         }
     }
+}
+
+/// Whether a device's push was refused for what the device is rather than for what the request
+/// asks.
+fn device_fault(error: &ApiError) -> bool {
+    error.status() == StatusCode::NOT_FOUND || matches!(error.field(), Some("token" | "device-id"))
 }
 
 /// When nothing at all was queued, the broker is away: the first device's error, a 503, is the

@@ -14,6 +14,7 @@ use tracing::info;
 
 use crate::error::ApiError;
 use crate::fields::{bool_or, non_empty_str, optional_str, required_str};
+use crate::limits::{self, check, check_optional};
 use crate::request::{account, json_object};
 use crate::state::Shared;
 use crate::validate::configured_app;
@@ -28,7 +29,8 @@ pub async fn add_token(
     let account = account(path)?;
     let body = json_object(body, state.body_limit()).await?;
     let new = new_token(account, &body, &state.settings)?;
-    tokens::register(&**state.db_client().await?, &new, true).await?;
+    let max_devices = state.settings.ingest.max_devices_per_account;
+    tokens::register_within(&mut **state.db_client().await?, &new, max_devices).await?;
     info!(
         request_id = %format!("{}-{}-{}", new.account, new.app_id, new.device_id),
         peer = %peer.ip(), platform = %new.platform, "token registered"
@@ -55,6 +57,10 @@ fn new_token(
     let device_id = non_empty_str(body, "device-id")?;
     let silent = bool_or(body, "silent", true)?;
     let user_agent = optional_str(body, "user-agent")?;
+    // After every field was read, so that a missing one is reported first, as the reference does.
+    limits::check_registered_token(app.platform, &raw_token)?;
+    check(&limits::DEVICE_ID, &device_id)?;
+    check_optional(&limits::USER_AGENT, user_agent.as_deref())?;
     let (token, background_token) = NewToken::split_token(app.platform, &raw_token);
     Ok(NewToken {
         account,
@@ -80,6 +86,8 @@ pub async fn remove_token(
     let body = json_object(body, state.body_limit()).await?;
     let app_id = required_str(&body, "app-id")?;
     let device_id = optional_str(&body, "device-id")?;
+    check(&limits::APP_ID, &app_id)?;
+    check_optional(&limits::DEVICE_ID, device_id.as_deref())?;
     let client = state.db_client().await?;
     if !tokens::account_exists(&**client, &account).await? {
         return Err(ApiError::NoAccountToRemove);
@@ -107,4 +115,84 @@ pub async fn list_tokens(
     }
     let devices: Vec<Value> = devices.iter().map(StoredToken::redacted).collect();
     Ok(Json(json!({"account": account, "devices": devices})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arbitrary::{self, assert_clean, assert_token};
+    use crate::request;
+    use pushfleet_core::config::Platform;
+    use serde_json::json;
+
+    fn parse(body: Value) -> Result<NewToken, String> {
+        new_token(
+            "bob@example.com".into(),
+            body.as_object().unwrap(),
+            arbitrary::settings(),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn registrations_keep_the_limits() {
+        let (voip, background) = ("ab".repeat(32), "CD".repeat(32));
+        let body = |token: &str, device: &str| {
+            json!({"app-id": "com.example.sylk", "platform": "apple", "token": token,
+                   "device-id": device})
+        };
+        let new = parse(body(&format!("{voip}-{background}"), "d1")).unwrap();
+        assert_eq!(
+            (new.token.as_str(), new.background_token.as_deref()),
+            (voip.as_str(), Some(background.as_str()))
+        );
+        assert!(parse(body(&format!("{voip}-tok"), "d1"))
+            .unwrap_err()
+            .ends_with(": token"));
+        assert_eq!(
+            parse(body(&voip, "d\u{0}1")).unwrap_err(),
+            "must not contain control characters: device-id"
+        );
+        // A missing field is reported before a malformed one.
+        assert_eq!(
+            parse(json!({"app-id": "com.example.sylk", "platform": "apple", "token": "t"}))
+                .unwrap_err(),
+            "field required: device-id"
+        );
+        let mut long_agent = body(&voip, "d1");
+        long_agent["user-agent"] = json!("u".repeat(513));
+        assert_eq!(
+            parse(long_agent).unwrap_err(),
+            "ensure this value has at most 512 characters: user-agent"
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(arbitrary::config())]
+
+        /// Whatever the account and body, a registration is stored within the limits or
+        /// refused with a 4xx.
+        #[test]
+        fn any_registration_is_within_the_limits_or_refused_with_a_4xx(
+            account in arbitrary::text(),
+            body in arbitrary::registration_body(),
+        ) {
+            let parsed = request::account(Ok(Path(account)))
+                .and_then(|account| new_token(account, &body, arbitrary::settings()));
+            match parsed {
+                Ok(new) => {
+                    assert_clean(&limits::ACCOUNT, &new.account);
+                    assert_token(new.platform, &new.token);
+                    if let Some(background) = &new.background_token {
+                        assert_token(Platform::Apple, background);
+                    }
+                    assert_clean(&limits::DEVICE_ID, &new.device_id);
+                    if let Some(agent) = &new.user_agent {
+                        assert_clean(&limits::USER_AGENT, agent);
+                    }
+                }
+                Err(error) => arbitrary::assert_refused(&error),
+            }
+        }
+    }
 }
