@@ -782,7 +782,7 @@ fn readable(label: &str, key: &str, file: &Path) -> Result<(), ConfigError> {
 struct BrokerKeys {
     /// The environment variable that set `urls`, for messages about its value.
     urls_variable: Option<String>,
-    /// The key of the file's that an environment variable replaces.
+    /// The file's key that an environment variable replaces.
     replaced: Option<&'static str>,
 }
 

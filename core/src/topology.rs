@@ -358,9 +358,10 @@ fn first_node() -> &'static AtomicUsize {
 }
 
 /// Opens a connection to one of the configured nodes (`[rabbitmq] urls`, or the single `url`).
-/// The nodes are tried one after the other, starting with this process's current node (see
-/// [`FIRST_NODE`]) and going round the list, each bounded by the configured timeout so that an
-/// unreachable node is skipped instead of hanging. The error names every node tried.
+/// The nodes are tried one after the other, starting with this process's current node (random
+/// at start, then the last one connected to) and going round the list, each bounded by the
+/// configured timeout so that an unreachable node is skipped instead of hanging. The error
+/// names every node tried.
 pub async fn connect(settings: &RabbitSettings, name: &str) -> Result<Connection, BrokerError> {
     let nodes = settings.nodes();
     if let [url] = nodes {
