@@ -177,7 +177,12 @@ impl Default for HttpSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RabbitSettings {
+    /// The broker, for a single node; replaced by `urls` when that is set (a file sets one of
+    /// the two).
     pub url: String,
+    /// The nodes of a RabbitMQ cluster: processes connect to the first that answers, starting
+    /// from a node chosen per process, and fail over to the others (see `topology::connect`).
+    pub urls: Option<Vec<String>>,
     /// Prefix of every exchange and queue name, so that several deployments (or test runs) can
     /// share one virtual host.
     pub namespace: String,
@@ -197,10 +202,20 @@ pub struct RabbitSettings {
     pub dead_letter_max_age_secs: u64,
 }
 
+impl RabbitSettings {
+    /// The broker nodes to connect to: `urls`, or the single `url`.
+    pub fn nodes(&self) -> &[String] {
+        self.urls
+            .as_deref()
+            .unwrap_or(std::slice::from_ref(&self.url))
+    }
+}
+
 impl Default for RabbitSettings {
     fn default() -> Self {
         RabbitSettings {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            urls: None,
             namespace: "pushfleet".into(),
             prefetch: 256,
             connect_timeout_ms: 5000,
@@ -491,11 +506,15 @@ impl Settings {
         let mut table: toml::Table = text
             .parse()
             .map_err(|e: toml::de::Error| ConfigError::Syntax(e.message().to_string()))?;
-        for (key, value) in env {
-            if let Some(path) = key.strip_prefix(ENV_PREFIX) {
-                apply_override(&mut table, path, &value)?;
-            }
+        let overrides: Vec<(String, String)> = env
+            .into_iter()
+            .filter_map(|(key, value)| Some((key.strip_prefix(ENV_PREFIX)?.to_string(), value)))
+            .collect();
+        let broker_keys = BrokerKeys::check(&table, &overrides)?;
+        for (path, value) in &overrides {
+            apply_override(&mut table, path, value)?;
         }
+        broker_keys.settle(&mut table)?;
         let mut settings: Settings = table
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Shape(e.message().to_string()))?;
@@ -634,14 +653,36 @@ impl HttpSettings {
 
 impl RabbitSettings {
     fn validate(&self) -> Result<(), ConfigError> {
-        if !(self.url.starts_with("amqp://") || self.url.starts_with("amqps://")) {
-            return Err(ConfigError::invalid(
-                "[rabbitmq] url",
-                format!(
-                    "{:?}: expected amqp://user:password@host:port/vhost",
-                    self.url
-                ),
-            ));
+        let amqp = |url: &str| url.starts_with("amqp://") || url.starts_with("amqps://");
+        match &self.urls {
+            None if !amqp(&self.url) => {
+                return Err(ConfigError::invalid(
+                    "[rabbitmq] url",
+                    format!(
+                        "{:?}: expected amqp://user:password@host:port/vhost",
+                        self.url
+                    ),
+                ))
+            }
+            None => {}
+            Some(urls) if urls.is_empty() => {
+                return Err(ConfigError::invalid(
+                    "[rabbitmq] urls",
+                    "must list at least one node",
+                ))
+            }
+            Some(urls) => {
+                if let Some((index, url)) = urls.iter().enumerate().find(|(_, url)| !amqp(url)) {
+                    return Err(ConfigError::invalid(
+                        "[rabbitmq] urls",
+                        format!(
+                            "entry {} {:?}: expected amqp://user:password@host:port/vhost",
+                            index + 1,
+                            crate::topology::redact(url)
+                        ),
+                    ));
+                }
+            }
         }
         let namespace_chars = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
         ensure(
@@ -847,6 +888,83 @@ fn readable(label: &str, key: &str, file: &Path) -> Result<(), ConfigError> {
         })
 }
 
+/// Where `[rabbitmq] url` and `urls` come from. The two name the broker in different shapes, so
+/// one place may set only one of them; an environment variable replaces whichever of the two
+/// the file has, as it replaces any other key.
+struct BrokerKeys {
+    /// The environment variable that set `urls`, for messages about its value.
+    urls_variable: Option<String>,
+    /// The file's key that an environment variable replaces.
+    replaced: Option<&'static str>,
+}
+
+impl BrokerKeys {
+    fn check(
+        file: &toml::Table,
+        overrides: &[(String, String)],
+    ) -> Result<BrokerKeys, ConfigError> {
+        let section = file.get("rabbitmq").and_then(toml::Value::as_table);
+        let in_file = |key: &str| section.is_some_and(|t| t.contains_key(key));
+        if in_file("url") && in_file("urls") {
+            return Err(ConfigError::invalid(
+                "[rabbitmq] url, urls",
+                "set one of them: url for a single node, urls for the nodes of a cluster",
+            ));
+        }
+        let variable = |key: &str| {
+            overrides
+                .iter()
+                .map(|(path, _)| path)
+                .find(|path| path.eq_ignore_ascii_case(&format!("RABBITMQ__{key}")))
+                .map(|path| format!("{ENV_PREFIX}{path}"))
+        };
+        let (url_variable, urls_variable) = (variable("URL"), variable("URLS"));
+        let replaced =
+            match (&url_variable, &urls_variable) {
+                (Some(url), Some(urls)) => return Err(ConfigError::Environment {
+                    variable: format!("{url}, {urls}"),
+                    problem:
+                        "set one of them: URL for a single node, URLS for the nodes of a cluster"
+                            .into(),
+                }),
+                (Some(_), None) if in_file("urls") => Some("urls"),
+                (None, Some(_)) if in_file("url") => Some("url"),
+                _ => None,
+            };
+        Ok(BrokerKeys {
+            urls_variable,
+            replaced,
+        })
+    }
+
+    /// Applied once the overrides are in: drops the replaced key and checks the shape of
+    /// `urls`, which an environment variable gives as a TOML list.
+    fn settle(self, table: &mut toml::Table) -> Result<(), ConfigError> {
+        let Some(section) = table
+            .get_mut("rabbitmq")
+            .and_then(toml::Value::as_table_mut)
+        else {
+            return Ok(());
+        };
+        if let Some(key) = self.replaced {
+            section.remove(key);
+        }
+        match section.get("urls") {
+            Some(value) if !value.is_array() => {
+                let problem = format!(
+                    "expected a list of URLs such as [\"amqp://user:password@host-a:5672/%2f\", \"amqp://user:password@host-b:5672/%2f\"], got a {}",
+                    value.type_str()
+                );
+                Err(match self.urls_variable {
+                    Some(variable) => ConfigError::Environment { variable, problem },
+                    None => ConfigError::invalid("[rabbitmq] urls", problem),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// `INGEST__MODE=async` sets `ingest.mode`; a numeric segment indexes an array
 /// (`APPS__0__APNS__ENDPOINT`). Values are read as TOML when they parse (numbers, booleans),
 /// as plain strings otherwise.
@@ -986,6 +1104,75 @@ mod tests {
         assert_eq!(e.key(), Some("[events.ring]"));
         let e = load("", &[("PUSHFLEET__INGEST____MODE", "x")]).unwrap_err();
         assert_eq!(e.key(), Some("PUSHFLEET__INGEST____MODE"));
+    }
+
+    #[test]
+    fn a_cluster_is_given_as_a_list_of_urls() {
+        let s = load("", &[]).unwrap();
+        assert_eq!(
+            s.rabbitmq.nodes(),
+            ["amqp://guest:guest@127.0.0.1:5672/%2f"]
+        );
+        let s = load(
+            "[rabbitmq]\nurls = [\"amqp://a:1/%2f\", \"amqps://b:2/%2f\"]",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.rabbitmq.nodes(), ["amqp://a:1/%2f", "amqps://b:2/%2f"]);
+
+        let e = load(
+            "[rabbitmq]\nurl = \"amqp://a/%2f\"\nurls = [\"amqp://b/%2f\"]",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(e.key(), Some("[rabbitmq] url, urls"));
+        let e = load("[rabbitmq]\nurls = []", &[]).unwrap_err();
+        assert_eq!(e.key(), Some("[rabbitmq] urls"));
+        let e = load(
+            "[rabbitmq]\nurls = [\"amqp://a/%2f\", \"http://u:secret@b/\"]",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(e.key(), Some("[rabbitmq] urls"));
+        assert!(e.to_string().contains("entry 2"), "{e}");
+        assert!(!e.to_string().contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn the_environment_replaces_the_files_broker_key() {
+        let list = "[\"amqp://a:1/%2f\", \"amqp://b:2/%2f\"]";
+        let s = load(
+            "[rabbitmq]\nurl = \"amqp://old/%2f\"",
+            &[("PUSHFLEET__RABBITMQ__URLS", list)],
+        )
+        .unwrap();
+        assert_eq!(s.rabbitmq.nodes(), ["amqp://a:1/%2f", "amqp://b:2/%2f"]);
+        let s = load(
+            &format!("[rabbitmq]\nurls = {list}"),
+            &[("PUSHFLEET__RABBITMQ__URL", "amqp://one/%2f")],
+        )
+        .unwrap();
+        assert_eq!(s.rabbitmq.nodes(), ["amqp://one/%2f"]);
+
+        let e = load(
+            "",
+            &[
+                ("PUSHFLEET__RABBITMQ__URL", "amqp://one/%2f"),
+                ("PUSHFLEET__RABBITMQ__URLS", list),
+            ],
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.key(),
+            Some("PUSHFLEET__RABBITMQ__URL, PUSHFLEET__RABBITMQ__URLS")
+        );
+        let e = load(
+            "",
+            &[("PUSHFLEET__RABBITMQ__URLS", "amqp://a:1/%2f,amqp://b:2/%2f")],
+        )
+        .unwrap_err();
+        assert_eq!(e.key(), Some("PUSHFLEET__RABBITMQ__URLS"));
+        assert!(e.to_string().contains("expected a list"), "{e}");
     }
 
     #[test]

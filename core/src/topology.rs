@@ -16,7 +16,8 @@
 //! refuse publishes beyond it, so an overload reaches callers as a 503 instead of a broker-wide
 //! memory alarm; what is kept for operators (`dead`, `audit.dead`) expires after a maximum age.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -26,7 +27,7 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
     PublisherConfirm,
 };
-use tracing::warn;
+use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::config::RabbitSettings;
@@ -52,6 +53,10 @@ pub enum BrokerError {
     Unreachable { url: String, source: lapin::Error },
     #[error("cannot connect to RabbitMQ at {url}: no answer within {timeout_ms} ms")]
     ConnectTimeout { url: String, timeout_ms: u64 },
+    /// None of the nodes of `[rabbitmq] urls` took the connection: each node's
+    /// `Unreachable` or `ConnectTimeout`, in the order they were tried.
+    #[error("cannot connect to any RabbitMQ node: {}", node_failures(.0))]
+    NoNodeReachable(Vec<BrokerError>),
     /// No connection right now; the process is reconnecting.
     #[error("not connected to RabbitMQ")]
     Disconnected,
@@ -421,22 +426,76 @@ fn quorum_args() -> FieldTable {
     args
 }
 
-/// Opens a connection, bounded by the configured timeout so that an unreachable broker is
-/// reported instead of hanging.
+/// The node the next connection of this process tries first: random at start, so that a fleet
+/// spreads over the cluster, then the node of the last successful connection, so that the
+/// connections of one process share a node and follow each other when it goes away.
+static FIRST_NODE: OnceLock<AtomicUsize> = OnceLock::new();
+
+fn first_node() -> &'static AtomicUsize {
+    FIRST_NODE.get_or_init(|| AtomicUsize::new(Uuid::new_v4().as_u128() as usize))
+}
+
+/// Opens a connection to one of the configured nodes (`[rabbitmq] urls`, or the single `url`).
+/// The nodes are tried one after the other, starting with this process's current node (random
+/// at start, then the last one connected to) and going round the list, each bounded by the
+/// configured timeout so that an unreachable node is skipped instead of hanging. The error
+/// names every node tried.
 pub async fn connect(settings: &RabbitSettings, name: &str) -> Result<Connection, BrokerError> {
+    let nodes = settings.nodes();
+    if let [url] = nodes {
+        return connect_node(settings, url, name).await;
+    }
+    let first = first_node().load(Ordering::Relaxed) % nodes.len().max(1);
+    let mut failures = Vec::with_capacity(nodes.len());
+    for index in (first..nodes.len()).chain(0..first) {
+        match connect_node(settings, &nodes[index], name).await {
+            Ok(connection) => {
+                first_node().store(index, Ordering::Relaxed);
+                let node = redact(&nodes[index]);
+                if failures.is_empty() {
+                    info!(%node, "connected to RabbitMQ");
+                } else {
+                    let unreachable = node_failures(&failures);
+                    warn!(%node, %unreachable, "connected to RabbitMQ, other nodes unreachable");
+                }
+                return Ok(connection);
+            }
+            Err(e) => failures.push(e),
+        }
+    }
+    Err(BrokerError::NoNodeReachable(failures))
+}
+
+async fn connect_node(
+    settings: &RabbitSettings,
+    url: &str,
+    name: &str,
+) -> Result<Connection, BrokerError> {
     let timeout = Duration::from_millis(settings.connect_timeout_ms);
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    match tokio::time::timeout(timeout, Connection::connect(&settings.url, properties)).await {
+    match tokio::time::timeout(timeout, Connection::connect(url, properties)).await {
         Ok(Ok(connection)) => Ok(connection),
         Ok(Err(source)) => Err(BrokerError::Unreachable {
-            url: redact(&settings.url),
+            url: redact(url),
             source,
         }),
         Err(_) => Err(BrokerError::ConnectTimeout {
-            url: redact(&settings.url),
+            url: redact(url),
             timeout_ms: settings.connect_timeout_ms,
         }),
     }
+}
+
+/// `<url> (<reason>); …`: one line for the failures of every node.
+fn node_failures(failures: &[BrokerError]) -> String {
+    let node = |failure: &BrokerError| match failure {
+        BrokerError::Unreachable { url, source } => format!("{url} ({source})"),
+        BrokerError::ConnectTimeout { url, timeout_ms } => {
+            format!("{url} (no answer within {timeout_ms} ms)")
+        }
+        other => other.to_string(),
+    };
+    failures.iter().map(node).collect::<Vec<_>>().join("; ")
 }
 
 /// Resolves when the connection reports an error or stops being connected: the signal for a
@@ -515,5 +574,76 @@ mod tests {
             "amqp://guest:***@127.0.0.1:5672/%2f"
         );
         assert_eq!(redact("amqp://127.0.0.1"), "amqp://127.0.0.1");
+    }
+
+    /// A local port nobody listens on, and one that accepts connections but never answers.
+    async fn dead_ports() -> (u16, u16, tokio::net::TcpListener) {
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let closed_port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent_port = silent.local_addr().unwrap().port();
+        (closed_port, silent_port, silent)
+    }
+
+    #[tokio::test]
+    async fn every_node_is_tried_and_named_when_none_answers() {
+        let (closed, silent, _listener) = dead_ports().await;
+        let settings = RabbitSettings {
+            urls: Some(vec![
+                format!("amqp://guest:secret@127.0.0.1:{closed}/%2f"),
+                format!("amqp://guest:secret@127.0.0.1:{silent}/%2f"),
+            ]),
+            connect_timeout_ms: 300,
+            ..Default::default()
+        };
+        let started = std::time::Instant::now();
+        let error = connect(&settings, "test")
+            .await
+            .expect_err("no node answers");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        let BrokerError::NoNodeReachable(failures) = &error else {
+            panic!("{error:?}");
+        };
+        assert_eq!(failures.len(), 2);
+        assert!(failures.iter().any(|f| matches!(f,
+            BrokerError::Unreachable { url, .. } if url.ends_with(&format!(":{closed}/%2f")))));
+        assert!(failures.iter().any(|f| matches!(f,
+            BrokerError::ConnectTimeout { url, timeout_ms: 300 } if url.ends_with(&format!(":{silent}/%2f")))));
+        let message = error.to_string();
+        assert!(
+            message.starts_with("cannot connect to any RabbitMQ node: "),
+            "{message}"
+        );
+        for port in [closed, silent] {
+            assert!(
+                message.contains(&format!("amqp://guest:***@127.0.0.1:{port}/%2f")),
+                "{message}"
+            );
+        }
+        assert!(message.contains("no answer within 300 ms"), "{message}");
+        assert!(
+            !message.contains("secret") && !message.contains('\n'),
+            "{message}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_single_url_keeps_its_own_errors() {
+        let (closed, _, _listener) = dead_ports().await;
+        let settings = RabbitSettings {
+            url: format!("amqp://guest:secret@127.0.0.1:{closed}/%2f"),
+            ..Default::default()
+        };
+        let error = connect(&settings, "test").await.expect_err("refused");
+        assert!(
+            matches!(&error, BrokerError::Unreachable { url, .. }
+                if url == &format!("amqp://guest:***@127.0.0.1:{closed}/%2f")),
+            "{error:?}"
+        );
     }
 }
