@@ -20,7 +20,8 @@ use serde_json::Value;
 use support::*;
 
 /// The connection names the services give the broker (`[worker] id` of the test stack).
-const WORKER: &str = "it-worker";
+/// The worker connection that consumes and acks jobs (see `worker::links`).
+const WORKER: &str = "it-worker-consume";
 const INGEST: &str = "pushfleet-ingest";
 
 /// Figures go straight to stderr so that they show without `--nocapture`.

@@ -2,7 +2,8 @@
 //! alarm lasts, RabbitMQ stops reading from every connection that publishes — acks on it
 //! included. So jobs are consumed and acked on one connection; outcomes, retries, dead letters,
 //! replies and dedupe claims are published on another; and the audit sink drains the audit
-//! queue on a third. An alarm then holds up new outcomes, never the acks that relieve it.
+//! queue on a third. An alarm then holds up new outcomes, never the acks that relieve it. Sync
+//! replies have a fourth, of their own making (see `replies`).
 
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use pushfleet_core::config::RabbitSettings;
 use pushfleet_core::topology::{self, BrokerError};
 
 /// How long a close may wait for the broker's answer.
-const CLOSE_WAIT: Duration = Duration::from_secs(2);
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 pub struct Links {
     /// Lane consumers and their acks, and the ledger stream.
@@ -20,6 +21,8 @@ pub struct Links {
     pub publish: Connection,
     /// The audit sink's consumers and acks, when this worker runs the sink.
     pub audit: Option<Connection>,
+    /// For connections opened on the side (sync replies).
+    pub settings: RabbitSettings,
 }
 
 impl Links {
@@ -40,6 +43,7 @@ impl Links {
             consume,
             publish,
             audit,
+            settings: settings.clone(),
         })
     }
 

@@ -95,9 +95,10 @@ impl Dispatcher {
             .await?;
         let (outcomes, batches) = OutcomeBatcher::start(publisher.clone(), &self.topology);
         let mut ackers = Vec::new();
-        // Sync replies are best effort and unconfirmed, on a channel of their own: a confirm
-        // channel would keep every reply's pending confirm.
-        let (replies, replying) = ReplySender::start(links.publish.create_channel().await?);
+        // Sync replies are best effort and unconfirmed, on a connection of their own (see
+        // `replies`): a confirm channel would keep every reply's pending confirm.
+        let (replies, replying) =
+            ReplySender::start(links.settings.clone(), format!("{}-replies", self.worker_id));
         let outlets = Outlets {
             publisher: publisher.clone(),
             outcomes,
