@@ -97,8 +97,10 @@ impl Dispatcher {
         let mut ackers = Vec::new();
         // Sync replies are best effort and unconfirmed, on a connection of their own (see
         // `replies`): a confirm channel would keep every reply's pending confirm.
-        let (replies, replying) =
-            ReplySender::start(links.settings.clone(), format!("{}-replies", self.worker_id));
+        let (replies, replying) = ReplySender::start(
+            links.settings.clone(),
+            format!("{}-replies", self.worker_id),
+        );
         let outlets = Outlets {
             publisher: publisher.clone(),
             outcomes,
