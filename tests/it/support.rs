@@ -417,6 +417,11 @@ service_account_file = "{sa}"
 /// Starts `pushfleet-worker` as a process, as it runs in production (the binary comes from the
 /// workspace build that `ops/test` makes before the tests).
 pub fn spawn_worker_process(config: &Path) -> tokio::process::Child {
+    spawn_worker_process_with(config, &[])
+}
+
+/// A worker process with `PUSHFLEET__…` overrides in its environment.
+pub fn spawn_worker_process_with(config: &Path, env: &[(&str, &str)]) -> tokio::process::Child {
     let exe = std::env::current_exe().expect("test binary path");
     let bin = exe
         .parent()
@@ -431,6 +436,7 @@ pub fn spawn_worker_process(config: &Path) -> tokio::process::Child {
     tokio::process::Command::new(bin)
         .arg("--config")
         .arg(config)
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
