@@ -71,7 +71,11 @@ fn postgres(action: &str) {
         .expect("a PostgreSQL version");
     let status = Command::new("pg_ctlcluster")
         .args(["--skip-systemctl-redirect", &version, "main", action])
-        .args(if action == "stop" { &["-m", "fast"][..] } else { &[][..] })
+        .args(if action == "stop" {
+            &["-m", "fast"][..]
+        } else {
+            &[][..]
+        })
         .status()
         .expect("pg_ctlcluster runs");
     assert!(status.success(), "pg_ctlcluster {action}");
@@ -79,9 +83,8 @@ fn postgres(action: &str) {
 
 /// Requests no caller should send, each with the class of answer it must get.
 fn poison() -> Vec<(&'static str, Vec<u8>)> {
-    let body = |call_id: &str, token: &str| {
-        v1_body(SYLK, "apple", token, "incoming_session", call_id)
-    };
+    let body =
+        |call_id: &str, token: &str| v1_body(SYLK, "apple", token, "incoming_session", call_id);
     let with = |key: &str, value: Value| {
         let mut b = body(&call_id(), &apns_token());
         b[key] = value;
@@ -89,16 +92,28 @@ fn poison() -> Vec<(&'static str, Vec<u8>)> {
     };
     vec![
         ("NUL in call-id", with("call-id", json!("a\u{0}b"))),
-        ("control character in from", with("from", json!("alice\u{1b}[2J@example.com"))),
-        ("1 MB display name", with("from-display-name", json!("x".repeat(1 << 20)))),
-        ("APNs token of the wrong shape", with("token", json!("not-a-token"))),
+        (
+            "control character in from",
+            with("from", json!("alice\u{1b}[2J@example.com")),
+        ),
+        (
+            "1 MB display name",
+            with("from-display-name", json!("x".repeat(1 << 20))),
+        ),
+        (
+            "APNs token of the wrong shape",
+            with("token", json!("not-a-token")),
+        ),
         ("FCM token of the wrong shape", {
             let mut b = v1_body(SYLK, "firebase", "bad token!", "message", &call_id());
             b["token"] = json!("bad token!");
             b.to_string().into_bytes()
         }),
         ("invalid UTF-8", b"{\"call-id\": \"\xff\xfe\"}".to_vec()),
-        ("a lone surrogate escape", b"{\"call-id\": \"\\ud800\"}".to_vec()),
+        (
+            "a lone surrogate escape",
+            b"{\"call-id\": \"\\ud800\"}".to_vec(),
+        ),
         ("not JSON", b"<xml/>".to_vec()),
     ]
 }
@@ -111,7 +126,6 @@ async fn every_accepted_push_ends_in_one_terminal_row_through_faults() {
         .unwrap_or(40)
         .max(30);
     let cluster = Arc::new(tokio::task::spawn_blocking(Cluster::start).await.unwrap());
-    report(&format!("3-node cluster started; load for {secs} s"));
     let stack = Arc::new(
         Stack::start_with(StackOptions {
             mode: "async",
@@ -119,7 +133,10 @@ async fn every_accepted_push_ends_in_one_terminal_row_through_faults() {
             env: vec![
                 ("PUSHFLEET__RABBITMQ__URLS".into(), cluster.urls.clone()),
                 // Slow clients are closed within a second.
-                ("PUSHFLEET__HTTP__HEADER_READ_TIMEOUT_MS".into(), "1000".into()),
+                (
+                    "PUSHFLEET__HTTP__HEADER_READ_TIMEOUT_MS".into(),
+                    "1000".into(),
+                ),
             ],
             ..Default::default()
         })
@@ -131,13 +148,18 @@ async fn every_accepted_push_ends_in_one_terminal_row_through_faults() {
     ];
     let tally = Arc::new(Tally::default());
     let running = Arc::new(AtomicBool::new(true));
+    let load_started = Instant::now();
     let mut tasks = Vec::new();
 
     // The load: four clients, calls and messages.
     for client in 0..4 {
         let (stack, tally, running) = (stack.clone(), tally.clone(), running.clone());
         tasks.push(tokio::spawn(async move {
-            let event = if client % 2 == 0 { "incoming_session" } else { "message" };
+            let event = if client % 2 == 0 {
+                "incoming_session"
+            } else {
+                "message"
+            };
             while running.load(Ordering::Relaxed) {
                 let body = v1_body(SYLK, "apple", &apns_token(), event, &call_id());
                 let (status, answer) = stack.push(&body).await;
@@ -200,8 +222,8 @@ async fn every_accepted_push_ends_in_one_terminal_row_through_faults() {
         }));
     }
 
-    // The faults, one after the other.
-    let phase = Duration::from_secs(secs / 5);
+    // The faults, one after the other, in four equal phases of load around them.
+    let phase = Duration::from_secs(secs.saturating_sub(12) / 4);
     let mut faults = Vec::new();
     tokio::time::sleep(phase).await;
     workers[0].start_kill().unwrap();
@@ -244,6 +266,7 @@ async fn every_accepted_push_ends_in_one_terminal_row_through_faults() {
     for task in tasks {
         task.await.expect("a load task failed");
     }
+    let load_secs = load_started.elapsed().as_secs();
 
     // Every accepted push ends with exactly one terminal row.
     let accepted = tally.accepted.lock().unwrap().clone();
@@ -263,7 +286,7 @@ async fn every_accepted_push_ends_in_one_terminal_row_through_faults() {
     let sent_again = per_token.values().filter(|n| **n > 1).count();
 
     report(&format!(
-        "{} pushes accepted, {} answered 503 during outages, {} poison requests refused with a 4xx, {} slow connections closed by the server",
+        "{load_secs} s of load: {} pushes accepted, {} answered 503 during outages, {} poison requests refused with a 4xx, {} slow connections closed by the server",
         accepted.len(),
         tally.unavailable.load(Ordering::Relaxed),
         tally.refused.load(Ordering::Relaxed),
@@ -297,7 +320,11 @@ async fn every_accepted_push_ends_in_one_terminal_row_through_faults() {
         tally.slow_closed.load(Ordering::Relaxed) > 0,
         "slow connections were closed by the server"
     );
-    Arc::try_unwrap(stack).ok().expect("the load is over").stop().await;
+    Arc::try_unwrap(stack)
+        .ok()
+        .expect("the load is over")
+        .stop()
+        .await;
 }
 
 /// Terminal rows per job id: (how many, the status), waiting up to `within` for all of them.
