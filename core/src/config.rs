@@ -127,6 +127,14 @@ pub struct IngestSettings {
     pub shutdown_timeout_ms: u64,
     /// Devices a v2 account may hold; a new one beyond that gets 409.
     pub max_devices_per_account: usize,
+    /// A second listener for `/metrics`, `/health` and `/ready`; when set, the API listener no
+    /// longer serves them, so that admitting Prometheus does not admit it to push.
+    pub admin_listen: Option<SocketAddr>,
+    /// Addresses and networks allowed on the admin listener; empty allows everyone.
+    pub admin_allowed_hosts: Vec<String>,
+    /// Answers carry the device token itself, as the reference's did, instead of its
+    /// fingerprint: only for clients that need it.
+    pub raw_tokens_in_answers: bool,
 }
 
 impl Default for IngestSettings {
@@ -140,6 +148,9 @@ impl Default for IngestSettings {
             allowed_hosts: Vec::new(),
             shutdown_timeout_ms: 10_000,
             max_devices_per_account: 20,
+            admin_listen: None,
+            admin_allowed_hosts: Vec::new(),
+            raw_tokens_in_answers: false,
         }
     }
 }
@@ -328,6 +339,9 @@ pub struct LogSettings {
     pub level: String,
     /// `text` for people, `json` for log shippers.
     pub format: LogFormat,
+    /// Log lines show callers' identities (SIP URIs, phone numbers, accounts) in full; by
+    /// default they show a fingerprint of each.
+    pub identities: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -342,6 +356,7 @@ impl Default for LogSettings {
         LogSettings {
             level: "info".into(),
             format: LogFormat::Text,
+            identities: false,
         }
     }
 }
@@ -660,7 +675,7 @@ impl RabbitSettings {
                     "[rabbitmq] url",
                     format!(
                         "{:?}: expected amqp://user:password@host:port/vhost",
-                        self.url
+                        crate::topology::redact(&self.url)
                     ),
                 ))
             }
@@ -721,7 +736,7 @@ impl PostgresSettings {
                 "[postgres] url",
                 format!(
                     "{:?}: expected postgres://user@host:port/database",
-                    self.url
+                    crate::topology::redact(&self.url)
                 ),
             ));
         }
@@ -1173,6 +1188,17 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.key(), Some("PUSHFLEET__RABBITMQ__URLS"));
         assert!(e.to_string().contains("expected a list"), "{e}");
+    }
+
+    #[test]
+    fn passwords_in_urls_are_never_shown() {
+        for text in [
+            "[rabbitmq]\nurl = \"http://guest:s3cret@host/\"",
+            "[postgres]\nurl = \"mysql://root:s3cret@host/db\"",
+        ] {
+            let e = load(text, &[]).unwrap_err().to_string();
+            assert!(!e.contains("s3cret") && e.contains("***"), "{e}");
+        }
     }
 
     #[test]

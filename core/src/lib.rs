@@ -8,6 +8,7 @@ pub mod db;
 pub mod http;
 pub mod job;
 pub mod ledger;
+pub mod logged;
 pub mod policy;
 pub mod reconnect;
 pub mod service;

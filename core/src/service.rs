@@ -77,6 +77,7 @@ impl CommandLine {
 
 /// Logs to stderr; `RUST_LOG` overrides the configured level.
 pub fn init_logging(settings: &LogSettings) {
+    crate::logged::show_identities(settings.identities);
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&settings.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));

@@ -51,10 +51,12 @@ impl Network {
     }
 }
 
-/// An `allowed_hosts` entry that is neither an address nor a network.
+/// An access-list entry that is neither an address nor a network.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("[ingest] allowed_hosts: {entry:?} is not an IP address or network")]
+#[error("[ingest] {key}: {entry:?} is not an IP address or network")]
 pub struct InvalidEntry {
+    /// `allowed_hosts` or `admin_allowed_hosts`.
+    pub key: &'static str,
     pub entry: String,
 }
 
@@ -63,11 +65,13 @@ pub struct InvalidEntry {
 pub struct AccessList(Vec<Network>);
 
 impl AccessList {
-    pub fn parse(entries: &[String]) -> Result<AccessList, InvalidEntry> {
+    /// Parses the entries of the key `key` (named in the error).
+    pub fn parse(key: &'static str, entries: &[String]) -> Result<AccessList, InvalidEntry> {
         entries
             .iter()
             .map(|entry| {
                 Network::parse(entry).ok_or_else(|| InvalidEntry {
+                    key,
                     entry: entry.clone(),
                 })
             })
@@ -99,7 +103,10 @@ mod tests {
     use super::*;
 
     fn acl(entries: &[&str]) -> Result<AccessList, InvalidEntry> {
-        AccessList::parse(&entries.iter().map(|e| e.to_string()).collect::<Vec<_>>())
+        AccessList::parse(
+            "allowed_hosts",
+            &entries.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+        )
     }
 
     #[test]
@@ -120,6 +127,7 @@ mod tests {
         assert_eq!(
             error,
             InvalidEntry {
+                key: "allowed_hosts",
                 entry: "10.0.0.1,10.0.0.2".into()
             }
         );

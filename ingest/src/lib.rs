@@ -84,6 +84,8 @@ const BROKER_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// A running ingest server.
 pub struct Ingest {
     pub addr: SocketAddr,
+    /// The admin listener's address, when `[ingest] admin_listen` is set.
+    pub admin_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<Result<(), StopError>>,
 }
@@ -93,7 +95,20 @@ impl Ingest {
     /// `listener`.
     pub async fn start(settings: Settings, listener: TcpListener) -> Result<Ingest, StartError> {
         let addr = listener.local_addr().map_err(StartError::Listener)?;
-        let acl = AccessList::parse(&settings.ingest.allowed_hosts)?;
+        let acl = AccessList::parse("allowed_hosts", &settings.ingest.allowed_hosts)?;
+        let admin = match settings.ingest.admin_listen {
+            Some(addr) => Some((
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Listen { addr, source })?,
+                AccessList::parse("admin_allowed_hosts", &settings.ingest.admin_allowed_hosts)?,
+            )),
+            None => None,
+        };
+        let admin_addr = match &admin {
+            Some((listener, _)) => Some(listener.local_addr().map_err(StartError::Listener)?),
+            None => None,
+        };
         // The v2 token API and audit queries need the database from the first request on.
         let db = db::pool(&settings.postgres)?;
         db::ping(&db, &settings.postgres).await?;
@@ -110,12 +125,23 @@ impl Ingest {
         let http = settings.http.clone();
         let grace = Duration::from_millis(settings.ingest.shutdown_timeout_ms);
         let state = Arc::new(AppState::new(settings, broker.clone(), db));
+        let admin =
+            admin.map(|(listener, acl)| (listener, routes::admin_router(state.clone(), acl)));
         let app = routes::router(state, acl);
+        let mut admin_shutdown = shutdown_rx.clone();
         let server = tokio::spawn(async move {
             let stop = async move {
                 let _ = shutdown_rx.wait_for(|stop| *stop).await;
             };
-            http::serve(listener, app, &http, stop, grace).await;
+            let admin_stop = async move {
+                let _ = admin_shutdown.wait_for(|stop| *stop).await;
+            };
+            let admin = async {
+                if let Some((listener, app)) = admin {
+                    http::serve(listener, app, &http, admin_stop, grace).await;
+                }
+            };
+            tokio::join!(http::serve(listener, app, &http, stop, grace), admin);
             let _ = close_broker.send(true);
             let closed = async {
                 while broker.is_connected() {
@@ -130,9 +156,10 @@ impl Ingest {
             }
             Ok(())
         });
-        info!(%addr, "ingest listening");
+        info!(%addr, admin = ?admin_addr, "ingest listening");
         Ok(Ingest {
             addr,
+            admin_addr,
             shutdown,
             server,
         })

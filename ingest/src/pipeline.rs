@@ -11,6 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use pushfleet_core::clock::now_ms;
 use pushfleet_core::job::{Job, SyncReply, JOB_VERSION};
+use pushfleet_core::logged::{Escaped, Identity};
+use pushfleet_core::tokens::token_fingerprint;
 use pushfleet_core::ResponseMode;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
@@ -69,7 +71,7 @@ pub async fn accept(
     };
     Ok(
         match await_reply(state, job.id, reply, sync_deadline(state)).await {
-            Some(reply) => sync_answer(&job, reply),
+            Some(reply) => sync_answer(&job, reply, state.settings.ingest.raw_tokens_in_answers),
             None => accepted(job.id),
         },
     )
@@ -82,7 +84,13 @@ struct RequestId<'a>(&'a Job);
 impl Display for RequestId<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let job = self.0;
-        write!(f, "{}-{}-{}", job.event, job.app_id, job.push.call_id)
+        write!(
+            f,
+            "{}-{}-{}",
+            job.event,
+            job.app_id,
+            Escaped(&job.push.call_id)
+        )
     }
 }
 
@@ -100,11 +108,12 @@ pub async fn enqueue(
         .publish(job, ttl, sync)
         .await
         .inspect_err(|e| {
-            warn!(%request_id, call_id = %job.push.call_id, error = %e, "push not queued");
+            warn!(%request_id, call_id = %Escaped(&job.push.call_id), error = %e, "push not queued");
         })?;
     info!(
-        %request_id, call_id = %job.push.call_id, job_id = %job.id, peer = %peer.ip(),
-        platform = %job.platform, event = %job.event, to = %job.push.to, "push accepted"
+        %request_id, call_id = %Escaped(&job.push.call_id), job_id = %job.id, peer = %peer.ip(),
+        platform = %job.platform, event = %job.event, to = %Identity(&job.push.to),
+        token = %token_fingerprint(&job.push.token), "push accepted"
     );
     metrics::counter!(
         "pushfleet_ingest_jobs_total",
@@ -157,30 +166,53 @@ fn accepted(job_id: Uuid) -> Response {
 }
 
 /// The reference's synchronous answer: the HTTP status is the provider-derived code.
-fn sync_answer(job: &Job, reply: SyncReply) -> Response {
+fn sync_answer(job: &Job, reply: SyncReply, raw_tokens: bool) -> Response {
     let status = StatusCode::from_u16(reply.code).unwrap_or(StatusCode::BAD_GATEWAY);
     (
         status,
         Json(json!({
             "code": reply.code,
             "description": "push notification response",
-            "data": push_result(job, &reply),
+            "data": push_result(job, &reply, raw_tokens),
         })),
     )
         .into_response()
 }
 
-/// One device's result, in the reference's shape.
-pub fn push_result(job: &Job, reply: &SyncReply) -> Value {
-    json!({
+/// One device's result, in the reference's shape (but for the token, see [`put_token`]).
+pub fn push_result(job: &Job, reply: &SyncReply, raw_tokens: bool) -> Value {
+    let token = &job.push.token;
+    // An APNs URL ends with the device token.
+    let url = if raw_tokens || token.is_empty() {
+        reply.url.clone()
+    } else {
+        reply.url.replace(
+            token.as_str(),
+            &format!("token:{}", token_fingerprint(token)),
+        )
+    };
+    let mut result = json!({
         "body": reply.body,
         "code": reply.code,
         "reason": reply.reason,
-        "url": reply.url,
+        "url": url,
         "platform": job.platform,
         "call_id": job.push.call_id,
-        "token": job.push.token,
-    })
+    });
+    put_token(&mut result, token, raw_tokens);
+    result
+}
+
+/// A device token as an answer shows it: its fingerprint, under `token_fingerprint`, as answers
+/// travel through logs and proxies a token should not reach; or, with
+/// `[ingest] raw_tokens_in_answers` for clients that need the reference's shape, the token
+/// itself under `token`.
+pub fn put_token(item: &mut Value, token: &str, raw: bool) {
+    if raw {
+        item["token"] = json!(token);
+    } else {
+        item["token_fingerprint"] = json!(token_fingerprint(token));
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! The API's routes, and the layers every request passes: the request counter, the HTTP limits
-//! (load shedding, slow bodies), then the access list.
+//! (load shedding, slow bodies), then the access list. The probes and metrics are on the API
+//! listener, or on the admin listener when one is configured.
 
 use std::sync::Arc;
 
@@ -16,7 +17,7 @@ use crate::{audit, rfc8599, v1, v2};
 
 pub fn router(state: Shared, acl: AccessList) -> Router {
     let in_flight = Arc::new(Semaphore::new(state.settings.http.max_in_flight_requests));
-    Router::new()
+    let api = Router::new()
         .route("/", get(ops::home))
         .route("/push", post(v1::push).fallback(method_not_allowed))
         // Starlette's redirect_slashes, which Sylk clients may rely on.
@@ -40,11 +41,14 @@ pub fn router(state: Shared, acl: AccessList) -> Router {
             "/rfc8599/push",
             post(rfc8599::push).fallback(method_not_allowed),
         )
-        .route("/audit", get(audit::audit).fallback(method_not_allowed))
-        .route("/health", get(ops::health))
-        .route("/ready", get(ops::ready))
-        .route("/metrics", get(ops::metrics_text))
-        .fallback(ops::no_route)
+        .route("/audit", get(audit::audit).fallback(method_not_allowed));
+    // With an admin listener, the probes and metrics are served there only.
+    let api = if state.settings.ingest.admin_listen.is_some() {
+        api
+    } else {
+        with_probes(api)
+    };
+    api.fallback(ops::no_route)
         .layer(middleware::from_fn_with_state(Arc::new(acl), acl::guard))
         .layer(middleware::from_fn_with_state(
             in_flight,
@@ -52,4 +56,21 @@ pub fn router(state: Shared, acl: AccessList) -> Router {
         ))
         .layer(middleware::from_fn(ops::count_requests))
         .with_state(state)
+}
+
+/// The admin listener's routes (`[ingest] admin_listen`): the probes and metrics only, behind
+/// their own access list (`admin_allowed_hosts`).
+pub fn admin_router(state: Shared, acl: AccessList) -> Router {
+    with_probes(Router::new())
+        .fallback(ops::no_route)
+        .layer(middleware::from_fn_with_state(Arc::new(acl), acl::guard))
+        .layer(middleware::from_fn(ops::count_requests))
+        .with_state(state)
+}
+
+fn with_probes(router: Router<Shared>) -> Router<Shared> {
+    router
+        .route("/health", get(ops::health))
+        .route("/ready", get(ops::ready))
+        .route("/metrics", get(ops::metrics_text))
 }

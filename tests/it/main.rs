@@ -7,6 +7,7 @@ mod broker_outage;
 mod client;
 mod connections;
 mod delivery;
+mod exposure;
 mod failover;
 mod http_limits;
 mod import;

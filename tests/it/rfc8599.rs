@@ -38,7 +38,10 @@ async fn linphone_ios_and_android_parameters_reach_the_right_app_and_token() {
         )
         .await;
     assert_eq!(status, 200, "{answer}");
-    assert_eq!(answer["data"]["token"], voip.as_str());
+    assert_eq!(
+        answer["data"]["token_fingerprint"],
+        pushfleet_core::tokens::token_fingerprint(&voip)
+    );
     let sent = stack.fakes.apns.journal().requests_for_token(&voip);
     assert_eq!(sent.len(), 1);
     assert_eq!(

@@ -147,7 +147,10 @@ async fn every_app_type_platform_and_event_is_delivered_and_audited() {
         assert_eq!(answer["code"], 200);
         assert_eq!(answer["description"], "push notification response");
         assert_eq!(answer["data"]["call_id"], call_id.as_str());
-        assert_eq!(answer["data"]["token"], token.as_str());
+        assert_eq!(
+            answer["data"]["token_fingerprint"],
+            token_fingerprint(&token)
+        );
         assert_eq!(answer["data"]["platform"], platform);
 
         if platform == "apple" {
@@ -161,9 +164,14 @@ async fn every_app_type_platform_and_event_is_delivered_and_audited() {
             assert_apns_request(&seen[0], app_type, event, &call_id);
             assert_eq!(answer["data"]["reason"], "");
             assert_eq!(answer["data"]["body"], json!({}));
+            // The answer names the token by its fingerprint, in the URL too.
             assert_eq!(
                 answer["data"]["url"],
-                format!("{}/3/device/{token}", stack.files.apns_url)
+                format!(
+                    "{}/3/device/token:{}",
+                    stack.files.apns_url,
+                    token_fingerprint(&token)
+                )
             );
         } else {
             let seen = stack.fakes.fcm.journal().requests_for_token(&token);
@@ -396,7 +404,10 @@ async fn concurrent_sync_requests_each_get_their_own_answer() {
     for ((token, call, dead), (status, answer)) in requests.iter().zip(answers) {
         assert_eq!(status, if *dead { 410 } else { 200 }, "{answer}");
         assert_eq!(answer["data"]["call_id"], call.as_str());
-        assert_eq!(answer["data"]["token"], token.as_str());
+        assert_eq!(
+            answer["data"]["token_fingerprint"],
+            token_fingerprint(&token)
+        );
     }
     stack.stop().await;
 }

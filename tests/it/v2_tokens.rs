@@ -71,8 +71,8 @@ async fn tokens_are_registered_listed_and_removed() {
     assert_eq!(status, 200, "{answer}");
     assert_eq!(
         answer,
-        json!({"app-id": SYLK, "platform": "apple", "token": voip, "device-id": device,
-               "silent": false, "user-agent": "Sylk/3.5"})
+        json!({"app-id": SYLK, "platform": "apple", "token_fingerprint": token_fingerprint(&voip),
+               "device-id": device, "silent": false, "user-agent": "Sylk/3.5"})
     );
     assert_eq!(
         stored(&stack, &account, device).await,
@@ -298,8 +298,11 @@ async fn a_push_to_one_device_uses_its_stored_token() {
     let data = answer["data"].as_array().unwrap();
     assert_eq!(data.len(), 1, "only the named device: {answer}");
     assert_eq!(
-        (data[0]["code"].as_u64(), data[0]["token"].as_str()),
-        (Some(200), Some(voip.as_str()))
+        (
+            data[0]["code"].as_u64(),
+            data[0]["token_fingerprint"].as_str()
+        ),
+        (Some(200), Some(token_fingerprint(&voip).as_str()))
     );
     assert_eq!(data[0]["device_id"], "iphone");
     assert_eq!(
@@ -313,7 +316,11 @@ async fn a_push_to_one_device_uses_its_stored_token() {
             .call("POST", &path, Some(&push_body(event, &call)))
             .await;
         assert_eq!(status, 200, "{event}: {answer}");
-        assert_eq!(answer["data"][0]["token"], background.as_str(), "{event}");
+        assert_eq!(
+            answer["data"][0]["token_fingerprint"],
+            token_fingerprint(&background),
+            "{event}"
+        );
     }
     assert_eq!(
         stack

@@ -15,10 +15,11 @@ pub mod replies;
 pub mod retry;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -103,7 +104,13 @@ impl Worker {
             addr: settings.worker.listen,
             source,
         })?;
-        tasks.spawn(serve_http(http, settings.http.clone(), shutdown_rx.clone()));
+        let connected = Arc::new(AtomicBool::new(false));
+        tasks.spawn(serve_http(
+            http,
+            settings.http.clone(),
+            connected.clone(),
+            shutdown_rx.clone(),
+        ));
         let shutdown_timeout = Duration::from_millis(settings.worker.shutdown_timeout_ms);
         tasks.spawn(supervise(
             settings,
@@ -111,6 +118,7 @@ impl Worker {
             dispatcher,
             sink,
             Some(links),
+            connected,
             shutdown_rx,
         ));
         info!(%http_addr, "worker started");
@@ -164,6 +172,7 @@ async fn supervise(
     dispatcher: Arc<Dispatcher>,
     sink: Option<Arc<AuditSink>>,
     mut opened: Option<Links>,
+    connected: Arc<AtomicBool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let audit_sink = sink.is_some();
@@ -182,6 +191,7 @@ async fn supervise(
             }
         };
         metrics::gauge!("pushfleet_broker_connected", "service" => "worker").set(1.0);
+        connected.store(true, Ordering::Relaxed);
         let work = async {
             Topology::new(&settings.rabbitmq)
                 .declare(&links.publish)
@@ -209,6 +219,7 @@ async fn supervise(
             _ = links.any_closed() => Ok(()),
         };
         metrics::gauge!("pushfleet_broker_connected", "service" => "worker").set(0.0);
+        connected.store(false, Ordering::Relaxed);
         if *shutdown.borrow() {
             links.close("shutdown").await;
             return;
@@ -224,14 +235,30 @@ async fn supervise(
 /// Probes and scrapes answer in milliseconds: a hung scraper must not hold up the worker's exit.
 const HTTP_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
+/// The worker's own listener, for operators only: liveness, readiness (connected to RabbitMQ
+/// and consuming) and the Prometheus metrics.
 async fn serve_http(
     listener: TcpListener,
     limits: HttpSettings,
+    connected: Arc<AtomicBool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let metrics = metrics_recorder();
     let app = Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route(
+            "/ready",
+            get(move || async move {
+                if connected.load(Ordering::Relaxed) {
+                    (StatusCode::OK, Json(json!({"status": "ready"})))
+                } else {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Json(json!({"status": "not connected to RabbitMQ"})),
+                    )
+                }
+            }),
+        )
         .route(
             "/metrics",
             get(move || {

@@ -14,6 +14,7 @@ use axum::Json;
 use deadpool_postgres::tokio_postgres::Client;
 use futures_util::future::join_all;
 use pushfleet_core::clock::system_time;
+use pushfleet_core::logged::{Escaped, Identity};
 use pushfleet_core::tokens::{self, Invalidation, StoredToken};
 use pushfleet_core::{DeliveryStatus, Job, SyncReply};
 use serde_json::{json, Map, Value};
@@ -23,7 +24,9 @@ use tracing::{info, warn};
 use crate::error::ApiError;
 use crate::fields::{field, python_str, required_str};
 use crate::limits;
-use crate::pipeline::{await_reply, enqueue, is_sync, new_job, push_result, sync_deadline};
+use crate::pipeline::{
+    await_reply, enqueue, is_sync, new_job, push_result, put_token, sync_deadline,
+};
 use crate::request::{account, account_and_device, json_object};
 use crate::state::{AppState, Shared};
 use crate::validate::{validate, ValidPush};
@@ -75,7 +78,11 @@ async fn push(
     }
     mark_dead(&client, account, &results).await;
     Ok(if is_sync(state) {
-        sync_answer(&results, &request)
+        sync_answer(
+            &results,
+            &request,
+            state.settings.ingest.raw_tokens_in_answers,
+        )
     } else {
         async_answer(&results)
     })
@@ -198,7 +205,7 @@ impl Fanout<'_> {
             match validate(&device_body(request, &device), &self.state.settings) {
                 Ok(valid) => planned.push(self.job(valid, device)),
                 Err(e) => {
-                    info!(account = %self.account, device_id = %device.device_id,
+                    info!(account = %Identity(self.account), device_id = %Escaped(&device.device_id),
                           peer = %self.peer.ip(), error = %e.body(),
                           "v2 push request rejected for a device");
                     if !device_fault(&e) || one_device {
@@ -238,7 +245,12 @@ impl Fanout<'_> {
     }
 
     async fn send_one(&self, job: Box<Job>, ttl: Duration, deadline: Instant) -> DeviceResult {
-        let request_id = format!("{}-{}-{}", job.event, self.account, job.push.call_id);
+        let request_id = format!(
+            "{}-{}-{}",
+            job.event,
+            Identity(self.account),
+            Escaped(&job.push.call_id)
+        );
         let sync = is_sync(self.state);
         match enqueue(self.state, &job, ttl, sync, &request_id, self.peer).await {
             Err(error) => DeviceResult::NotQueued(job, error),
@@ -293,7 +305,7 @@ async fn mark_dead(client: &Client, account: &str, results: &[DeviceResult]) {
             since: reply.invalid_since_ms.map(system_time),
         };
         if let Err(e) = tokens::invalidate(client, &dead).await {
-            warn!(%account, job_id = %job.id, error = %e, "could not mark a dead token");
+            warn!(account = %Identity(account), job_id = %job.id, error = %e, "could not mark a dead token");
         }
     }
 }
@@ -308,17 +320,19 @@ enum DeviceResult {
 impl DeviceResult {
     /// The device's item in a sync answer: the reference's per-device result plus the device
     /// and job ids.
-    fn item(&self, request: &Map<String, Value>) -> Value {
+    fn item(&self, request: &Map<String, Value>, raw_tokens: bool) -> Value {
         let unsent = |job: &Job, code: u16, reason: &str| {
-            json!({
+            let mut item = json!({
                 "body": {}, "code": code, "reason": reason, "url": "",
-                "platform": job.platform, "call_id": job.push.call_id, "token": job.push.token,
+                "platform": job.platform, "call_id": job.push.call_id,
                 "device_id": job.push.device_id, "job_id": job.id,
-            })
+            });
+            put_token(&mut item, &job.push.token, raw_tokens);
+            item
         };
         match self {
             DeviceResult::Answered(job, reply) => {
-                let mut item = push_result(job, reply);
+                let mut item = push_result(job, reply, raw_tokens);
                 item["device_id"] = json!(job.push.device_id);
                 item["job_id"] = json!(job.id);
                 item
@@ -333,12 +347,16 @@ impl DeviceResult {
                 device,
                 code,
                 reason,
-            }) => json!({
-                "body": {}, "code": code, "reason": reason, "url": "",
-                "platform": device.platform,
-                "call_id": field(request, "call-id").map(python_str),
-                "token": device.token, "device_id": device.device_id, "job_id": null,
-            }),
+            }) => {
+                let mut item = json!({
+                    "body": {}, "code": code, "reason": reason, "url": "",
+                    "platform": device.platform,
+                    "call_id": field(request, "call-id").map(python_str),
+                    "device_id": device.device_id, "job_id": null,
+                });
+                put_token(&mut item, &device.token, raw_tokens);
+                item
+            }
         }
     }
 
@@ -355,7 +373,11 @@ impl DeviceResult {
 /// The reference's aggregate: the HTTP status is the last device's code, a gone token counting
 /// as 200 (its own item still says 410). Devices skipped because they cannot take this push
 /// do not decide it.
-fn sync_answer(results: &[DeviceResult], request: &Map<String, Value>) -> Response {
+fn sync_answer(
+    results: &[DeviceResult],
+    request: &Map<String, Value>,
+    raw_tokens: bool,
+) -> Response {
     let last = results
         .iter()
         .rev()
@@ -365,7 +387,10 @@ fn sync_answer(results: &[DeviceResult], request: &Map<String, Value>) -> Respon
         Some(410) | None => 200,
         Some(code) => code,
     };
-    let data: Vec<Value> = results.iter().map(|r| r.item(request)).collect();
+    let data: Vec<Value> = results
+        .iter()
+        .map(|r| r.item(request, raw_tokens))
+        .collect();
     (
         StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY),
         Json(json!({

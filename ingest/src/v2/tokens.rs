@@ -8,13 +8,15 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::Json;
 use pushfleet_core::config::Settings;
-use pushfleet_core::tokens::{self, NewToken, StoredToken};
+use pushfleet_core::logged::{Escaped, Identity};
+use pushfleet_core::tokens::{self, token_fingerprint, NewToken, StoredToken};
 use serde_json::{json, Map, Value};
 use tracing::info;
 
 use crate::error::ApiError;
 use crate::fields::{bool_or, non_empty_str, optional_str, required_str};
 use crate::limits::{self, check, check_optional};
+use crate::pipeline::put_token;
 use crate::request::{account, json_object};
 use crate::state::Shared;
 use crate::validate::configured_app;
@@ -32,18 +34,24 @@ pub async fn add_token(
     let max_devices = state.settings.ingest.max_devices_per_account;
     tokens::register_within(&mut **state.db_client().await?, &new, max_devices).await?;
     info!(
-        request_id = %format!("{}-{}-{}", new.account, new.app_id, new.device_id),
-        peer = %peer.ip(), platform = %new.platform, "token registered"
+        request_id = %format!("{}-{}-{}", Identity(&new.account), new.app_id, Escaped(&new.device_id)),
+        peer = %peer.ip(), platform = %new.platform, token = %token_fingerprint(&new.token),
+        "token registered"
     );
-    // The echo shows the values as stored, as the reference's does.
-    Ok(Json(json!({
+    // The echo shows the values as stored, as the reference's does (the token as answers show it).
+    let mut echo = json!({
         "app-id": new.app_id,
         "platform": new.platform,
-        "token": new.token,
         "device-id": new.device_id,
         "silent": new.silent,
         "user-agent": new.user_agent,
-    })))
+    });
+    put_token(
+        &mut echo,
+        &new.token,
+        state.settings.ingest.raw_tokens_in_answers,
+    );
+    Ok(Json(echo))
 }
 
 /// The registration a body asks for, checked in the reference's order and with its v2 wording.
@@ -97,7 +105,7 @@ pub async fn remove_token(
         return Err(ApiError::NoDeviceToRemove);
     }
     info!(
-        request_id = %format!("{account}-{app_id}-{}", device_id.as_deref().unwrap_or("*")),
+        request_id = %format!("{}-{app_id}-{}", Identity(&account), Escaped(device_id.as_deref().unwrap_or("*"))),
         peer = %peer.ip(), removed, "token removed"
     );
     Ok(Json(json!({"app-id": app_id, "device-id": device_id})))

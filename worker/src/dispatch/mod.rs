@@ -21,6 +21,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 use pushfleet_core::config::{AppSettings, Platform, RetrySettings, Settings};
 use pushfleet_core::job::Job;
+use pushfleet_core::logged::Escaped;
 use pushfleet_core::topology::{self, BrokerError, Topology, PERSISTENT};
 use pushfleet_core::{EventPolicies, Lane};
 use tokio::sync::watch;
@@ -201,7 +202,7 @@ impl Dispatcher {
                 return Settle::Reject;
             }
         };
-        let span = tracing::info_span!("job", job_id = %job.id, call_id = %job.push.call_id, event = %job.event, app = %job.app_id, attempt = job.attempt + 1);
+        let span = tracing::info_span!("job", job_id = %job.id, call_id = %Escaped(&job.push.call_id), event = %job.event, app = %job.app_id, attempt = job.attempt + 1);
         async {
             let saved = match self.process(&job).await {
                 Step::Done {
