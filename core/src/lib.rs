@@ -11,6 +11,7 @@ pub mod ledger;
 pub mod policy;
 pub mod reconnect;
 pub mod service;
+pub mod tls;
 pub mod tokens;
 pub mod topology;
 

@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use pushfleet_core::db::{self, DbError};
 use pushfleet_core::http;
+use pushfleet_core::tls::{ServerCertError, ServerTls};
 use pushfleet_core::topology::BrokerError;
 use pushfleet_core::Settings;
 use tokio::net::TcpListener;
@@ -52,6 +53,8 @@ pub enum StartError {
     Listener(#[source] std::io::Error),
     #[error(transparent)]
     AccessList(#[from] InvalidEntry),
+    #[error("[ingest] {key}: {0}", key = .0.key())]
+    Tls(#[from] ServerCertError),
     #[error(transparent)]
     Database(#[from] DbError),
     /// No connection to RabbitMQ (`BrokerError::Unreachable` or `ConnectTimeout`).
@@ -86,6 +89,7 @@ pub struct Ingest {
     pub addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<Result<(), StopError>>,
+    tls: Option<ServerTls>,
 }
 
 impl Ingest {
@@ -94,6 +98,10 @@ impl Ingest {
     pub async fn start(settings: Settings, listener: TcpListener) -> Result<Ingest, StartError> {
         let addr = listener.local_addr().map_err(StartError::Listener)?;
         let acl = AccessList::parse(&settings.ingest.allowed_hosts)?;
+        let tls = match settings.ingest.tls_files() {
+            Some((cert, key)) => Some(ServerTls::load(cert, key)?),
+            None => None,
+        };
         // The v2 token API and audit queries need the database from the first request on.
         let db = db::pool(&settings.postgres)?;
         db::ping(&db, &settings.postgres).await?;
@@ -111,11 +119,12 @@ impl Ingest {
         let grace = Duration::from_millis(settings.ingest.shutdown_timeout_ms);
         let state = Arc::new(AppState::new(settings, broker.clone(), db));
         let app = routes::router(state, acl);
+        let served_tls = tls.clone();
         let server = tokio::spawn(async move {
             let stop = async move {
                 let _ = shutdown_rx.wait_for(|stop| *stop).await;
             };
-            http::serve(listener, app, &http, stop, grace).await;
+            http::serve_tls(listener, app, &http, served_tls, stop, grace).await;
             let _ = close_broker.send(true);
             let closed = async {
                 while broker.is_connected() {
@@ -130,12 +139,28 @@ impl Ingest {
             }
             Ok(())
         });
-        info!(%addr, "ingest listening");
+        info!(%addr, https = tls.is_some(), "ingest listening");
         Ok(Ingest {
             addr,
             shutdown,
             server,
+            tls,
         })
+    }
+
+    /// Whether ingest serves HTTPS, with a certificate `reload_tls` can replace.
+    pub fn serves_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Re-reads `[ingest] tls_cert_file` and `tls_key_file` (what SIGHUP does): connections
+    /// from now on get the new certificate. Files that cannot be used leave the current
+    /// certificate in place; the error is logged and returned. Without TLS, nothing to do.
+    pub fn reload_tls(&self) -> Result<(), ServerCertError> {
+        match &self.tls {
+            Some(tls) => tls.reload(),
+            None => Ok(()),
+        }
     }
 
     /// Binds the configured address and starts.
