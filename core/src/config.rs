@@ -113,6 +113,10 @@ pub enum ResponseMode {
 #[serde(deny_unknown_fields, default)]
 pub struct IngestSettings {
     pub listen: SocketAddr,
+    /// HTTPS instead of HTTP: the certificate chain (PEM, leaf first) and its key, re-read on
+    /// SIGHUP. Both or neither.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
     pub mode: ResponseMode,
     pub sync_timeout_ms: u64,
     /// Request bodies above this size get 413.
@@ -141,6 +145,8 @@ impl Default for IngestSettings {
     fn default() -> Self {
         IngestSettings {
             listen: "127.0.0.1:8400".parse().expect("valid default address"),
+            tls_cert_file: None,
+            tls_key_file: None,
             mode: ResponseMode::Sync,
             sync_timeout_ms: 5000,
             max_body_bytes: 64 * 1024,
@@ -211,6 +217,8 @@ pub struct RabbitSettings {
     pub lane_max_length: u64,
     /// How long the dead letters kept for operators (`<ns>.dead`, `<ns>.audit.dead`) stay.
     pub dead_letter_max_age_secs: u64,
+    /// Extra trust roots (PEM) for `amqps://` nodes, next to Mozilla's.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl RabbitSettings {
@@ -234,6 +242,7 @@ impl Default for RabbitSettings {
             delivery_limit: 20,
             lane_max_length: 1_000_000,
             dead_letter_max_age_secs: 7 * 24 * 3600,
+            ca_file: None,
         }
     }
 }
@@ -241,9 +250,13 @@ impl Default for RabbitSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PostgresSettings {
+    /// `?sslmode=` chooses TLS (see `tls::SslMode`); without it connections are plain.
     pub url: String,
     pub pool_size: usize,
     pub connect_timeout_ms: u64,
+    /// Extra trust roots (PEM) for `sslmode=verify-ca`/`verify-full` (and `require`), next to
+    /// Mozilla's.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for PostgresSettings {
@@ -252,6 +265,7 @@ impl Default for PostgresSettings {
             url: "postgres://postgres@127.0.0.1:5432/pushfleet".into(),
             pool_size: 8,
             connect_timeout_ms: 5000,
+            ca_file: None,
         }
     }
 }
@@ -557,6 +571,17 @@ impl Settings {
                 *p = base.join(&*p);
             }
         };
+        for p in [
+            &mut self.ingest.tls_cert_file,
+            &mut self.ingest.tls_key_file,
+            &mut self.rabbitmq.ca_file,
+            &mut self.postgres.ca_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            resolve(p);
+        }
         for app in &mut self.apps {
             if let Some(apns) = &mut app.apns {
                 for p in [
@@ -587,6 +612,7 @@ impl Settings {
         self.postgres.validate()?;
         self.worker.validate()?;
         self.retry.validate()?;
+        self.validate_tls()?;
         EventPolicies::default().with_overrides(&self.events)?;
         let mut seen = HashMap::new();
         for (index, app) in self.apps.iter().enumerate() {
@@ -901,6 +927,71 @@ fn readable(label: &str, key: &str, file: &Path) -> Result<(), ConfigError> {
             path: file.to_path_buf(),
             source,
         })
+}
+
+impl IngestSettings {
+    /// The certificate and key files, when ingest serves HTTPS.
+    pub fn tls_files(&self) -> Option<(&Path, &Path)> {
+        Some((
+            self.tls_cert_file.as_deref()?,
+            self.tls_key_file.as_deref()?,
+        ))
+    }
+}
+
+impl Settings {
+    /// The TLS keys: files that exist and parse, and an `sslmode` the services support, so that
+    /// a mistake stops the start instead of the first connection.
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        let ingest = &self.ingest;
+        match (&ingest.tls_cert_file, &ingest.tls_key_file) {
+            (Some(cert), Some(key)) => {
+                crate::tls::certified_key(cert, key).map_err(|e| {
+                    let key = format!("[ingest] {}", e.key());
+                    match e {
+                        crate::tls::ServerCertError::Certificate(e)
+                        | crate::tls::ServerCertError::Key(e) => tls_file_error(&key, e),
+                        mismatch => ConfigError::invalid(key, mismatch.to_string()),
+                    }
+                })?;
+            }
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    "[ingest] tls_key_file",
+                    "missing: HTTPS needs tls_cert_file and tls_key_file",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "[ingest] tls_cert_file",
+                    "missing: HTTPS needs tls_cert_file and tls_key_file",
+                ))
+            }
+            (None, None) => {}
+        }
+        crate::tls::PostgresUrl::parse(&self.postgres.url)
+            .map_err(|problem| ConfigError::invalid("[postgres] url", problem))?;
+        for (key, ca_file) in [
+            ("[postgres] ca_file", &self.postgres.ca_file),
+            ("[rabbitmq] ca_file", &self.rabbitmq.ca_file),
+        ] {
+            if let Some(path) = ca_file {
+                crate::tls::read_roots(path).map_err(|e| tls_file_error(key, e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn tls_file_error(key: &str, error: crate::tls::PemFileError) -> ConfigError {
+    match error {
+        crate::tls::PemFileError::Unreadable { path, source } => ConfigError::UnreadableFile {
+            key: key.into(),
+            path,
+            source,
+        },
+        invalid => ConfigError::invalid(key, invalid.to_string()),
+    }
 }
 
 /// Where `[rabbitmq] url` and `urls` come from. The two name the broker in different shapes, so

@@ -8,6 +8,7 @@ pub use tokio_postgres::GenericClient;
 use tokio_postgres::NoTls;
 
 use crate::config::PostgresSettings;
+use crate::tls;
 
 /// The migrations, in order; each runs once, in its own transaction.
 const MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -26,8 +27,12 @@ pub enum DbError {
     BadUrl(#[source] tokio_postgres::Error),
     #[error("[postgres] pool: {0}")]
     Pool(#[from] deadpool_postgres::BuildError),
+    #[error("[postgres] url: {0}")]
+    SslMode(String),
+    #[error("[postgres] ca_file: {0}")]
+    CaFile(#[source] crate::tls::PemFileError),
     /// The start-up check: the database named in the settings does not answer.
-    #[error("cannot connect to Postgres at {url}: {source}")]
+    #[error("cannot connect to Postgres at {url}: {}", with_causes(source))]
     Unreachable {
         url: String,
         source: deadpool_postgres::PoolError,
@@ -69,21 +74,40 @@ impl DbError {
     }
 }
 
+/// An error and what caused it, in one line: tokio-postgres leaves the cause out of its own
+/// text ("error performing TLS handshake"), and the cause is what tells a wrong CA from a
+/// server without TLS.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        let more = error.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = error.source();
+    }
+    text
+}
+
 fn is_data_sqlstate(code: &str) -> bool {
     code.starts_with("22") || code.starts_with("23")
 }
 
 /// A pool whose connections are checked before reuse, so that a database restart costs one
-/// failed checkout instead of a stream of errors.
+/// failed checkout instead of a stream of errors. The URL's `sslmode` decides on TLS.
 pub fn pool(settings: &PostgresSettings) -> Result<Pool, DbError> {
-    let config: tokio_postgres::Config = settings.url.parse().map_err(DbError::BadUrl)?;
-    let manager = Manager::from_config(
-        config,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+    let url = tls::PostgresUrl::parse(&settings.url).map_err(DbError::SslMode)?;
+    let config: tokio_postgres::Config = url.url.parse().map_err(DbError::BadUrl)?;
+    let manager_config = || ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let manager = match tls::postgres_connector(url.sslmode, settings.ca_file.as_deref())
+        .map_err(DbError::CaFile)?
+    {
+        Some(tls) => Manager::from_config(config, tls, manager_config()),
+        None => Manager::from_config(config, NoTls, manager_config()),
+    };
     Ok(Pool::builder(manager)
         .max_size(settings.pool_size)
         .runtime(Runtime::Tokio1)

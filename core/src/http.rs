@@ -3,7 +3,9 @@
 //! sit idle between requests for `idle_timeout_ms`; a request body that is read must arrive
 //! within `request_body_timeout_ms`; at most `max_connections` connections are served at once,
 //! further ones wait in the listen backlog until one closes. HTTP/1.1 and HTTP/2 (prior
-//! knowledge) are served on the same port, and handlers see the peer as `ConnectInfo`.
+//! knowledge) are served on the same port, and handlers see the peer as `ConnectInfo`. With TLS
+//! (`serve_tls`) the handshake counts against the first request head's time, and ALPN offers
+//! both protocols.
 //!
 //! Shutdown stops accepting, closes idle connections, lets requests in progress finish up to a
 //! grace period and then closes whatever is left.
@@ -32,9 +34,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{sleep_until, Instant, Sleep};
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, info};
 
 use crate::config::HttpSettings;
+use crate::tls::ServerTls;
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -73,6 +77,18 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     settings: &HttpSettings,
+    stop: impl Future<Output = ()>,
+    grace: Duration,
+) {
+    serve_tls(listener, app, settings, None, stop, grace).await
+}
+
+/// `serve`, over TLS when `tls` is given.
+pub async fn serve_tls(
+    listener: TcpListener,
+    app: Router,
+    settings: &HttpSettings,
+    tls: Option<ServerTls>,
     stop: impl Future<Output = ()>,
     grace: Duration,
 ) {
@@ -116,7 +132,8 @@ pub async fn serve(
             limits,
             tracker: Arc::new(Tracker::new()),
         };
-        tokio::spawn(connection.run(stream, builder.clone(), phase_rx.clone(), slot));
+        let tls = tls.as_ref().map(ServerTls::acceptor);
+        tokio::spawn(connection.run(stream, tls, builder.clone(), phase_rx.clone(), slot));
     }
     drop(listener);
     drop(phase_rx);
@@ -172,10 +189,46 @@ impl Connection {
     async fn run(
         self,
         stream: TcpStream,
+        tls: Option<TlsAcceptor>,
         builder: auto::Builder<TokioExecutor>,
         mut phase: watch::Receiver<Phase>,
         _slot: OwnedSemaphorePermit,
     ) {
+        let Some(tls) = tls else {
+            return self.serve(stream, builder, phase).await;
+        };
+        // The handshake is part of the first request's head: a client that stalls in it is
+        // closed when that time is up, as one that stalls in its headers is.
+        let (head_due, _) = self
+            .tracker
+            .next_expiry(&self.limits, None)
+            .expect("a new connection waits for its first request head");
+        let handshake = tokio::time::timeout_at(head_due, tls.accept(stream));
+        let stream = tokio::select! {
+            handshake = handshake => match handshake {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    debug!(peer = %self.peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!(peer = %self.peer, "closing the connection: no TLS handshake in time");
+                    return;
+                }
+            },
+            _ = phase.wait_for(|phase| *phase != Phase::Serving) => return,
+        };
+        self.serve(stream, builder, phase).await
+    }
+
+    async fn serve<S>(
+        self,
+        stream: S,
+        builder: auto::Builder<TokioExecutor>,
+        mut phase: watch::Receiver<Phase>,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let tracker = self.tracker.clone();
         let (peer, limits) = (self.peer, self.limits);
         let io = TokioIo::new(WatchedStream {
@@ -392,13 +445,13 @@ impl Drop for InProgress {
     }
 }
 
-/// The TCP stream, telling the tracker when bytes arrive.
-struct WatchedStream {
-    inner: TcpStream,
+/// The connection's stream (over TLS: its plaintext), telling the tracker when bytes arrive.
+struct WatchedStream<S> {
+    inner: S,
     tracker: Arc<Tracker>,
 }
 
-impl AsyncRead for WatchedStream {
+impl<S: AsyncRead + Unpin> AsyncRead for WatchedStream<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -414,7 +467,7 @@ impl AsyncRead for WatchedStream {
     }
 }
 
-impl AsyncWrite for WatchedStream {
+impl<S: AsyncWrite + Unpin> AsyncWrite for WatchedStream<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

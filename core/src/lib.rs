@@ -12,6 +12,7 @@ pub mod logged;
 pub mod policy;
 pub mod reconnect;
 pub mod service;
+pub mod tls;
 pub mod tokens;
 pub mod topology;
 

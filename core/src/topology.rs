@@ -473,7 +473,18 @@ async fn connect_node(
 ) -> Result<Connection, BrokerError> {
     let timeout = Duration::from_millis(settings.connect_timeout_ms);
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    match tokio::time::timeout(timeout, Connection::connect(url, properties)).await {
+    let connect = async {
+        if !url.starts_with("amqps://") {
+            return Connection::connect(url, properties).await;
+        }
+        // Read at every connect: a CA file replaced on disk counts from the next reconnect.
+        let tls = crate::tls::amqp_tls_config(settings.ca_file.as_deref()).map_err(|e| {
+            lapin::Error::from(std::io::Error::other(format!("[rabbitmq] ca_file: {e}")))
+        })?;
+        let runtime = lapin::runtime::default_runtime()?;
+        Connection::connect_with_config(url, properties, tls, runtime).await
+    };
+    match tokio::time::timeout(timeout, connect).await {
         Ok(Ok(connection)) => Ok(connection),
         Ok(Err(source)) => Err(BrokerError::Unreachable {
             url: redact(url),

@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use pushfleet_core::db::{self, DbError};
 use pushfleet_core::http;
+use pushfleet_core::tls::{ServerCertError, ServerTls};
 use pushfleet_core::topology::BrokerError;
 use pushfleet_core::Settings;
 use tokio::net::TcpListener;
@@ -52,6 +53,8 @@ pub enum StartError {
     Listener(#[source] std::io::Error),
     #[error(transparent)]
     AccessList(#[from] InvalidEntry),
+    #[error("[ingest] {key}: {0}", key = .0.key())]
+    Tls(#[from] ServerCertError),
     #[error(transparent)]
     Database(#[from] DbError),
     /// No connection to RabbitMQ (`BrokerError::Unreachable` or `ConnectTimeout`).
@@ -88,6 +91,7 @@ pub struct Ingest {
     pub admin_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<Result<(), StopError>>,
+    tls: Option<ServerTls>,
 }
 
 impl Ingest {
@@ -96,6 +100,10 @@ impl Ingest {
     pub async fn start(settings: Settings, listener: TcpListener) -> Result<Ingest, StartError> {
         let addr = listener.local_addr().map_err(StartError::Listener)?;
         let acl = AccessList::parse("allowed_hosts", &settings.ingest.allowed_hosts)?;
+        let tls = match settings.ingest.tls_files() {
+            Some((cert, key)) => Some(ServerTls::load(cert, key)?),
+            None => None,
+        };
         let admin = match settings.ingest.admin_listen {
             Some(addr) => Some((
                 TcpListener::bind(addr)
@@ -129,6 +137,7 @@ impl Ingest {
             admin.map(|(listener, acl)| (listener, routes::admin_router(state.clone(), acl)));
         let app = routes::router(state, acl);
         let mut admin_shutdown = shutdown_rx.clone();
+        let served_tls = tls.clone();
         let server = tokio::spawn(async move {
             let stop = async move {
                 let _ = shutdown_rx.wait_for(|stop| *stop).await;
@@ -141,7 +150,10 @@ impl Ingest {
                     http::serve(listener, app, &http, admin_stop, grace).await;
                 }
             };
-            tokio::join!(http::serve(listener, app, &http, stop, grace), admin);
+            tokio::join!(
+                http::serve_tls(listener, app, &http, served_tls, stop, grace),
+                admin
+            );
             let _ = close_broker.send(true);
             let closed = async {
                 while broker.is_connected() {
@@ -156,13 +168,29 @@ impl Ingest {
             }
             Ok(())
         });
-        info!(%addr, admin = ?admin_addr, "ingest listening");
+        info!(%addr, admin = ?admin_addr, https = tls.is_some(), "ingest listening");
         Ok(Ingest {
             addr,
             admin_addr,
             shutdown,
             server,
+            tls,
         })
+    }
+
+    /// Whether ingest serves HTTPS, with a certificate `reload_tls` can replace.
+    pub fn serves_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Re-reads `[ingest] tls_cert_file` and `tls_key_file` (what SIGHUP does): connections
+    /// from now on get the new certificate. Files that cannot be used leave the current
+    /// certificate in place; the error is logged and returned. Without TLS, nothing to do.
+    pub fn reload_tls(&self) -> Result<(), ServerCertError> {
+        match &self.tls {
+            Some(tls) => tls.reload(),
+            None => Ok(()),
+        }
     }
 
     /// Binds the configured address and starts.

@@ -26,7 +26,25 @@ async fn run() -> Result<(), Box<dyn Error>> {
     let settings = command_line.settings()?;
     init_logging(&settings.log);
     let ingest = Ingest::bind(settings).await?;
-    shutdown_signal().await;
+    tokio::select! {
+        () = shutdown_signal() => {}
+        () = reload_tls_on_hangup(&ingest) => {}
+    }
     info!("shutting down: finishing in-flight requests");
     Ok(ingest.stop().await?)
+}
+
+/// SIGHUP re-reads the HTTPS certificate. Without HTTPS, SIGHUP keeps its default (it ends the
+/// process), as before.
+async fn reload_tls_on_hangup(ingest: &Ingest) {
+    if !ingest.serves_tls() {
+        return std::future::pending().await;
+    }
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .expect("SIGHUP handler");
+    while hangups.recv().await.is_some() {
+        // A failure is logged by the reload, and the previous certificate stays.
+        let _ = ingest.reload_tls();
+    }
+    std::future::pending().await
 }

@@ -17,5 +17,6 @@ mod outcomes;
 mod rfc8599;
 mod startup;
 mod support;
+mod tls;
 mod v1_push;
 mod v2_tokens;

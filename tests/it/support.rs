@@ -37,6 +37,7 @@ pub async fn migrated_pool() -> Pool {
         url: postgres_url(),
         pool_size: 4,
         connect_timeout_ms: 5000,
+        ..Default::default()
     };
     let pool = db::pool(&settings).expect("pool");
     MIGRATED

@@ -406,7 +406,7 @@ async fn concurrent_sync_requests_each_get_their_own_answer() {
         assert_eq!(answer["data"]["call_id"], call.as_str());
         assert_eq!(
             answer["data"]["token_fingerprint"],
-            token_fingerprint(&token)
+            token_fingerprint(token)
         );
     }
     stack.stop().await;

@@ -64,14 +64,17 @@ impl TestCa {
 
     /// A server certificate valid for `127.0.0.1`, `::1` and `localhost`.
     pub fn issue_server_cert(&self) -> Result<IssuedCert> {
-        let mut params = CertificateParams::new(vec![
-            "127.0.0.1".to_string(),
-            "::1".to_string(),
-            "localhost".to_string(),
-        ])?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "localhost");
+        self.issue_server_cert_for(&["127.0.0.1", "::1", "localhost"])
+    }
+
+    /// A server certificate valid for `names` only (host names or IP addresses).
+    pub fn issue_server_cert_for(&self, names: &[&str]) -> Result<IssuedCert> {
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        params.distinguished_name.push(
+            DnType::CommonName,
+            names.last().copied().unwrap_or("server"),
+        );
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
