@@ -7,6 +7,7 @@ pub mod acl;
 #[cfg(test)]
 mod arbitrary;
 mod audit;
+mod auth;
 mod broker;
 mod error;
 mod fcm_projects;
@@ -52,6 +53,12 @@ pub enum StartError {
     Listener(#[source] std::io::Error),
     #[error(transparent)]
     AccessList(#[from] InvalidEntry),
+    /// A non-loopback listener that would serve anyone: the operator must choose.
+    #[error("ingest listens on {addr}, which is not a loopback address, with neither [ingest] require_api_key = true nor [ingest] allowed_hosts set: set one of them, or [ingest] allow_anonymous = true to serve anyone who reaches it")]
+    OpenListener { addr: SocketAddr },
+    /// `require_api_key` is set and the key table cannot be read.
+    #[error("cannot load the API keys: {0} (has `pushfleet-worker migrate` run?)")]
+    ApiKeys(#[source] DbError),
     #[error(transparent)]
     Database(#[from] DbError),
     /// No connection to RabbitMQ (`BrokerError::Unreachable` or `ConnectTimeout`).
@@ -94,9 +101,13 @@ impl Ingest {
     pub async fn start(settings: Settings, listener: TcpListener) -> Result<Ingest, StartError> {
         let addr = listener.local_addr().map_err(StartError::Listener)?;
         let acl = AccessList::parse(&settings.ingest.allowed_hosts)?;
+        if auth::open_to_anyone(&settings.ingest, addr) {
+            return Err(StartError::OpenListener { addr });
+        }
         // The v2 token API and audit queries need the database from the first request on.
         let db = db::pool(&settings.postgres)?;
         db::ping(&db, &settings.postgres).await?;
+        let api_keys = auth::load_at_start(&db, &settings.ingest).await?;
         let (shutdown, mut shutdown_rx) = watch::channel(false);
         // The broker link outlives the HTTP drain: sync requests still in progress at shutdown
         // wait for their answers over it.
@@ -110,6 +121,7 @@ impl Ingest {
         let http = settings.http.clone();
         let grace = Duration::from_millis(settings.ingest.shutdown_timeout_ms);
         let state = Arc::new(AppState::new(settings, broker.clone(), db));
+        auth::keep_fresh(&state, api_keys);
         let app = routes::router(state, acl);
         let server = tokio::spawn(async move {
             let stop = async move {
