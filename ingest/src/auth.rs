@@ -220,9 +220,11 @@ impl Bucket {
             self.tokens -= pushes;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64(
-                (needed - self.tokens) / limit.per_second,
-            ))
+            // A share small enough to make the wait overflow still gets an answer.
+            Err(
+                Duration::try_from_secs_f64((needed - self.tokens) / limit.per_second)
+                    .unwrap_or(Duration::MAX),
+            )
         }
     }
 }
