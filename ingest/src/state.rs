@@ -22,7 +22,7 @@ pub struct AppState {
     pub db: Pool,
     pub fcm_projects: FcmProjects,
     pub metrics: PrometheusHandle,
-    /// The API keys in force (reloaded by `auth::start`) and their rate limits.
+    /// The API keys in force (reloaded by `auth::keep_fresh`) and their rate limits.
     pub api_keys: Arc<ApiKeys>,
 }
 

@@ -303,7 +303,12 @@ async fn tenants_see_and_change_only_their_own_apps() {
     let everything = [Scope::Push, Scope::Tokens, Scope::Audit];
     let a = create_key(&tenant("a"), &[SYLK], &everything, 0, 0).await;
     let b = create_key(&tenant("b"), &[LINPHONE], &everything, 0, 0).await;
-    let stack = Stack::start_with(keys_required()).await;
+    let mut options = keys_required();
+    options.env.push((
+        "PUSHFLEET__INGEST__MAX_DEVICES_PER_ACCOUNT".into(),
+        "1".into(),
+    ));
+    let stack = Stack::start_with(options).await;
 
     // One account name, a device of each tenant's app.
     let account = account();
@@ -329,6 +334,11 @@ async fn tenants_see_and_change_only_their_own_apps() {
             .0,
         403
     );
+    // Each tenant's devices count against the account's limit for that tenant only: B's device
+    // took no place of A's, and A's second device is one too many.
+    let a_second = register_body(SYLK, "apple", &apns_token(), "a-tablet");
+    let (status, answer) = send(&stack, "POST", &path, Some(&a_second), Some(&a)).await;
+    assert_eq!((status, &answer["code"]), (409, &json!(409)), "{answer}");
 
     let listed = |answer: &Value| -> Vec<String> {
         answer["devices"]

@@ -33,7 +33,8 @@ pub async fn add_token(
     let body = json_object(body, state.body_limit()).await?;
     let new = new_token(account, &body, &state.settings, &caller)?;
     let max_devices = state.settings.ingest.max_devices_per_account;
-    tokens::register_within(&mut **state.db_client().await?, &new, max_devices).await?;
+    let mut client = state.db_client().await?;
+    tokens::register_within(&mut **client, &new, max_devices, caller.apps()).await?;
     info!(
         request_id = %format!("{}-{}-{}", new.account, new.app_id, new.device_id),
         peer = %peer.ip(), platform = %new.platform, "token registered"
