@@ -16,7 +16,9 @@ const FLAGS: &[&str] = &["json", "help", "h"];
 
 #[derive(Debug, Default)]
 pub struct Args {
-    options: HashMap<String, String>,
+    /// Every value given, in order: most options keep the last, as argparse does; a few
+    /// (`keys create --app`, `--scope`) take them all.
+    options: HashMap<String, Vec<String>>,
     flags: Vec<String>,
     pub positional: Vec<String>,
 }
@@ -49,13 +51,26 @@ impl Args {
                     .next()
                     .ok_or_else(|| format!("argument --{name}: expected one argument"))?,
             };
-            parsed.options.insert(name, value);
+            parsed.options.entry(name).or_default().push(value);
         }
         Ok(parsed)
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.options.get(name).map(String::as_str)
+        self.options
+            .get(name)
+            .and_then(|values| values.last())
+            .map(String::as_str)
+    }
+
+    /// Every value of a repeated option, in the order given.
+    pub fn all(&self, name: &str) -> Vec<&str> {
+        self.options
+            .get(name)
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
+            .collect()
     }
 
     pub fn or<'a>(&'a self, name: &str, default: &'a str) -> &'a str {
@@ -115,5 +130,10 @@ mod tests {
         assert!(matches!(a.required(["url", "to", "callid"]),
             Err(Error::Usage(m)) if m == "the following arguments are required: --to, --callid"));
         assert!(Args::parse(vec!["--url".into()]).is_err());
+        let a = parse("keys create --app a --scope push --app=b --url u1 --url u2");
+        assert_eq!(a.all("app"), ["a", "b"]);
+        assert_eq!(a.all("scope"), ["push"]);
+        assert!(a.all("tenant").is_empty());
+        assert_eq!(a.get("url"), Some("u2"));
     }
 }

@@ -48,25 +48,7 @@ pub async fn run(args: &Args, out: &mut dyn Write) -> Result<i32, Error> {
             ))
         }
     };
-    let settings = match args.get("config") {
-        Some(path) => {
-            Some(Settings::load(Path::new(path)).map_err(|e| Error::Failed(e.to_string()))?)
-        }
-        None => None,
-    };
-    let mut postgres = settings
-        .as_ref()
-        .map(|s| s.postgres.clone())
-        .unwrap_or_default();
-    match (args.get("database_url"), &settings) {
-        (Some(url), _) => postgres.url = url.to_string(),
-        (None, Some(_)) => {}
-        (None, None) => {
-            return Err(Error::Usage(
-                "one of --database-url or --config is required".into(),
-            ))
-        }
-    }
+    let (postgres, settings) = database(args)?;
     let records = match format {
         "pickle" => read_pickle(Path::new(file)),
         "opensips-csv" | "csv" => read_opensips_csv(Path::new(file)),
@@ -97,6 +79,31 @@ pub async fn run(args: &Args, out: &mut dyn Write) -> Result<i32, Error> {
     } else {
         FAILED
     })
+}
+
+/// The database of `--config FILE` (its `[postgres]`) or `--database-url URL` (which wins), and
+/// the configuration when one was given.
+pub fn database(args: &Args) -> Result<(PostgresSettings, Option<Settings>), Error> {
+    let settings = match args.get("config") {
+        Some(path) => {
+            Some(Settings::load(Path::new(path)).map_err(|e| Error::Failed(e.to_string()))?)
+        }
+        None => None,
+    };
+    let mut postgres = settings
+        .as_ref()
+        .map(|s| s.postgres.clone())
+        .unwrap_or_default();
+    match (args.get("database_url"), &settings) {
+        (Some(url), _) => postgres.url = url.to_string(),
+        (None, Some(_)) => {}
+        (None, None) => {
+            return Err(Error::Usage(
+                "one of --database-url or --config is required".into(),
+            ))
+        }
+    }
+    Ok((postgres, settings))
 }
 
 /// Writes the records in one transaction; with `settings`, tokens of apps it does not configure

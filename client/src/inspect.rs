@@ -9,11 +9,16 @@ use crate::args::{Args, Error};
 use crate::sylk::{api_url, base_url};
 use crate::{FAILED, OK};
 
-async fn get(url: reqwest::Url) -> Result<(u16, Value), Error> {
+/// GETs `url`, with `--api-key` as the bearer key when given.
+async fn get(args: &Args, url: reqwest::Url) -> Result<(u16, Value), Error> {
     let shown = url.to_string();
-    let response = reqwest::Client::new()
+    let mut request = reqwest::Client::new()
         .get(url)
-        .timeout(std::time::Duration::from_secs(10))
+        .timeout(std::time::Duration::from_secs(10));
+    if let Some(key) = args.get("api_key") {
+        request = request.bearer_auth(key);
+    }
+    let response = request
         .send()
         .await
         .map_err(|e| Error::Failed(format!("{shown}: connection error: {e}")))?;
@@ -49,9 +54,9 @@ pub async fn tokens(args: &Args, out: &mut dyn Write) -> Result<i32, Error> {
     if args.positional.get(1).map(String::as_str) != Some("list") {
         return Err(Error::Usage("usage: tokens list".into()));
     }
-    args.only(&["url", "account"])?;
+    args.only(&["url", "account", "api_key"])?;
     let [account] = args.required(["account"])?;
-    let (status, body) = get(api_url(base_url(args), &["v2", "tokens", account])?).await?;
+    let (status, body) = get(args, api_url(base_url(args), &["v2", "tokens", account])?).await?;
     if status != 200 {
         return Ok(refused(out, status, &body));
     }
@@ -88,14 +93,14 @@ pub async fn tokens(args: &Args, out: &mut dyn Write) -> Result<i32, Error> {
 
 /// `pushfleet audit --callid C [--json]`: exit 1 when nothing was recorded for the call.
 pub async fn audit(args: &Args, out: &mut dyn Write) -> Result<i32, Error> {
-    args.only(&["url", "callid", "call_id"])?;
+    args.only(&["url", "callid", "call_id", "api_key"])?;
     let call_id = args
         .get("callid")
         .or_else(|| args.get("call_id"))
         .ok_or_else(|| Error::Usage("the following arguments are required: --callid".into()))?;
     let mut url = api_url(base_url(args), &["audit"])?;
     url.query_pairs_mut().append_pair("call_id", call_id);
-    let (status, body) = get(url).await?;
+    let (status, body) = get(args, url).await?;
     if status != 200 {
         return Ok(refused(out, status, &body));
     }

@@ -1,7 +1,8 @@
 //! `pushfleet`: the command-line client. Without a subcommand it is `sylk-pushclient` (the v1
 //! client OpenSIPS scripts call); with `push`, `add` or `remove` it is `sylk-pushclient-v2`;
 //! both keep the reference's options, output lines and exit codes. It adds
-//! `tokens list` and `audit` against the API, and `import` of existing tokens into Postgres.
+//! `tokens list` and `audit` against the API, and `import` of existing tokens and `keys` (the
+//! tenants' API keys) straight into Postgres.
 //! Installed (or linked) under the name `sylk-pushclient` or `sylk-pushclient-v2`, it behaves as
 //! that client whatever the arguments.
 #![forbid(unsafe_code)]
@@ -9,6 +10,7 @@
 pub mod args;
 pub mod import;
 pub mod inspect;
+pub mod keys;
 pub mod sylk;
 
 use std::io::Write;
@@ -29,9 +31,13 @@ usage: pushfleet --url URL --platform P --appid A --token T --deviceid D --calli
        pushfleet [--url BASE] --account ACC push --callid C --from F --to T [--event E]
                  [--from_name N] [--mediatype M] [--reason R] [--badge B] [--deviceid D]
                  [--filename F] [--filetype T]
-       pushfleet [--url BASE] --account ACC tokens list [--json]
-       pushfleet [--url BASE] audit --callid C [--json]
-       pushfleet import pickle|opensips-csv FILE (--database-url URL | --config FILE)";
+       pushfleet [--url BASE] [--api-key KEY] --account ACC tokens list [--json]
+       pushfleet [--url BASE] [--api-key KEY] audit --callid C [--json]
+       pushfleet import pickle|opensips-csv FILE (--database-url URL | --config FILE)
+       pushfleet keys create --tenant NAME --app APP_ID [--app …] --scope push|tokens|audit
+                 [--scope …] [--pushes-per-second N [--burst M]] (--config FILE | --database-url URL)
+       pushfleet keys list [--json] (--config FILE | --database-url URL)
+       pushfleet keys revoke ID (--config FILE | --database-url URL)";
 
 /// Runs the client as `program` (its argv[0]) with `args`; returns the exit code.
 pub async fn run(
@@ -61,6 +67,7 @@ pub async fn run(
         (_, Some("tokens")) => inspect::tokens(&args, out).await,
         (_, Some("audit")) => inspect::audit(&args, out).await,
         (_, Some("import")) => import::run(&args, out).await,
+        (_, Some("keys")) => keys::run(&args, out).await,
         (_, Some(other)) => Err(args::Error::Usage(format!("unknown command {other:?}"))),
     };
     match result {

@@ -139,6 +139,18 @@ pub struct IngestSettings {
     /// Answers carry the device token itself, as the reference's did, instead of its
     /// fingerprint: only for clients that need it.
     pub raw_tokens_in_answers: bool,
+    /// Every API request must carry a valid API key (`Authorization: Bearer …`); probes and the
+    /// greeting excepted.
+    pub require_api_key: bool,
+    /// Serve a non-loopback address with neither `require_api_key` nor `allowed_hosts`: without
+    /// it ingest refuses to start rather than open the API to whoever reaches the port.
+    pub allow_anonymous: bool,
+    /// How often the API key table is reloaded: the longest a revoked key keeps working and a
+    /// new one waits.
+    pub api_keys_refresh_ms: u64,
+    /// The fraction of each key's rate limit this ingest allows, when several ingest hosts
+    /// share the traffic.
+    pub rate_limit_share: f64,
 }
 
 impl Default for IngestSettings {
@@ -157,6 +169,10 @@ impl Default for IngestSettings {
             admin_listen: None,
             admin_allowed_hosts: Vec::new(),
             raw_tokens_in_answers: false,
+            require_api_key: false,
+            allow_anonymous: false,
+            api_keys_refresh_ms: 2000,
+            rate_limit_share: 1.0,
         }
     }
 }
@@ -656,6 +672,16 @@ impl IngestSettings {
             self.max_devices_per_account >= 1,
             "[ingest] max_devices_per_account",
             "must be at least 1",
+        )?;
+        ensure(
+            (100..=300_000).contains(&self.api_keys_refresh_ms),
+            "[ingest] api_keys_refresh_ms",
+            "must be between 100 and 300000",
+        )?;
+        ensure(
+            self.rate_limit_share > 0.0 && self.rate_limit_share <= 1.0,
+            "[ingest] rate_limit_share",
+            "must be above 0 and at most 1",
         )
     }
 }
@@ -1137,6 +1163,9 @@ mod tests {
         assert_eq!(s.ingest.mode, ResponseMode::Sync);
         assert_eq!(s.ingest.sync_timeout_ms, 5000);
         assert_eq!(s.ingest.max_devices_per_account, 20);
+        assert!(!s.ingest.require_api_key && !s.ingest.allow_anonymous);
+        assert_eq!(s.ingest.api_keys_refresh_ms, 2000);
+        assert_eq!(s.ingest.rate_limit_share, 1.0);
         assert_eq!(s.rabbitmq.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
         assert_eq!(
             s.postgres.url,
@@ -1188,6 +1217,19 @@ mod tests {
         assert_eq!(e.key(), Some("[ingest] sync_timeout_ms"));
         let e = load("[ingest]\nmax_devices_per_account = 0", &[]).unwrap_err();
         assert_eq!(e.key(), Some("[ingest] max_devices_per_account"));
+        for share in ["0", "-0.5", "1.5", "nan"] {
+            let e = load(&format!("[ingest]\nrate_limit_share = {share}"), &[]).unwrap_err();
+            assert_eq!(e.key(), Some("[ingest] rate_limit_share"), "{share}");
+        }
+        assert_eq!(
+            load("[ingest]\nrate_limit_share = 0.25", &[])
+                .unwrap()
+                .ingest
+                .rate_limit_share,
+            0.25
+        );
+        let e = load("[ingest]\napi_keys_refresh_ms = 0", &[]).unwrap_err();
+        assert_eq!(e.key(), Some("[ingest] api_keys_refresh_ms"));
         let e = load("[ingest\n", &[]).unwrap_err();
         assert!(matches!(e, ConfigError::Syntax(_)), "{e:?}");
         let e = load(

@@ -18,6 +18,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "token_hygiene",
         include_str!("../../migrations/0002_token_hygiene.sql"),
     ),
+    (
+        3,
+        "api_keys",
+        include_str!("../../migrations/0003_api_keys.sql"),
+    ),
 ];
 
 /// A database problem, with what was being done when it happened.

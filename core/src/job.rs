@@ -30,6 +30,10 @@ pub struct Job {
     #[serde(default)]
     pub attempt: u32,
     pub push: PushData,
+    /// The API key the push was sent with (its public id); none for an anonymous request and
+    /// in jobs from before API keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_id: Option<String>,
 }
 
 impl Job {
@@ -157,6 +161,9 @@ pub struct OutcomeEvent {
     /// Set when the provider declared the token dead: the audit sink marks it invalid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_invalidation: Option<TokenInvalidation>,
+    /// The job's API key, for `deliveries.api_key_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_id: Option<String>,
 }
 
 /// A token the provider declared dead. The raw token travels only inside the broker, like the
@@ -186,6 +193,7 @@ impl OutcomeEvent {
             attempt: None,
             terminal: None,
             token_invalidation: None,
+            api_key_id: job.api_key_id.clone(),
         }
     }
 }
@@ -275,9 +283,34 @@ mod tests {
             "push":{"token":"t","call_id":"c","from":"f","to":"t"}}"#;
         let job: Job = serde_json::from_str(json).unwrap();
         assert_eq!(job.attempt, 0);
+        assert_eq!(job.api_key_id, None);
         assert!(job.push.silent);
         assert_eq!(job.push.badge, 1);
         let again: Job = serde_json::from_slice(&serde_json::to_vec(&job).unwrap()).unwrap();
         assert_eq!(job, again);
+    }
+
+    #[test]
+    fn the_api_key_travels_from_job_to_outcome() {
+        let json = r#"{"v":1,"id":"6f1c1c3e-4a43-4c3e-9d6f-5a1f8a2b0c11","app_id":"a","platform":"apple",
+            "event":"cancel","lane":"calls","received_at_ms":1,"deadline_ms":2,
+            "push":{"token":"t","call_id":"c","from":"f","to":"t"},"api_key_id":"0123456789abcdef"}"#;
+        let job: Job = serde_json::from_str(json).unwrap();
+        assert_eq!(job.api_key_id.as_deref(), Some("0123456789abcdef"));
+        let outcome = OutcomeEvent::for_job(&job);
+        assert_eq!(outcome.api_key_id, job.api_key_id);
+        let encoded = serde_json::to_value(&outcome).unwrap();
+        assert_eq!(encoded["api_key_id"], "0123456789abcdef");
+        // An outcome from a worker that predates keys still decodes.
+        let mut old = encoded;
+        old.as_object_mut().unwrap().remove("api_key_id");
+        let decoded: OutcomeEvent = serde_json::from_value(old).unwrap();
+        assert_eq!(decoded.api_key_id, None);
+        // An anonymous job is encoded as before.
+        let mut anonymous = job;
+        anonymous.api_key_id = None;
+        assert!(!serde_json::to_string(&anonymous)
+            .unwrap()
+            .contains("api_key_id"));
     }
 }

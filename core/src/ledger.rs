@@ -76,6 +76,7 @@ mod tests {
                 call_id: call_id.into(),
                 ..Default::default()
             },
+            api_key_id: None,
         }
     }
 

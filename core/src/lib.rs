@@ -7,6 +7,7 @@ pub mod config;
 pub mod db;
 pub mod http;
 pub mod job;
+pub mod keys;
 pub mod ledger;
 pub mod logged;
 pub mod policy;

@@ -208,12 +208,16 @@ pub enum RegisterError {
 /// updated, even when the account holds more than the limit (a lowered limit, an import); a new
 /// one beyond the limit is refused. Dead devices count until they are removed.
 ///
+/// With `apps` (a tenant's API key) only the devices of those apps count, so that one tenant
+/// cannot fill an account name another tenant uses.
+///
 /// Registrations for one account are serialised by a transaction-scoped advisory lock: without
 /// it two concurrent registrations could both count the last free place and both take it.
 pub async fn register_within(
     client: &mut impl GenericClient,
     token: &NewToken,
     max_devices: usize,
+    apps: Option<&[String]>,
 ) -> Result<Registered, RegisterError> {
     let tx = client
         .transaction()
@@ -230,8 +234,9 @@ pub async fn register_within(
     let row = tx
         .query_one(
             "SELECT count(*), count(*) FILTER (WHERE app_id = $2 AND device_id = $3) > 0
-               FROM device_tokens WHERE account = $1",
-            &[&token.account, &token.app_id, &token.device_id],
+               FROM device_tokens
+              WHERE account = $1 AND ($4::text[] IS NULL OR app_id = ANY($4))",
+            &[&token.account, &token.app_id, &token.device_id, &apps],
         )
         .await
         .map_err(DbError::query("device_tokens"))?;

@@ -1,14 +1,16 @@
 //! `GET /audit?call_id=…`: what happened to the pushes of a call, read from the audit tables the
-//! workers write, each delivery with its provider attempts.
+//! workers write, each delivery with its provider attempts and the API key that sent it. A
+//! caller with a key sees only the rows of the key's apps.
 
 use std::collections::HashMap;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::Json;
+use axum::{Extension, Json};
 use pushfleet_core::db::DbError;
 use serde_json::{json, Value};
 
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::limits;
 use crate::state::Shared;
@@ -20,18 +22,20 @@ const DELIVERIES_OF_A_CALL: &str = "SELECT coalesce(json_agg(d ORDER BY d.receiv
        FROM (SELECT id AS job_id, received_at, finished_at, recorded_at, app_id,
                     platform, event, call_id, account, device_id, token_fingerprint,
                     lane, status, attempts, provider_status, provider_reason,
-                    provider_message_id, latency_ms,
+                    provider_message_id, latency_ms, api_key_id,
                     (SELECT coalesce(json_agg(a ORDER BY a.attempt, a.attempted_at),
                                      '[]'::json)
                        FROM (SELECT attempt, attempted_at, provider_status, reason,
                                     duration_ms, worker
                                FROM delivery_attempts
                               WHERE job_id = deliveries.id) a) AS attempt_log
-               FROM deliveries WHERE call_id = $1) d";
+               FROM deliveries
+              WHERE call_id = $1 AND ($2::text[] IS NULL OR app_id = ANY($2))) d";
 
 /// `GET /audit`.
 pub async fn audit(
     State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
     query: Result<Query<QueryParams>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(query) = query.map_err(ApiError::InvalidQuery)?;
@@ -45,7 +49,7 @@ pub async fn audit(
     let row = state
         .db_client()
         .await?
-        .query_one(DELIVERIES_OF_A_CALL, &[call_id])
+        .query_one(DELIVERIES_OF_A_CALL, &[call_id, &caller.apps()])
         .await
         .map_err(DbError::query("deliveries"))?;
     let deliveries: Value = row.get(0);

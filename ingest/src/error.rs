@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use pushfleet_core::config::Platform;
 use pushfleet_core::db::DbError;
+use pushfleet_core::keys::Scope;
 use pushfleet_core::tokens::RegisterError;
 use pushfleet_core::topology::BrokerError;
 use serde_json::{json, Value};
@@ -96,6 +97,22 @@ pub enum ApiError {
     InvalidQuery(QueryRejection),
     #[error("access denied by access list")]
     AccessDenied,
+
+    // API keys (`crate::auth`).
+    /// No key where one is required, or a key that is not (or no longer) valid.
+    #[error("{0}")]
+    Unauthorized(Unauthorized),
+    #[error("API key {key_id} does not have the '{scope}' scope")]
+    MissingScope { key_id: String, scope: Scope },
+    #[error("API key {key_id} is not allowed for app {app_id}")]
+    AppNotAllowed { key_id: String, app_id: String },
+    #[error("API key {key_id} is over its rate limit of {per_second} pushes per second (burst {burst}): retry after {} s", retry_after.as_secs())]
+    RateLimited {
+        key_id: String,
+        per_second: f64,
+        burst: f64,
+        retry_after: Duration,
+    },
     #[error("Not Found")]
     NoRoute,
     #[error("Method Not Allowed")]
@@ -154,7 +171,9 @@ impl ApiError {
             | UnparsableBody
             | InvalidPath { .. }
             | InvalidQuery(_) => StatusCode::BAD_REQUEST,
-            AccessDenied => StatusCode::FORBIDDEN,
+            AccessDenied | MissingScope { .. } | AppNotAllowed { .. } => StatusCode::FORBIDDEN,
+            Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             OnlyIncomingSession
             | UnknownPlatform(_)
             | UnknownRegistrationPlatform(_)
@@ -202,6 +221,9 @@ impl ApiError {
             InvalidPath { .. } => "invalid_path",
             InvalidQuery(_) => "invalid_query",
             AccessDenied => "access_denied",
+            Unauthorized(_) => "unauthorized",
+            MissingScope { .. } | AppNotAllowed { .. } => "forbidden",
+            RateLimited { .. } => "rate_limited",
             NoRoute => "not_found",
             MethodNotAllowed => "method_not_allowed",
             UserNotFound { .. } | NoAccountToRemove => "user_not_found",
@@ -257,6 +279,18 @@ impl ApiError {
 /// What a shed caller is told to wait: in-flight requests mostly finish within a second.
 const RETRY_AFTER_SECS: &str = "1";
 
+/// Why a request was not authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unauthorized {
+    #[error("API key required: send it as Authorization: Bearer <key>")]
+    Missing,
+    #[error("malformed Authorization header: expected Bearer <key>")]
+    Malformed,
+    /// Unknown, revoked or with the wrong secret: the caller is not told which.
+    #[error("invalid or revoked API key")]
+    Invalid,
+}
+
 impl From<RegisterError> for ApiError {
     fn from(error: RegisterError) -> ApiError {
         match error {
@@ -277,11 +311,25 @@ impl IntoResponse for ApiError {
         }
         let mut response = (self.status(), Json(self.body())).into_response();
         response.extensions_mut().insert(ErrorLabel(self.label()));
-        if let ApiError::Overloaded = self {
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from_static(RETRY_AFTER_SECS),
-            );
+        match &self {
+            ApiError::Overloaded => {
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from_static(RETRY_AFTER_SECS),
+                );
+            }
+            ApiError::RateLimited { retry_after, .. } => {
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after.as_secs()),
+                );
+            }
+            ApiError::Unauthorized(_) => {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
         }
         response
     }
@@ -371,6 +419,50 @@ mod tests {
                 StatusCode::REQUEST_TIMEOUT,
                 Some(ErrorLabel("body_timeout")),
                 r#"{"code":408,"data":"","description":"request body not received within 1500 ms"}"#.into()
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn key_refusals_have_the_sylk_shape() {
+        let response = ApiError::Unauthorized(Unauthorized::Missing).into_response();
+        assert_eq!(response.headers()[header::WWW_AUTHENTICATE], "Bearer");
+        assert_eq!(
+            answer(ApiError::Unauthorized(Unauthorized::Invalid)).await,
+            (
+                StatusCode::UNAUTHORIZED,
+                Some(ErrorLabel("unauthorized")),
+                r#"{"code":401,"data":"","description":"invalid or revoked API key"}"#.into()
+            )
+        );
+        assert_eq!(
+            answer(ApiError::MissingScope {
+                key_id: "0123456789abcdef".into(),
+                scope: Scope::Audit
+            })
+            .await,
+            (
+                StatusCode::FORBIDDEN,
+                Some(ErrorLabel("forbidden")),
+                r#"{"code":403,"data":"","description":"API key 0123456789abcdef does not have the 'audit' scope"}"#.into()
+            )
+        );
+        let limited = || ApiError::RateLimited {
+            key_id: "0123456789abcdef".into(),
+            per_second: 2.5,
+            burst: 5.0,
+            retry_after: Duration::from_secs(3),
+        };
+        assert_eq!(
+            limited().into_response().headers()[header::RETRY_AFTER],
+            "3"
+        );
+        assert_eq!(
+            answer(limited()).await,
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                Some(ErrorLabel("rate_limited")),
+                r#"{"code":429,"data":"","description":"API key 0123456789abcdef is over its rate limit of 2.5 pushes per second (burst 5): retry after 3 s"}"#.into()
             )
         );
     }

@@ -7,6 +7,7 @@ pub mod acl;
 #[cfg(test)]
 mod arbitrary;
 mod audit;
+mod auth;
 mod broker;
 mod error;
 mod fcm_projects;
@@ -55,6 +56,12 @@ pub enum StartError {
     AccessList(#[from] InvalidEntry),
     #[error("[ingest] {key}: {0}", key = .0.key())]
     Tls(#[from] ServerCertError),
+    /// A non-loopback listener that would serve anyone: the operator must choose.
+    #[error("ingest listens on {addr}, which is not a loopback address, with neither [ingest] require_api_key = true nor [ingest] allowed_hosts set: set one of them, or [ingest] allow_anonymous = true to serve anyone who reaches it")]
+    OpenListener { addr: SocketAddr },
+    /// `require_api_key` is set and the key table cannot be read.
+    #[error("cannot load the API keys: {0} (has `pushfleet-worker migrate` run?)")]
+    ApiKeys(#[source] DbError),
     #[error(transparent)]
     Database(#[from] DbError),
     /// No connection to RabbitMQ (`BrokerError::Unreachable` or `ConnectTimeout`).
@@ -100,6 +107,9 @@ impl Ingest {
     pub async fn start(settings: Settings, listener: TcpListener) -> Result<Ingest, StartError> {
         let addr = listener.local_addr().map_err(StartError::Listener)?;
         let acl = AccessList::parse("allowed_hosts", &settings.ingest.allowed_hosts)?;
+        if auth::open_to_anyone(&settings.ingest, addr) {
+            return Err(StartError::OpenListener { addr });
+        }
         let tls = match settings.ingest.tls_files() {
             Some((cert, key)) => Some(ServerTls::load(cert, key)?),
             None => None,
@@ -120,6 +130,7 @@ impl Ingest {
         // The v2 token API and audit queries need the database from the first request on.
         let db = db::pool(&settings.postgres)?;
         db::ping(&db, &settings.postgres).await?;
+        let api_keys = auth::load_at_start(&db, &settings.ingest).await?;
         let (shutdown, mut shutdown_rx) = watch::channel(false);
         // The broker link outlives the HTTP drain: sync requests still in progress at shutdown
         // wait for their answers over it.
@@ -135,6 +146,7 @@ impl Ingest {
         let state = Arc::new(AppState::new(settings, broker.clone(), db));
         let admin =
             admin.map(|(listener, acl)| (listener, routes::admin_router(state.clone(), acl)));
+        auth::keep_fresh(&state, api_keys);
         let app = routes::router(state, acl);
         let mut admin_shutdown = shutdown_rx.clone();
         let served_tls = tls.clone();

@@ -21,9 +21,10 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 use uuid::Uuid;
 
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::validate::{validate, ValidPush};
+use crate::validate::{configured_app, validate, ValidPush};
 
 /// Whether callers wait for the worker's answer.
 pub fn is_sync(state: &AppState) -> bool {
@@ -35,8 +36,8 @@ pub fn sync_deadline(state: &AppState) -> Instant {
     Instant::now() + Duration::from_millis(state.settings.ingest.sync_timeout_ms)
 }
 
-/// A job for a validated push, and the time it is worth delivering.
-pub fn new_job(state: &AppState, valid: ValidPush<'_>) -> (Job, Duration) {
+/// A job for a validated push from `caller`, and the time it is worth delivering.
+pub fn new_job(state: &AppState, valid: ValidPush<'_>, caller: &Caller) -> (Job, Duration) {
     let policy = state.policies.get(valid.event);
     let now = now_ms();
     let job = Job {
@@ -50,6 +51,7 @@ pub fn new_job(state: &AppState, valid: ValidPush<'_>) -> (Job, Duration) {
         deadline_ms: now + policy.ttl.as_millis() as u64,
         attempt: 0,
         push: valid.push,
+        api_key_id: caller.key_id().map(str::to_string),
     };
     (job, policy.ttl)
 }
@@ -59,12 +61,16 @@ pub fn new_job(state: &AppState, valid: ValidPush<'_>) -> (Job, Duration) {
 pub async fn accept(
     state: &AppState,
     peer: SocketAddr,
+    caller: &Caller,
     body: &Map<String, Value>,
 ) -> Result<Response, ApiError> {
-    let valid = validate(body, &state.settings).inspect_err(|e| {
-        info!(peer = %peer.ip(), status = e.status().as_u16(), error = %e.body(), "push request rejected");
-    })?;
-    let (job, ttl) = new_job(state, valid);
+    let valid = check_app(body, state, caller)
+        .and_then(|()| validate(body, &state.settings))
+        .inspect_err(|e| {
+            info!(peer = %peer.ip(), status = e.status().as_u16(), error = %e.body(), "push request rejected");
+        })?;
+    state.api_keys.admit(caller, 1)?;
+    let (job, ttl) = new_job(state, valid, caller);
     let reply = enqueue(state, &job, ttl, is_sync(state), RequestId(&job), peer).await?;
     let Some(reply) = reply else {
         return Ok(accepted(job.id));
@@ -75,6 +81,15 @@ pub async fn accept(
             None => accepted(job.id),
         },
     )
+}
+
+/// A key for another app is refused before the rest of the body is looked at. A body whose app
+/// cannot be made out is left to validation, which says why.
+fn check_app(body: &Map<String, Value>, state: &AppState, caller: &Caller) -> Result<(), ApiError> {
+    match configured_app(body, &state.settings, ApiError::UnknownPlatform) {
+        Ok(app) => caller.check_app(&app.id),
+        Err(_) => Ok(()),
+    }
 }
 
 /// A v1 push's request id in the logs, `<event>-<app id>-<call id>`: written out only by the log

@@ -1,6 +1,6 @@
 //! The API's routes, and the layers every request passes: the request counter, the HTTP limits
-//! (load shedding, slow bodies), then the access list. The probes and metrics are on the API
-//! listener, or on the admin listener when one is configured.
+//! (load shedding, slow bodies), the access list, then the API key. The probes and metrics
+//! are on the API listener, or on the admin listener when one is configured.
 
 use std::sync::Arc;
 
@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 use crate::acl::{self, AccessList};
 use crate::ops::{self, method_not_allowed};
 use crate::state::Shared;
-use crate::{audit, rfc8599, v1, v2};
+use crate::{audit, auth, rfc8599, v1, v2};
 
 pub fn router(state: Shared, acl: AccessList) -> Router {
     let in_flight = Arc::new(Semaphore::new(state.settings.http.max_in_flight_requests));
@@ -49,6 +49,10 @@ pub fn router(state: Shared, acl: AccessList) -> Router {
         with_probes(api)
     };
     api.fallback(ops::no_route)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ))
         .layer(middleware::from_fn_with_state(Arc::new(acl), acl::guard))
         .layer(middleware::from_fn_with_state(
             in_flight,

@@ -9,6 +9,7 @@ use pushfleet_core::db::DbError;
 use pushfleet_core::service::metrics_recorder;
 use pushfleet_core::{EventPolicies, Settings};
 
+use crate::auth::ApiKeys;
 use crate::broker::Broker;
 use crate::error::ApiError;
 use crate::fcm_projects::FcmProjects;
@@ -21,6 +22,8 @@ pub struct AppState {
     pub db: Pool,
     pub fcm_projects: FcmProjects,
     pub metrics: PrometheusHandle,
+    /// The API keys in force (reloaded by `auth::keep_fresh`) and their rate limits.
+    pub api_keys: Arc<ApiKeys>,
 }
 
 pub type Shared = Arc<AppState>;
@@ -30,6 +33,7 @@ impl AppState {
         AppState {
             policies: settings.event_policies(),
             fcm_projects: FcmProjects::load(&settings),
+            api_keys: Arc::new(ApiKeys::new(settings.ingest.rate_limit_share)),
             settings,
             broker,
             db,

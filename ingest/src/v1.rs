@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
 use axum::response::Response;
+use axum::Extension;
 
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::pipeline;
 use crate::request::json_object;
@@ -15,8 +17,9 @@ use crate::state::Shared;
 pub async fn push(
     State(state): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(caller): Extension<Caller>,
     body: Body,
 ) -> Result<Response, ApiError> {
     let body = json_object(body, state.body_limit()).await?;
-    pipeline::accept(&state, peer, &body).await
+    pipeline::accept(&state, peer, &caller, &body).await
 }

@@ -2,6 +2,7 @@
 //! Postgres and the fake providers. Each test runs in its own namespace; `ops/test` gives the
 //! whole run its own virtual host and database.
 
+mod api_keys;
 mod bad_input;
 mod broker_outage;
 mod client;

@@ -30,6 +30,7 @@ fn job(call_id: &str) -> Job {
             call_id: call_id.into(),
             ..Default::default()
         },
+        api_key_id: None,
     }
 }
 

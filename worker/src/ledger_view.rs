@@ -249,6 +249,7 @@ mod tests {
                 call_id: call_id.into(),
                 ..Default::default()
             },
+            api_key_id: None,
         }
     }
 

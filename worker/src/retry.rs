@@ -107,6 +107,7 @@ mod tests {
             deadline_ms,
             attempt: 0,
             push: PushData::default(),
+            api_key_id: None,
         }
     }
 

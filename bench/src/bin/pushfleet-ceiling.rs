@@ -65,6 +65,7 @@ fn job_message() -> Job {
             badge: 1,
             ..Default::default()
         },
+        api_key_id: None,
     }
 }
 

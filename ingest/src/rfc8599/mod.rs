@@ -11,11 +11,13 @@ use std::net::SocketAddr;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
 use axum::response::Response;
+use axum::Extension;
 use pushfleet_core::config::Settings;
 use serde_json::{json, Map, Value};
 
 use self::params::parameters;
 use self::resolve::resolve;
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::fcm_projects::FcmProjects;
 use crate::fields::{field, python_str};
@@ -28,11 +30,12 @@ use crate::state::Shared;
 pub async fn push(
     State(state): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(caller): Extension<Caller>,
     body: Body,
 ) -> Result<Response, ApiError> {
     let body = json_object(body, state.body_limit()).await?;
     let v1 = v1_body(&body, &state.settings, &state.fcm_projects)?;
-    pipeline::accept(&state, peer, &v1).await
+    pipeline::accept(&state, peer, &caller, &v1).await
 }
 
 /// The keys that address the device, replaced in the v1 request by its app, platform and token.

@@ -10,7 +10,7 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use deadpool_postgres::tokio_postgres::Client;
 use futures_util::future::join_all;
 use pushfleet_core::clock::system_time;
@@ -21,6 +21,7 @@ use serde_json::{json, Map, Value};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::fields::{field, python_str, required_str};
 use crate::limits;
@@ -35,26 +36,29 @@ use crate::validate::{validate, ValidPush};
 pub async fn push_account(
     State(state): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(caller): Extension<Caller>,
     path: Result<Path<String>, PathRejection>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    push(&state, peer, &account(path)?, None, body).await
+    push(&state, peer, &caller, &account(path)?, None, body).await
 }
 
 /// `POST /v2/tokens/{account}/push/{device}`: one device of the account.
 pub async fn push_device(
     State(state): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(caller): Extension<Caller>,
     path: Result<Path<(String, String)>, PathRejection>,
     body: Body,
 ) -> Result<Response, ApiError> {
     let (account, device) = account_and_device(path)?;
-    push(&state, peer, &account, Some(&device), body).await
+    push(&state, peer, &caller, &account, Some(&device), body).await
 }
 
 async fn push(
     state: &AppState,
     peer: SocketAddr,
+    caller: &Caller,
     account: &str,
     device: Option<&str>,
     body: Body,
@@ -65,13 +69,19 @@ async fn push(
     }
     limits::check_call_fields(&request)?;
     let client = state.db_client().await?;
-    let devices = devices(&client, account, device).await?;
+    let devices = devices(&client, account, device, caller).await?;
     let fanout = Fanout {
         state,
         peer,
+        caller,
         account,
     };
     let planned = fanout.plan(&request, devices, device.is_some())?;
+    let sends = planned
+        .iter()
+        .filter(|p| matches!(p, Planned::Send(..)))
+        .count();
+    state.api_keys.admit(caller, sends)?;
     let mut results = fanout.send(planned).await;
     if let Some(error) = none_queued(&mut results) {
         return Err(error);
@@ -88,13 +98,16 @@ async fn push(
     })
 }
 
-/// The account's devices, or the one asked for.
+/// The account's devices, or the one asked for, among those the caller sees: devices of
+/// another tenant's apps are not there for it.
 async fn devices(
     client: &Client,
     account: &str,
     device: Option<&str>,
+    caller: &Caller,
 ) -> Result<Vec<StoredToken>, ApiError> {
-    let stored = tokens::list(client, account).await?;
+    let mut stored = tokens::list(client, account).await?;
+    stored.retain(|d| caller.sees(&d.app_id));
     if stored.is_empty() {
         return Err(ApiError::UserNotFound {
             account: account.to_string(),
@@ -179,6 +192,7 @@ fn device_body(request: &Map<String, Value>, device: &StoredToken) -> Map<String
 struct Fanout<'a> {
     state: &'a AppState,
     peer: SocketAddr,
+    caller: &'a Caller,
     account: &'a str,
 }
 
@@ -225,7 +239,7 @@ impl Fanout<'_> {
     }
 
     fn job(&self, valid: ValidPush<'_>, device: StoredToken) -> Planned {
-        let (mut job, ttl) = new_job(self.state, valid);
+        let (mut job, ttl) = new_job(self.state, valid, self.caller);
         job.push.account = Some(self.account.to_string());
         job.push.device_id = Some(device.device_id);
         Planned::Send(Box::new(job), ttl)

@@ -6,13 +6,15 @@ use std::net::SocketAddr;
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{ConnectInfo, Path, State};
-use axum::Json;
+use axum::{Extension, Json};
+use deadpool_postgres::tokio_postgres::Client;
 use pushfleet_core::config::Settings;
 use pushfleet_core::logged::{Escaped, Identity};
 use pushfleet_core::tokens::{self, token_fingerprint, NewToken, StoredToken};
 use serde_json::{json, Map, Value};
 use tracing::info;
 
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::fields::{bool_or, non_empty_str, optional_str, required_str};
 use crate::limits::{self, check, check_optional};
@@ -25,14 +27,16 @@ use crate::validate::configured_app;
 pub async fn add_token(
     State(state): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(caller): Extension<Caller>,
     path: Result<Path<String>, PathRejection>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let account = account(path)?;
     let body = json_object(body, state.body_limit()).await?;
-    let new = new_token(account, &body, &state.settings)?;
+    let new = new_token(account, &body, &state.settings, &caller)?;
     let max_devices = state.settings.ingest.max_devices_per_account;
-    tokens::register_within(&mut **state.db_client().await?, &new, max_devices).await?;
+    let mut client = state.db_client().await?;
+    tokens::register_within(&mut **client, &new, max_devices, caller.apps()).await?;
     info!(
         request_id = %format!("{}-{}-{}", Identity(&new.account), new.app_id, Escaped(&new.device_id)),
         peer = %peer.ip(), platform = %new.platform, token = %token_fingerprint(&new.token),
@@ -54,13 +58,16 @@ pub async fn add_token(
     Ok(Json(echo))
 }
 
-/// The registration a body asks for, checked in the reference's order and with its v2 wording.
+/// The registration a body asks for, checked in the reference's order and with its v2 wording;
+/// a key for another app is refused as soon as the app is known.
 fn new_token(
     account: String,
     body: &Map<String, Value>,
     settings: &Settings,
+    caller: &Caller,
 ) -> Result<NewToken, ApiError> {
     let app = configured_app(body, settings, ApiError::UnknownRegistrationPlatform)?;
+    caller.check_app(&app.id)?;
     let raw_token = non_empty_str(body, "token")?;
     let device_id = non_empty_str(body, "device-id")?;
     let silent = bool_or(body, "silent", true)?;
@@ -87,6 +94,7 @@ fn new_token(
 pub async fn remove_token(
     State(state): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(caller): Extension<Caller>,
     path: Result<Path<String>, PathRejection>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
@@ -96,8 +104,9 @@ pub async fn remove_token(
     let device_id = optional_str(&body, "device-id")?;
     check(&limits::APP_ID, &app_id)?;
     check_optional(&limits::DEVICE_ID, device_id.as_deref())?;
+    caller.check_app(&app_id)?;
     let client = state.db_client().await?;
-    if !tokens::account_exists(&**client, &account).await? {
+    if !account_visible(&client, &account, &caller).await? {
         return Err(ApiError::NoAccountToRemove);
     }
     let removed = tokens::remove(&**client, &account, &app_id, device_id.as_deref()).await?;
@@ -114,15 +123,33 @@ pub async fn remove_token(
 /// `GET /v2/tokens/{account}`: the account's devices, tokens only as fingerprints.
 pub async fn list_tokens(
     State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let account = account(path)?;
-    let devices = tokens::list(&**state.db_client().await?, &account).await?;
+    let mut devices = tokens::list(&**state.db_client().await?, &account).await?;
+    devices.retain(|d| caller.sees(&d.app_id));
     if devices.is_empty() {
         return Err(ApiError::UserNotFound { account });
     }
     let devices: Vec<Value> = devices.iter().map(StoredToken::redacted).collect();
     Ok(Json(json!({"account": account, "devices": devices})))
+}
+
+/// Whether the account has devices the caller sees: an account known only through another
+/// tenant's apps is answered as unknown, so that a tenant learns nothing about the others.
+async fn account_visible(
+    client: &Client,
+    account: &str,
+    caller: &Caller,
+) -> Result<bool, ApiError> {
+    Ok(match caller.apps() {
+        None => tokens::account_exists(client, account).await?,
+        Some(_) => tokens::list(client, account)
+            .await?
+            .iter()
+            .any(|d| caller.sees(&d.app_id)),
+    })
 }
 
 #[cfg(test)]
@@ -138,6 +165,7 @@ mod tests {
             "bob@example.com".into(),
             body.as_object().unwrap(),
             arbitrary::settings(),
+            &Caller::Anonymous,
         )
         .map_err(|e| e.to_string())
     }
@@ -186,7 +214,9 @@ mod tests {
             body in arbitrary::registration_body(),
         ) {
             let parsed = request::account(Ok(Path(account)))
-                .and_then(|account| new_token(account, &body, arbitrary::settings()));
+                .and_then(|account| {
+                    new_token(account, &body, arbitrary::settings(), &Caller::Anonymous)
+                });
             match parsed {
                 Ok(new) => {
                     assert_clean(&limits::ACCOUNT, &new.account);

@@ -68,6 +68,7 @@ pub async fn write_outcomes(pool: &Pool, outcomes: &[OutcomeEvent]) -> Result<()
         let device_id = col(&|o| o.device_id.clone());
         let fingerprint = col(&|o| Some(o.token_fingerprint.clone()));
         let lane = col(&|o| Some(o.lane.as_str().into()));
+        let api_key_id = col(&|o| o.api_key_id.clone());
         let status: Vec<&str> = finished.iter().map(|(_, t)| t.status.as_str()).collect();
         let attempts: Vec<i32> = finished.iter().map(|(_, t)| t.attempts as i32).collect();
         let provider_status: Vec<Option<i32>> = finished
@@ -91,14 +92,16 @@ pub async fn write_outcomes(pool: &Pool, outcomes: &[OutcomeEvent]) -> Result<()
         tx.execute(
             "INSERT INTO deliveries
                  (id, received_at, app_id, platform, event, call_id, account, device_id, token_fingerprint,
-                  lane, status, attempts, provider_status, provider_reason, provider_message_id, latency_ms, finished_at)
+                  lane, status, attempts, provider_status, provider_reason, provider_message_id, latency_ms, finished_at,
+                  api_key_id)
              SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[],
                   $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::int4[], $13::int4[], $14::text[],
-                  $15::text[], $16::int8[], $17::timestamptz[])
+                  $15::text[], $16::int8[], $17::timestamptz[], $18::text[])
              ON CONFLICT DO NOTHING",
             &[
                 &ids, &received, &app_id, &platform, &event, &call_id, &account, &device_id, &fingerprint,
                 &lane, &status, &attempts, &provider_status, &provider_reason, &message_id, &latency, &finished_at,
+                &api_key_id,
             ],
         )
         .await
@@ -215,8 +218,8 @@ pub async fn write_dead_letter(pool: &Pool, row: &DeadLetterRow) -> Result<(), D
                 .execute(
                     "INSERT INTO deliveries
                          (id, received_at, app_id, platform, event, call_id, token_fingerprint, lane,
-                          status, attempts, provider_reason, latency_ms, finished_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, '', $7, 'rejected', 0, $8, 0, now())
+                          status, attempts, provider_reason, latency_ms, finished_at, api_key_id)
+                     VALUES ($1, $2, $3, $4, $5, $6, '', $7, 'rejected', 0, $8, 0, now(), $9)
                      ON CONFLICT DO NOTHING",
                     &[
                         id,
@@ -227,6 +230,7 @@ pub async fn write_dead_letter(pool: &Pool, row: &DeadLetterRow) -> Result<(), D
                         &text(&fields["push"]["call_id"]),
                         &text(&fields["lane"]),
                         reason,
+                        &fields["api_key_id"].as_str(),
                     ],
                 )
                 .await

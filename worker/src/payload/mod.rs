@@ -230,6 +230,7 @@ pub(crate) mod test_support {
                 badge: 1,
                 ..Default::default()
             },
+            api_key_id: None,
         }
     }
 
