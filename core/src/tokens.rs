@@ -33,8 +33,15 @@ pub fn token_fingerprint(token: &str) -> String {
     hex(&token_digest(token)[..8])
 }
 
+/// Lower-case hex, written into one string: fingerprints are taken on every push.
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        text.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        text.push(char::from(DIGITS[usize::from(byte & 0xf)]));
+    }
+    text
 }
 
 fn unhex(text: &str) -> Option<[u8; 32]> {
