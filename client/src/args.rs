@@ -12,7 +12,7 @@ pub enum Error {
 }
 
 /// Options that take no value.
-const FLAGS: &[&str] = &["json", "help", "h"];
+const FLAGS: &[&str] = &["json", "help", "h", "all", "attempts"];
 
 #[derive(Debug, Default)]
 pub struct Args {

@@ -1,5 +1,5 @@
-//! `tokens list` and `audit`: what pushfleet knows about an account's devices and a call's
-//! pushes, read from the API.
+//! `tokens list`: what pushfleet knows about an account's devices, read from the API; and the
+//! API helpers `audit` shares.
 
 use std::io::Write;
 
@@ -10,7 +10,7 @@ use crate::sylk::{api_url, base_url};
 use crate::{FAILED, OK};
 
 /// GETs `url`, with `--api-key` as the bearer key when given.
-async fn get(args: &Args, url: reqwest::Url) -> Result<(u16, Value), Error> {
+pub(crate) async fn get(args: &Args, url: reqwest::Url) -> Result<(u16, Value), Error> {
     let shown = url.to_string();
     let mut request = reqwest::Client::new()
         .get(url)
@@ -30,7 +30,7 @@ async fn get(args: &Args, url: reqwest::Url) -> Result<(u16, Value), Error> {
     Ok((status, body))
 }
 
-fn text(value: &Value) -> String {
+pub(crate) fn text(value: &Value) -> String {
     match value {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),
@@ -39,7 +39,7 @@ fn text(value: &Value) -> String {
 }
 
 /// An answer that is not a 200: its description, and exit code 1.
-fn refused(out: &mut dyn Write, status: u16, body: &Value) -> i32 {
+pub(crate) fn refused(out: &mut dyn Write, status: u16, body: &Value) -> i32 {
     let description = body
         .get("description")
         .or_else(|| body.get("detail"))
@@ -87,52 +87,6 @@ pub async fn tokens(args: &Args, out: &mut dyn Write) -> Result<i32, Error> {
             text(&device["silent"]),
             text(&device["updated_at"]),
         );
-    }
-    Ok(OK)
-}
-
-/// `pushfleet audit --callid C [--json]`: exit 1 when nothing was recorded for the call.
-pub async fn audit(args: &Args, out: &mut dyn Write) -> Result<i32, Error> {
-    args.only(&["url", "callid", "call_id", "api_key"])?;
-    let call_id = args
-        .get("callid")
-        .or_else(|| args.get("call_id"))
-        .ok_or_else(|| Error::Usage("the following arguments are required: --callid".into()))?;
-    let mut url = api_url(base_url(args), &["audit"])?;
-    url.query_pairs_mut().append_pair("call_id", call_id);
-    let (status, body) = get(args, url).await?;
-    if status != 200 {
-        return Ok(refused(out, status, &body));
-    }
-    let deliveries = body["deliveries"].as_array().cloned().unwrap_or_default();
-    if args.flag("json") {
-        let _ = writeln!(out, "{body}");
-    } else {
-        let _ = writeln!(
-            out,
-            "received_at\tjob_id\tevent\tplatform\tapp-id\taccount\tdevice-id\tstatus\tprovider\tattempts"
-        );
-        for d in &deliveries {
-            let _ = writeln!(
-                out,
-                "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{} {}\t{}",
-                text(&d["received_at"]),
-                text(&d["job_id"]),
-                text(&d["event"]),
-                text(&d["platform"]),
-                text(&d["app_id"]),
-                text(&d["account"]),
-                text(&d["device_id"]),
-                text(&d["status"]),
-                text(&d["provider_status"]),
-                text(&d["provider_reason"]),
-                text(&d["attempts"]),
-            );
-        }
-    }
-    if deliveries.is_empty() {
-        let _ = writeln!(out, "no pushes recorded for call-id {call_id}");
-        return Ok(FAILED);
     }
     Ok(OK)
 }

@@ -28,7 +28,7 @@ pub async fn run(args: &Args, out: &mut dyn Write) -> Result<i32, Error> {
     }
 }
 
-async fn connect(postgres: &PostgresSettings) -> Result<Object, Error> {
+pub(crate) async fn connect(postgres: &PostgresSettings) -> Result<Object, Error> {
     let failed = |e: db::DbError| Error::Failed(e.to_string());
     let pool = db::pool(postgres).map_err(failed)?;
     db::ping(&pool, postgres).await.map_err(failed)?;

@@ -1,13 +1,15 @@
 //! `pushfleet`: the command-line client. Without a subcommand it is `sylk-pushclient` (the v1
 //! client OpenSIPS scripts call); with `push`, `add` or `remove` it is `sylk-pushclient-v2`;
 //! both keep the reference's options, output lines and exit codes. It adds
-//! `tokens list` and `audit` against the API, and `import` of existing tokens and `keys` (the
+//! `tokens list` against the API, `audit` (queries over the API or the database, summaries,
+//! erasure), and `import` of existing tokens and `keys` (the
 //! tenants' API keys) straight into Postgres.
 //! Installed (or linked) under the name `sylk-pushclient` or `sylk-pushclient-v2`, it behaves as
 //! that client whatever the arguments.
 #![forbid(unsafe_code)]
 
 pub mod args;
+pub mod audit;
 pub mod import;
 pub mod inspect;
 pub mod keys;
@@ -33,6 +35,15 @@ usage: pushfleet --url URL --platform P --appid A --token T --deviceid D --calli
                  [--filename F] [--filetype T]
        pushfleet [--url BASE] [--api-key KEY] --account ACC tokens list [--json]
        pushfleet [--url BASE] [--api-key KEY] audit --callid C [--json]
+       pushfleet audit (--config FILE | --database-url URL | [--url BASE] [--api-key KEY])
+                 [--app A …] [--platform P] [--account A] [--device-id D] [--token T]
+                 [--token-fingerprint F] [--call-id C] [--event E …] [--status S …]
+                 [--since RFC3339] [--until RFC3339] [--limit N] [--after CURSOR] [--attempts]
+                 [--format table|json|csv] [--all]
+       pushfleet audit summary (connection and filters as above) [--by app,status,event]
+                 [--format table|json|csv]
+       pushfleet audit erase (--config FILE | --database-url URL)
+                 (--account A | --device-id D | --token T) [--by WHO]
        pushfleet import pickle|opensips-csv FILE (--database-url URL | --config FILE)
        pushfleet keys create --tenant NAME --app APP_ID [--app …] --scope push|tokens|audit
                  [--scope …] [--pushes-per-second N [--burst M]] (--config FILE | --database-url URL)
@@ -65,7 +76,7 @@ pub async fn run(
             sylk::v2(&args, out).await
         }
         (_, Some("tokens")) => inspect::tokens(&args, out).await,
-        (_, Some("audit")) => inspect::audit(&args, out).await,
+        (_, Some("audit")) => audit::run(&args, out, err).await,
         (_, Some("import")) => import::run(&args, out).await,
         (_, Some("keys")) => keys::run(&args, out).await,
         (_, Some(other)) => Err(args::Error::Usage(format!("unknown command {other:?}"))),

@@ -94,6 +94,8 @@ pub struct Settings {
     pub retry: RetrySettings,
     #[serde(default)]
     pub log: LogSettings,
+    #[serde(default)]
+    pub audit: AuditSettings,
     /// Per-event overrides of the event policy, keyed by event name.
     #[serde(default)]
     pub events: BTreeMap<String, EventPolicyOverride>,
@@ -313,6 +315,31 @@ pub struct WorkerSettings {
     pub shutdown_timeout_ms: u64,
 }
 
+/// The audit trail's lifetime.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSettings {
+    /// Audit rows and dead-token entries are kept at least this many days; a monthly partition
+    /// goes once its last day is older.
+    pub retention_days: u32,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        AuditSettings { retention_days: 90 }
+    }
+}
+
+impl AuditSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        ensure(
+            (1..=36_500).contains(&self.retention_days),
+            "[audit] retention_days",
+            "must be between 1 and 36500",
+        )
+    }
+}
+
 /// Retries of pushes that may succeed later (429, 5xx, no answer): exponential back-off with
 /// jitter, a `Retry-After` taking precedence, never past the job's deadline.
 #[derive(Debug, Clone, Deserialize)]
@@ -447,6 +474,30 @@ pub struct AppSettings {
     pub app_type: AppType,
     pub apns: Option<ApnsSettings>,
     pub fcm: Option<FcmSettings>,
+    /// Remote result logging (Sylk's `log_remote_urls`): every terminal outcome of the app is
+    /// POSTed here as JSON, in batches.
+    #[serde(default)]
+    pub log_url: Option<String>,
+    /// The `Authorization` header value sent with each request (`Bearer …`).
+    #[serde(default)]
+    pub log_auth: Option<String>,
+    /// How long one request to the log server may take.
+    #[serde(default = "default_log_timeout_ms")]
+    pub log_timeout_ms: u64,
+    /// A field of the log server's JSON answer copied into pushfleet's own log line.
+    #[serde(default)]
+    pub log_key: Option<String>,
+    /// Outcomes held for the log server while it is away; beyond it the oldest are dropped.
+    #[serde(default = "default_log_buffer")]
+    pub log_buffer: usize,
+}
+
+fn default_log_timeout_ms() -> u64 {
+    5000
+}
+
+fn default_log_buffer() -> usize {
+    10_000
 }
 
 pub const APNS_PRODUCTION: &str = "https://api.push.apple.com";
@@ -628,6 +679,7 @@ impl Settings {
         self.postgres.validate()?;
         self.worker.validate()?;
         self.retry.validate()?;
+        self.audit.validate()?;
         self.validate_tls()?;
         EventPolicies::default().with_overrides(&self.events)?;
         let mut seen = HashMap::new();
@@ -858,6 +910,30 @@ impl RetrySettings {
 impl AppSettings {
     /// `label` names the app in messages: `[[apps]] #<n> (<platform> <id>)`.
     fn validate(&self, label: &str) -> Result<(), ConfigError> {
+        if let Some(url) = &self.log_url {
+            ensure(
+                url.starts_with("https://") || url.starts_with("http://"),
+                &format!("{label} log_url"),
+                &format!("{url:?} must be an http:// or https:// URL"),
+            )?;
+        }
+        if let Some(auth) = &self.log_auth {
+            ensure(
+                !auth.is_empty() && !auth.chars().any(char::is_control),
+                &format!("{label} log_auth"),
+                "must be a header value: not empty, no control characters",
+            )?;
+        }
+        ensure(
+            (1..=60_000).contains(&self.log_timeout_ms),
+            &format!("{label} log_timeout_ms"),
+            "must be between 1 and 60000",
+        )?;
+        ensure(
+            (1..=10_000_000).contains(&self.log_buffer),
+            &format!("{label} log_buffer"),
+            "must be between 1 and 10000000",
+        )?;
         match self.platform {
             Platform::Apple => match &self.apns {
                 Some(apns) => apns.validate(label),

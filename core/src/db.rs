@@ -23,6 +23,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "api_keys",
         include_str!("../../migrations/0003_api_keys.sql"),
     ),
+    (4, "audit", include_str!("../../migrations/0004_audit.sql")),
 ];
 
 /// A database problem, with what was being done when it happened.

@@ -2,6 +2,7 @@
 //! and outcome messages, the RabbitMQ topology, the Postgres schema and the token store.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod clock;
 pub mod config;
 pub mod db;

@@ -15,22 +15,23 @@ use tokio_postgres::{GenericClient, Row};
 use crate::config::Platform;
 use crate::db::DbError;
 
-/// The SHA-256 of a token.
-pub fn token_digest(token: &str) -> [u8; 32] {
-    let mut bytes = [0u8; 32];
-    bytes.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref());
+/// The bytes a token's fingerprint is made of: the first 8 bytes of its SHA-256.
+pub type FingerprintBytes = [u8; 8];
+
+/// The first 8 bytes of the SHA-256 of a token.
+pub fn token_digest(token: &str) -> FingerprintBytes {
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(
+        &ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref()[..8],
+    );
     bytes
 }
 
-/// The full hex SHA-256 of a token: the key of `invalid_tokens`.
-pub fn token_hash(token: &str) -> String {
-    hex(&token_digest(token))
-}
-
-/// A stable fingerprint that lets an auditor find the deliveries of a token they have: the
-/// first 16 hex digits of its SHA-256.
+/// The one form in which pushfleet keeps a token it must not keep whole: the first 16 hex
+/// digits of its SHA-256, in `deliveries`, `invalid_tokens`, listings and logs alike, so that
+/// an auditor who has a token finds every row of it.
 pub fn token_fingerprint(token: &str) -> String {
-    hex(&token_digest(token)[..8])
+    hex(&token_digest(token))
 }
 
 /// Lower-case hex, written into one string: fingerprints are taken on every push.
@@ -44,9 +45,9 @@ fn hex(bytes: &[u8]) -> String {
     text
 }
 
-fn unhex(text: &str) -> Option<[u8; 32]> {
-    let mut digest = [0u8; 32];
-    if text.len() != 64 {
+fn unhex(text: &str) -> Option<FingerprintBytes> {
+    let mut digest = [0u8; 8];
+    if text.len() != 16 {
         return None;
     }
     for (i, byte) in digest.iter_mut().enumerate() {
@@ -175,8 +176,9 @@ pub async fn register(
              ), revived AS (
                  DELETE FROM invalid_tokens
                   WHERE EXISTS (SELECT 1 FROM up) AND app_id = $2 AND platform = $4
-                    AND token_hash IN (encode(sha256(convert_to($5, 'UTF8')), 'hex'),
-                                       encode(sha256(convert_to(coalesce($6, ''), 'UTF8')), 'hex'))
+                    AND token_fingerprint IN (
+                        left(encode(sha256(convert_to($5, 'UTF8')), 'hex'), 16),
+                        left(encode(sha256(convert_to(coalesce($6, ''), 'UTF8')), 'hex'), 16))
              )
              SELECT inserted FROM up",
             &[
@@ -343,19 +345,19 @@ pub async fn invalidate(
         .map_err(DbError::query("device_tokens"))?;
     let listed = client
         .execute(
-            "INSERT INTO invalid_tokens (app_id, platform, token_hash, reason, provider_timestamp)
+            "INSERT INTO invalid_tokens (app_id, platform, token_fingerprint, reason, provider_timestamp)
              SELECT $1, $2, $3, $4, $5
              WHERE NOT EXISTS (
                  SELECT 1 FROM device_tokens
                  WHERE app_id = $1 AND platform = $2 AND (token = $6 OR background_token = $6)
                    AND $5::timestamptz IS NOT NULL AND updated_at >= $5)
-             ON CONFLICT (app_id, platform, token_hash) DO UPDATE
+             ON CONFLICT (app_id, platform, token_fingerprint) DO UPDATE
                  SET reason = EXCLUDED.reason, provider_timestamp = EXCLUDED.provider_timestamp,
                      invalidated_at = now()",
             &[
                 &dead.app_id,
                 &platform,
-                &token_hash(dead.token),
+                &token_fingerprint(dead.token),
                 &dead.reason,
                 &dead.since,
                 &dead.token,
@@ -374,14 +376,14 @@ pub async fn invalidate(
 pub struct DeadToken {
     pub app_id: String,
     pub platform: Platform,
-    pub digest: [u8; 32],
+    pub digest: FingerprintBytes,
 }
 
 /// The whole dead-token list, as workers keep it in memory.
 pub async fn dead_tokens(client: &impl GenericClient) -> Result<Vec<DeadToken>, DbError> {
     let rows = client
         .query(
-            "SELECT app_id, platform, token_hash FROM invalid_tokens",
+            "SELECT app_id, platform, token_fingerprint FROM invalid_tokens",
             &[],
         )
         .await
@@ -406,12 +408,11 @@ mod tests {
     fn fingerprint_is_a_sha256_prefix() {
         // sha256("abc") = ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad
         assert_eq!(token_fingerprint("abc"), "ba7816bf8f01cfea");
-        assert_eq!(&token_hash("abc")[..16], token_fingerprint("abc"));
     }
 
     #[test]
     fn database_hashes_decode() {
-        assert_eq!(unhex(&token_hash("tok")), Some(token_digest("tok")));
+        assert_eq!(unhex(&token_fingerprint("tok")), Some(token_digest("tok")));
         assert_eq!(unhex("zz"), None);
     }
 

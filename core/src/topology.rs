@@ -7,6 +7,7 @@
 //!                    ──messages──► <ns>.messages (quorum)                                      └─► <ns>.dead.audit
 //! <ns>.retry.<lane>.<delay> (quorum, per-queue TTL) ──dead-letter──► <ns>.jobs, routing key <lane>
 //! <ns>.outcomes (fanout) ──► <ns>.audit (quorum)
+//!                        └─► <ns>.remote_log (quorum, bounded; only where an app has a log_url)
 //! <ns>.audit, <ns>.dead.audit ──dead-letter / parked by the sink──► <ns>.audit.dead (fanout) ──► <ns>.audit.dead
 //! <ns>.ledger (stream): cancels and dedupe claims, read by every worker
 //! ```
@@ -38,6 +39,9 @@ use crate::policy::Lane;
 const LEDGER_MAX_AGE: &str = "1h";
 /// Small segments, so that the stream's retention actually drops old entries.
 const LEDGER_SEGMENT_BYTES: i64 = 8 * 1024 * 1024;
+
+/// The most outcome messages `<ns>.remote_log` holds while no worker reads it.
+pub const REMOTE_LOG_MAX_MESSAGES: i64 = 1_000_000;
 
 /// AMQP's persistent delivery mode: the broker writes the message to disk.
 pub const PERSISTENT: u8 = 2;
@@ -179,6 +183,11 @@ impl Topology {
         format!("{}.audit", self.namespace)
     }
 
+    /// Outcomes on their way to the apps' own log servers (`[[apps]] log_url`).
+    pub fn remote_log_queue(&self) -> String {
+        format!("{}.remote_log", self.namespace)
+    }
+
     pub fn dead_exchange(&self) -> String {
         format!("{}.dead", self.namespace)
     }
@@ -206,6 +215,7 @@ impl Topology {
             self.dead_audit_queue(),
             self.audit_dead_queue(),
             self.ledger_queue(),
+            self.remote_log_queue(),
         ];
         for lane in Lane::ALL {
             for &tier in &self.retry_tiers_ms {
@@ -308,6 +318,34 @@ impl Topology {
             AMQPValue::LongLongInt(LEDGER_SEGMENT_BYTES),
         );
         declare.queue(&self.ledger_queue(), ledger).await?;
+        let _ = declare.channel.close(200, "declared".into()).await;
+        Ok(())
+    }
+
+    /// Declares the remote-log queue and binds it to the outcome fanout: done by the workers
+    /// that feed log servers, so that a deployment without any keeps no such queue. Bounded:
+    /// while no worker consumes it, the oldest messages go first.
+    pub async fn declare_remote_log(&self, connection: &Connection) -> Result<(), BrokerError> {
+        let mut declare = Declarer {
+            channel: connection.create_channel().await?,
+            connection,
+        };
+        declare
+            .exchange(&self.outcomes_exchange(), ExchangeKind::Fanout)
+            .await?;
+        let mut args = self.consumed(quorum_args());
+        args.insert(
+            "x-max-length".into(),
+            AMQPValue::LongLongInt(REMOTE_LOG_MAX_MESSAGES),
+        );
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("drop-head".into()),
+        );
+        declare.queue(&self.remote_log_queue(), args).await?;
+        declare
+            .bind(&self.remote_log_queue(), &self.outcomes_exchange(), "")
+            .await?;
         let _ = declare.channel.close(200, "declared".into()).await;
         Ok(())
     }

@@ -1,57 +1,85 @@
-//! `GET /audit?call_id=…`: what happened to the pushes of a call, read from the audit tables the
-//! workers write, each delivery with its provider attempts and the API key that sent it. A
-//! caller with a key sees only the rows of the key's apps.
-
-use std::collections::HashMap;
+//! `GET /audit` and `GET /audit/summary`: the audit trail the workers write, filtered, paged and
+//! summarised (`pushfleet_core::audit::query`), as JSON or CSV. A caller with a key sees only the
+//! rows of the key's apps.
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use pushfleet_core::db::DbError;
-use serde_json::{json, Value};
+use pushfleet_core::audit::csv;
+use pushfleet_core::audit::query::{self, FilterError, PageRequest, SummaryRequest};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::limits;
 use crate::state::Shared;
 
-/// The query string as the reference reads it: any keys, the last of a repeated one winning.
-type QueryParams = HashMap<String, String>;
+/// The query string as given: a repeated parameter (`status`, `app`) keeps every value.
+type QueryParams = Vec<(String, String)>;
 
-const DELIVERIES_OF_A_CALL: &str = "SELECT coalesce(json_agg(d ORDER BY d.received_at), '[]'::json)
-       FROM (SELECT id AS job_id, received_at, finished_at, recorded_at, app_id,
-                    platform, event, call_id, account, device_id, token_fingerprint,
-                    lane, status, attempts, provider_status, provider_reason,
-                    provider_message_id, latency_ms, api_key_id,
-                    (SELECT coalesce(json_agg(a ORDER BY a.attempt, a.attempted_at),
-                                     '[]'::json)
-                       FROM (SELECT attempt, attempted_at, provider_status, reason,
-                                    duration_ms, worker
-                               FROM delivery_attempts
-                              WHERE job_id = deliveries.id) a) AS attempt_log
-               FROM deliveries
-              WHERE call_id = $1 AND ($2::text[] IS NULL OR app_id = ANY($2))) d";
+/// The header of a CSV answer that carries the cursor of the next page.
+pub const NEXT_CURSOR_HEADER: &str = "x-next-cursor";
 
-/// `GET /audit`.
+/// Whether the caller wants CSV: `format=csv`, or an `Accept` naming `text/csv`.
+fn wants_csv(params: &QueryParams, headers: &HeaderMap) -> Result<bool, ApiError> {
+    match params.iter().rev().find(|(name, _)| name == "format") {
+        Some((_, format)) if format == "csv" => Ok(true),
+        Some((_, format)) if format == "json" => Ok(false),
+        Some(_) => Err(FilterError::Invalid {
+            field: "format",
+            problem: "must be json or csv",
+        }
+        .into()),
+        None => Ok(headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|accept| accept.to_ascii_lowercase().contains("text/csv"))),
+    }
+}
+
+/// `GET /audit`: `{"rows": [...], "next": cursor | null}`, or CSV with the cursor in
+/// `X-Next-Cursor`.
 pub async fn audit(
     State(state): State<Shared>,
     Extension(caller): Extension<Caller>,
-    query: Result<Query<QueryParams>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let Query(query) = query.map_err(ApiError::InvalidQuery)?;
-    let call_id = query
-        .get("call_id")
-        .or_else(|| query.get("call-id"))
-        .filter(|c| !c.is_empty())
-        .ok_or(ApiError::MissingField("call_id"))?;
-    // Postgres refuses a NUL in text: that must be the caller's 400, not a 503.
-    limits::check_as(&limits::CALL_ID, "call_id", call_id)?;
-    let row = state
-        .db_client()
-        .await?
-        .query_one(DELIVERIES_OF_A_CALL, &[call_id, &caller.apps()])
-        .await
-        .map_err(DbError::query("deliveries"))?;
-    let deliveries: Value = row.get(0);
-    Ok(Json(json!({"call_id": call_id, "deliveries": deliveries})))
+    headers: HeaderMap,
+    params: Result<Query<QueryParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) = params.map_err(ApiError::InvalidQuery)?;
+    let csv = wants_csv(&params, &headers)?;
+    let request = PageRequest::from_params(&params)?;
+    let page = query::page(&**state.db_client().await?, &request, caller.apps()).await?;
+    if !csv {
+        return Ok(Json(page.to_json()).into_response());
+    }
+    let mut text = csv::header(request.with_attempts);
+    text.push_str(&csv::lines(&page.rows, request.with_attempts));
+    let mut response = ([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], text).into_response();
+    if let Some(next) = page.next.and_then(|n| HeaderValue::try_from(n).ok()) {
+        response.headers_mut().insert(NEXT_CURSOR_HEADER, next);
+    }
+    Ok(response)
+}
+
+/// `GET /audit/summary`.
+pub async fn summary(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    params: Result<Query<QueryParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) = params.map_err(ApiError::InvalidQuery)?;
+    if params
+        .iter()
+        .any(|(name, value)| name == "format" && value != "json")
+    {
+        return Err(FilterError::Invalid {
+            field: "format",
+            problem: "must be json",
+        }
+        .into());
+    }
+    let request = SummaryRequest::from_params(&params)?;
+    let summary = query::summary(&**state.db_client().await?, &request, caller.apps()).await?;
+    Ok(Json(summary).into_response())
 }

@@ -41,7 +41,7 @@ fn scope_of(route: &str) -> Option<Scope> {
         | "/v2/tokens/{account}/push/{device}"
         | "/rfc8599/push" => Some(Scope::Push),
         "/v2/tokens/{account}" => Some(Scope::Tokens),
-        "/audit" => Some(Scope::Audit),
+        "/audit" | "/audit/summary" => Some(Scope::Audit),
         _ => None,
     }
 }

@@ -13,6 +13,7 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use pushfleet_core::audit::query::FilterError;
 use pushfleet_core::config::Platform;
 use pushfleet_core::db::DbError;
 use pushfleet_core::keys::Scope;
@@ -95,6 +96,9 @@ pub enum ApiError {
     },
     #[error("invalid query string: {0}")]
     InvalidQuery(QueryRejection),
+    /// A filter of the audit query.
+    #[error("{0}")]
+    BadFilter(#[from] FilterError),
     #[error("access denied by access list")]
     AccessDenied,
 
@@ -170,7 +174,8 @@ impl ApiError {
             | NotAnObject
             | UnparsableBody
             | InvalidPath { .. }
-            | InvalidQuery(_) => StatusCode::BAD_REQUEST,
+            | InvalidQuery(_)
+            | BadFilter(_) => StatusCode::BAD_REQUEST,
             AccessDenied | MissingScope { .. } | AppNotAllowed { .. } => StatusCode::FORBIDDEN,
             Unauthorized(_) => StatusCode::UNAUTHORIZED,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -209,7 +214,8 @@ impl ApiError {
             | TooLong { .. }
             | MalformedPnParam(_)
             | MalformedPnPrid(_)
-            | UnknownType => "invalid_field",
+            | UnknownType
+            | BadFilter(_) => "invalid_field",
             OnlyIncomingSession => "unsupported_event",
             UnknownPlatform(_) | UnknownRegistrationPlatform(_) => "unknown_platform",
             UnknownApp { .. } | NoFirebaseApp { .. } => "unknown_app",

@@ -41,7 +41,11 @@ pub fn router(state: Shared, acl: AccessList) -> Router {
             "/rfc8599/push",
             post(rfc8599::push).fallback(method_not_allowed),
         )
-        .route("/audit", get(audit::audit).fallback(method_not_allowed));
+        .route("/audit", get(audit::audit).fallback(method_not_allowed))
+        .route(
+            "/audit/summary",
+            get(audit::summary).fallback(method_not_allowed),
+        );
     // With an admin listener, the probes and metrics are served there only.
     let api = if state.settings.ingest.admin_listen.is_some() {
         api

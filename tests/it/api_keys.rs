@@ -278,10 +278,10 @@ async fn every_route_family_wants_a_key_with_its_scope_and_app() {
     assert_eq!((status, answer), (403, missing_scope(&push, "audit")));
     let (status, answer) = send(&stack, "GET", &audit_path, None, Some(&audit)).await;
     assert_eq!(status, 200, "{answer}");
-    assert_eq!(answer["deliveries"][0]["api_key_id"], push.info.id.as_str());
+    assert_eq!(answer["rows"][0]["api_key_id"], push.info.id.as_str());
     // Another tenant's key sees nothing of these apps.
     let (status, answer) = send(&stack, "GET", &audit_path, None, Some(&other_app)).await;
-    assert_eq!((status, answer["deliveries"].clone()), (200, json!([])));
+    assert_eq!((status, answer["rows"].clone()), (200, json!([])));
 
     // What load balancers and monitoring call needs no key.
     for path in ["/", "/health", "/ready"] {
@@ -442,7 +442,7 @@ async fn tenants_see_and_change_only_their_own_apps() {
     for (key, app) in [(&a, SYLK), (&b, LINPHONE)] {
         let (status, answer) = send(&stack, "GET", &audit_path, None, Some(key)).await;
         assert_eq!(status, 200, "{answer}");
-        let deliveries = answer["deliveries"].as_array().unwrap();
+        let deliveries = answer["rows"].as_array().unwrap();
         assert_eq!(deliveries.len(), 1, "{answer}");
         assert_eq!(deliveries[0]["app_id"], app);
         assert_eq!(deliveries[0]["api_key_id"], key.info.id.as_str());
@@ -764,7 +764,7 @@ async fn every_audit_row_names_the_key_that_sent_the_push() {
     let audit_path = format!("/audit?call_id={}", call.replace('@', "%40"));
     let (status, answer) = send(&stack, "GET", &audit_path, None, None).await;
     assert_eq!(status, 200);
-    let mut ids: Vec<Value> = answer["deliveries"]
+    let mut ids: Vec<Value> = answer["rows"]
         .as_array()
         .unwrap()
         .iter()

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
 use pushfleet_core::clock::now_ms;
-use pushfleet_core::tokens::token_hash;
+use pushfleet_core::tokens::token_fingerprint;
 use pushfleet_core::Topology;
 use pushfleet_fakes::{ApnsTokenState, FcmTokenState, Scripted};
 use serde_json::Value;
@@ -279,8 +279,8 @@ async fn dead_tokens_are_marked_and_never_pushed_again() {
         async move {
             let listed = stack
                 .query(
-                    "SELECT reason FROM invalid_tokens WHERE app_id = $1 AND token_hash = $2",
-                    &[&SYLK, &token_hash(&token)],
+                    "SELECT reason FROM invalid_tokens WHERE app_id = $1 AND token_fingerprint = $2",
+                    &[&SYLK, &token_fingerprint(&token)],
                 )
                 .await
                 .len();

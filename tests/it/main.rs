@@ -3,6 +3,7 @@
 //! whole run its own virtual host and database.
 
 mod api_keys;
+mod audit_query;
 mod bad_input;
 mod broker_outage;
 mod client;
@@ -15,6 +16,8 @@ mod import;
 mod lifecycle;
 mod limits;
 mod outcomes;
+mod remote_log;
+mod retention;
 mod rfc8599;
 mod startup;
 mod support;

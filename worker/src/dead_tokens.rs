@@ -9,11 +9,11 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use pushfleet_core::config::Platform;
 use pushfleet_core::db::DbError;
-use pushfleet_core::tokens::{self, token_digest};
+use pushfleet_core::tokens::{self, token_digest, FingerprintBytes};
 use tokio::sync::watch;
 use tracing::{debug, info};
 
-type Digest = [u8; 32];
+type Digest = FingerprintBytes;
 
 /// Platform → app id → token digests: looked up by `&str`, without allocating per push.
 type ByApp = HashMap<Platform, HashMap<String, HashSet<Digest>>>;

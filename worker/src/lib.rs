@@ -11,6 +11,7 @@ pub mod links;
 pub mod outcomes;
 pub mod payload;
 pub mod providers;
+pub mod remote_log;
 pub mod replies;
 pub mod retry;
 
@@ -84,6 +85,7 @@ impl Worker {
             db::ping(&pool, &settings.postgres).await?;
             tasks.spawn(audit::maintain_partitions(
                 pool.clone(),
+                settings.audit.retention_days,
                 shutdown_rx.clone(),
             ));
             Some(Arc::new(AuditSink::new(
@@ -95,6 +97,15 @@ impl Worker {
         } else {
             None
         };
+        audit::describe();
+        remote_log::describe();
+        if remote_log::configured(&settings) {
+            tasks.spawn(remote_log::run(
+                settings.clone(),
+                worker_id.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
         let dead_tokens = dispatcher.dead_tokens.clone();
         let refresh = Duration::from_secs(settings.worker.invalid_tokens_refresh_secs);
         let stop = shutdown_rx.clone();

@@ -18,6 +18,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::Connection;
+use pushfleet_core::audit::retention::{self, Maintained};
 use pushfleet_core::db::DbError;
 use pushfleet_core::job::{decode_batch, OutcomeEvent};
 use pushfleet_core::reconnect;
@@ -275,13 +276,42 @@ impl Batch {
     }
 }
 
-/// Keeps this month's and next month's partitions in place, checking a few times a day.
-pub async fn maintain_partitions(pool: Pool, mut shutdown: watch::Receiver<bool>) {
+/// Describes the metrics of the audit maintenance (their `# HELP` lines).
+pub fn describe() {
+    metrics::describe_gauge!(
+        "pushfleet_audit_oldest_retained_day_timestamp_seconds",
+        "First day (Unix time) of the oldest audit partition kept: how far back the audit goes"
+    );
+    metrics::describe_counter!(
+        "pushfleet_audit_partitions_dropped_total",
+        "Audit partitions dropped because their last day was past [audit] retention_days"
+    );
+    metrics::describe_counter!(
+        "pushfleet_audit_invalid_tokens_pruned_total",
+        "Dead-token entries deleted because they were older than [audit] retention_days"
+    );
+    metrics::describe_counter!(
+        "pushfleet_audit_default_partition_months_moved_total",
+        "Months whose rows were found in a default audit partition and moved into their own"
+    );
+}
+
+/// Keeps the audit partitions in place and the audit within `retention_days`
+/// (`pushfleet_core::audit::retention`), checking a few times a day.
+pub async fn maintain_partitions(
+    pool: Pool,
+    retention_days: u32,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
-        match pushfleet_core::db::ensure_partitions(&pool).await {
-            Ok(()) => info!("audit partitions in place"),
+        match maintain_once(&pool, retention_days).await {
+            Ok(done) => info!(
+                dropped = ?done.dropped, months_moved = done.months_moved,
+                invalid_tokens_pruned = done.invalid_tokens_pruned,
+                "audit partitions in place"
+            ),
             Err(e) => {
-                warn!(error = %e, "could not create audit partitions; rows go to the default partition")
+                warn!(error = %e, "could not maintain audit partitions; rows go to the default partition")
             }
         }
         tokio::select! {
@@ -289,4 +319,24 @@ pub async fn maintain_partitions(pool: Pool, mut shutdown: watch::Receiver<bool>
             _ = shutdown.changed() => return,
         }
     }
+}
+
+/// One maintenance run, counted in the metrics.
+pub async fn maintain_once(pool: &Pool, retention_days: u32) -> Result<Maintained, DbError> {
+    let mut client = pool.get().await?;
+    let done = retention::maintain(&mut **client, retention_days).await?;
+    metrics::counter!("pushfleet_audit_partitions_dropped_total")
+        .increment(done.dropped.len() as u64);
+    metrics::counter!("pushfleet_audit_invalid_tokens_pruned_total")
+        .increment(done.invalid_tokens_pruned);
+    metrics::counter!("pushfleet_audit_default_partition_months_moved_total")
+        .increment(done.months_moved);
+    if let Some(oldest) = done.oldest_retained_day {
+        let seconds = oldest
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        metrics::gauge!("pushfleet_audit_oldest_retained_day_timestamp_seconds").set(seconds);
+    }
+    Ok(done)
 }

@@ -205,6 +205,11 @@ pub(crate) mod test_support {
             app_type,
             apns: None,
             fcm: None,
+            log_url: None,
+            log_auth: None,
+            log_timeout_ms: 5000,
+            log_key: None,
+            log_buffer: 10_000,
         }
     }
 

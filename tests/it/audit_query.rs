@@ -1,0 +1,657 @@
+//! The audit query API: 1,000 pushes of two apps, several accounts and every terminal state,
+//! read back through `GET /audit` by each filter and combination and compared with SQL; paging
+//! while rows are added; CSV; the summary; bad filters; the indexes and partition pruning the
+//! common queries rely on.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant, SystemTime};
+
+use lapin::options::ConfirmSelectOptions;
+use pushfleet_core::audit::query::{self, format_time, PageRequest};
+use pushfleet_core::clock::now_ms;
+use pushfleet_core::job::{AttemptRecord, Terminal, JOB_VERSION};
+use pushfleet_core::keys::{self, CreatedKey, NewKey, Scope};
+use pushfleet_core::tokens::token_fingerprint;
+use pushfleet_core::topology;
+use pushfleet_core::{DeliveryStatus, Event, Lane, OutcomeEvent, Platform, Topology};
+use pushfleet_worker::outcomes::OutcomeBatcher;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::support::*;
+
+/// Parameters of an SQL condition, owned.
+type SqlParams = Vec<Box<dyn tokio_postgres::types::ToSql + Sync>>;
+
+const STATUSES: [DeliveryStatus; 6] = [
+    DeliveryStatus::Delivered,
+    DeliveryStatus::Rejected,
+    DeliveryStatus::TokenInvalid,
+    DeliveryStatus::Expired,
+    DeliveryStatus::Failed,
+    DeliveryStatus::Cancelled,
+];
+
+/// What the pushes of one test are made of: names nobody else uses.
+pub struct Population {
+    pub apps: [String; 2],
+    pub accounts: Vec<String>,
+    pub devices: Vec<String>,
+    pub tokens: Vec<String>,
+    pub call_ids: Vec<String>,
+}
+
+impl Population {
+    pub fn new() -> Population {
+        let run = Uuid::new_v4().simple().to_string();
+        Population {
+            apps: [format!("org.audit-{run}.a"), format!("org.audit-{run}.b")],
+            accounts: (0..4)
+                .map(|i| format!("acc{i}-{run}@example.com"))
+                .collect(),
+            devices: (0..6).map(|i| format!("dev{i}-{run}")).collect(),
+            tokens: (0..10).map(|_| apns_token()).collect(),
+            call_ids: (0..50).map(|_| call_id()).collect(),
+        }
+    }
+
+    /// The outcomes of push `i` received at `received_at_ms`: its attempts, then its terminal.
+    pub fn push(&self, i: usize, received_at_ms: u64) -> Vec<OutcomeEvent> {
+        let status = STATUSES[i % STATUSES.len()];
+        let event = Event::ALL[i % Event::ALL.len()];
+        let outcome = OutcomeEvent {
+            v: JOB_VERSION,
+            job_id: Uuid::new_v4(),
+            app_id: self.apps[i % 2].clone(),
+            platform: if i.is_multiple_of(3) {
+                Platform::Apple
+            } else {
+                Platform::Firebase
+            },
+            event,
+            lane: if event.is_incoming_call() || event == Event::Cancel {
+                Lane::Calls
+            } else {
+                Lane::Messages
+            },
+            call_id: self.call_ids[i % self.call_ids.len()].clone(),
+            // Every seventh is a v1 push: no account.
+            account: (!i.is_multiple_of(7)).then(|| self.accounts[i % self.accounts.len()].clone()),
+            device_id: Some(self.devices[i % self.devices.len()].clone()),
+            token_fingerprint: token_fingerprint(&self.tokens[i % self.tokens.len()]),
+            received_at_ms,
+            attempt: None,
+            terminal: None,
+            token_invalidation: None,
+            api_key_id: None,
+        };
+        let (attempts, provider_status) = match status {
+            DeliveryStatus::Delivered => (1 + (i % 2) as u32, Some(200)),
+            DeliveryStatus::Rejected => (1, Some(400)),
+            DeliveryStatus::TokenInvalid => (1, Some(410)),
+            DeliveryStatus::Failed => (3, Some(503)),
+            DeliveryStatus::Expired | DeliveryStatus::Cancelled => (0, None),
+        };
+        let mut outcomes: Vec<OutcomeEvent> = (1..=attempts)
+            .map(|number| OutcomeEvent {
+                attempt: Some(AttemptRecord {
+                    number,
+                    at_ms: received_at_ms + u64::from(number) * 5,
+                    provider_status: if number == attempts {
+                        provider_status
+                    } else {
+                        Some(503)
+                    },
+                    reason: None,
+                    duration_ms: 3,
+                    worker: "it-audit".into(),
+                }),
+                ..outcome.clone()
+            })
+            .collect();
+        outcomes.push(OutcomeEvent {
+            terminal: Some(Terminal {
+                status,
+                attempts,
+                provider_status,
+                reason: provider_status
+                    .filter(|s| *s != 200)
+                    .map(|s| format!("status {s}")),
+                provider_message_id: (status == DeliveryStatus::Delivered)
+                    .then(|| Uuid::new_v4().to_string()),
+                finished_at_ms: received_at_ms + 20 + (i as u64 % 97),
+            }),
+            ..outcome
+        });
+        outcomes
+    }
+}
+
+/// Publishes outcomes as workers do: batched on the outcome fanout, confirmed.
+pub async fn publish(stack: &Stack, outcomes: Vec<OutcomeEvent>) {
+    let rabbitmq = &stack.settings.rabbitmq;
+    let topology = Topology::new(rabbitmq);
+    let connection = topology::connect(rabbitmq, "it-audit").await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let (batcher, publishing) = OutcomeBatcher::start(channel, &topology);
+    let saves: Vec<_> = outcomes
+        .into_iter()
+        .map(|outcome| {
+            let batcher = batcher.clone();
+            tokio::spawn(async move { batcher.save(&outcome).await })
+        })
+        .collect();
+    for save in saves {
+        save.await.unwrap().expect("outcome confirmed");
+    }
+    drop(batcher);
+    publishing.await.unwrap();
+    let _ = connection.close(200, "done".into()).await;
+}
+
+/// Waits until the apps have `count` audit rows.
+pub async fn wait_for_rows(stack: &Stack, apps: &[String], count: i64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows: i64 = stack
+            .query(
+                "SELECT count(*) FROM deliveries WHERE app_id = ANY($1)",
+                &[&apps.to_vec()],
+            )
+            .await[0]
+            .get(0);
+        if rows >= count {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{rows} of {count} rows audited");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn audit_key(apps: &[String]) -> CreatedKey {
+    let pool = migrated_pool().await;
+    let mut client = pool.get().await.unwrap();
+    keys::create(
+        &mut **client,
+        &NewKey {
+            tenant: format!("auditor-{}", Uuid::new_v4().simple()),
+            apps: apps.to_vec(),
+            scopes: vec![Scope::Audit],
+            pushes_per_second: 0,
+            burst: 0,
+        },
+    )
+    .await
+    .expect("key created")
+}
+
+/// A GET with the key; the status, the body as text, and the next-cursor header.
+async fn get_text(
+    stack: &Stack,
+    key: &CreatedKey,
+    path_and_query: &str,
+    accept: Option<&str>,
+) -> (u16, String, Option<String>) {
+    let mut request = stack
+        .http
+        .get(stack.url(path_and_query))
+        .bearer_auth(&key.key);
+    if let Some(accept) = accept {
+        request = request.header("accept", accept);
+    }
+    let response = request.send().await.expect("ingest answers");
+    let status = response.status().as_u16();
+    let next = response
+        .headers()
+        .get("x-next-cursor")
+        .map(|v| v.to_str().unwrap().to_string());
+    (status, response.text().await.unwrap(), next)
+}
+
+async fn get_json(stack: &Stack, key: &CreatedKey, path_and_query: &str) -> (u16, Value) {
+    let (status, text, _) = get_text(stack, key, path_and_query, None).await;
+    let json = serde_json::from_str(&text)
+        .unwrap_or_else(|_| panic!("answer {status} is not JSON: {text:?}"));
+    (status, json)
+}
+
+fn encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Every job id a query returns, page by page (`limit` rows each).
+async fn all_ids(stack: &Stack, key: &CreatedKey, query: &str, limit: usize) -> Vec<Uuid> {
+    let mut ids = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut path = format!("/audit?limit={limit}&{query}");
+        if let Some(cursor) = &after {
+            path.push_str(&format!("&after={cursor}"));
+        }
+        let (status, page) = get_json(stack, key, &path).await;
+        assert_eq!(status, 200, "{path}: {page}");
+        let rows = page["rows"].as_array().unwrap();
+        assert!(rows.len() <= limit);
+        ids.extend(
+            rows.iter()
+                .map(|r| r["job_id"].as_str().unwrap().parse::<Uuid>().unwrap()),
+        );
+        match page["next"].as_str() {
+            Some(next) => after = Some(next.to_string()),
+            None => return ids,
+        }
+    }
+}
+
+/// The job ids SQL finds among the apps' rows with `condition` (`$2`… its parameters).
+async fn sql_ids(
+    stack: &Stack,
+    apps: &[String],
+    condition: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Vec<Uuid> {
+    let sql = format!(
+        "SELECT id FROM deliveries WHERE app_id = ANY($1) AND ({condition}) ORDER BY received_at, id"
+    );
+    let apps = apps.to_vec();
+    let mut all: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&apps];
+    all.extend_from_slice(params);
+    stack
+        .query(&sql, &all)
+        .await
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn every_filter_returns_what_sql_finds_in_pages_csv_and_summary() {
+    // Keys are loaded when ingest starts.
+    let people = Population::new();
+    let apps = people.apps.to_vec();
+    let key = audit_key(&apps).await;
+    let stack = Stack::start().await;
+    // 1,000 pushes over the last 1,000 seconds.
+    let start_ms = now_ms() - 1_000_000;
+    let outcomes: Vec<OutcomeEvent> = (0..1000)
+        .flat_map(|i| people.push(i, start_ms + i as u64 * 1000))
+        .collect();
+    publish(&stack, outcomes).await;
+    wait_for_rows(&stack, &apps, 1000).await;
+
+    // Each filter and combinations of them, against SQL.
+    let at = |i: u64| SystemTime::UNIX_EPOCH + Duration::from_millis(start_ms + i * 1000);
+    let (since, until) = (at(200), at(700));
+    let token = &people.tokens[3];
+    let fingerprint = token_fingerprint(token);
+    let fingerprint_of = token_fingerprint(&people.tokens[4]);
+    let statuses = vec!["failed".to_string(), "expired".to_string()];
+    let cases: Vec<(String, String, SqlParams)> = vec![
+        (String::new(), "true".into(), vec![]),
+        (
+            format!("app={}", people.apps[0]),
+            "app_id = $2".into(),
+            vec![Box::new(people.apps[0].clone())],
+        ),
+        ("platform=apple".into(), "platform = 'apple'".into(), vec![]),
+        (
+            "platform=android".into(),
+            "platform = 'firebase'".into(),
+            vec![],
+        ),
+        (
+            format!("account={}", encode(&people.accounts[1])),
+            "account = $2".into(),
+            vec![Box::new(people.accounts[1].clone())],
+        ),
+        (
+            format!("device_id={}", people.devices[2]),
+            "device_id = $2".into(),
+            vec![Box::new(people.devices[2].clone())],
+        ),
+        (
+            format!("token={token}"),
+            "token_fingerprint = $2".into(),
+            vec![Box::new(fingerprint.clone())],
+        ),
+        (
+            format!("token_fingerprint={fingerprint_of}"),
+            "token_fingerprint = $2".into(),
+            vec![Box::new(fingerprint_of.clone())],
+        ),
+        (
+            format!("call_id={}", encode(&people.call_ids[7])),
+            "call_id = $2".into(),
+            vec![Box::new(people.call_ids[7].clone())],
+        ),
+        (
+            format!("call-id={}", encode(&people.call_ids[8])),
+            "call_id = $2".into(),
+            vec![Box::new(people.call_ids[8].clone())],
+        ),
+        ("event=message".into(), "event = 'message'".into(), vec![]),
+        (
+            "status=failed&status=expired".into(),
+            "status = ANY($2)".into(),
+            vec![Box::new(statuses.clone())],
+        ),
+        (
+            "status=token_invalid".into(),
+            "status = 'token_invalid'".into(),
+            vec![],
+        ),
+        (
+            format!(
+                "since={}&until={}",
+                encode(&format_time(since)),
+                encode(&format_time(until))
+            ),
+            "received_at >= $2 AND received_at < $3".into(),
+            vec![Box::new(since), Box::new(until)],
+        ),
+        (
+            format!("app={}&platform=apple&status=delivered", people.apps[0]),
+            "app_id = $2 AND platform = 'apple' AND status = 'delivered'".into(),
+            vec![Box::new(people.apps[0].clone())],
+        ),
+        (
+            format!(
+                "account={}&event=incoming_session&since={}",
+                encode(&people.accounts[2]),
+                encode(&format_time(since))
+            ),
+            "account = $2 AND event = 'incoming_session' AND received_at >= $3".into(),
+            vec![Box::new(people.accounts[2].clone()), Box::new(since)],
+        ),
+        (
+            format!(
+                "device_id={}&status=rejected&status=cancelled&until={}",
+                people.devices[1],
+                encode(&format_time(until))
+            ),
+            "device_id = $2 AND status IN ('rejected', 'cancelled') AND received_at < $3".into(),
+            vec![Box::new(people.devices[1].clone()), Box::new(until)],
+        ),
+        (
+            format!("token={token}&platform=apple&event=message"),
+            "token_fingerprint = $2 AND platform = 'apple' AND event = 'message'".into(),
+            vec![Box::new(fingerprint.clone())],
+        ),
+    ];
+    for (query, condition, params) in &cases {
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            params.iter().map(|p| &**p).collect();
+        let expected = sql_ids(&stack, &apps, condition, &refs).await;
+        assert!(
+            !expected.is_empty(),
+            "{query}: the population should match something"
+        );
+        let found = all_ids(&stack, &key, query, 1000).await;
+        assert_eq!(found, expected, "{query}");
+    }
+
+    // Rows carry their attempts when asked, and the count under attempt_count.
+    let call = encode(&people.call_ids[0]);
+    let (status, page) = get_json(&stack, &key, &format!("/audit?call_id={call}&attempts=1")).await;
+    assert_eq!(status, 200, "{page}");
+    for row in page["rows"].as_array().unwrap() {
+        let attempts = row["attempts"].as_array().expect("attempts listed");
+        assert_eq!(
+            attempts.len() as u64,
+            row["attempt_count"].as_u64().unwrap(),
+            "{row}"
+        );
+    }
+    let (_, page) = get_json(&stack, &key, &format!("/audit?call_id={call}")).await;
+    assert!(page["rows"][0].get("attempts").is_none(), "{page}");
+
+    // Paging by 50 while rows are added: every row once, in order.
+    let expected = sql_ids(&stack, &apps, "true", &[]).await;
+    let adding = {
+        let later: Vec<OutcomeEvent> = (1000..1100)
+            .flat_map(|i| people.push(i, now_ms()))
+            .collect();
+        let stack_settings = stack.settings.clone();
+        tokio::spawn(async move {
+            let rabbitmq = &stack_settings.rabbitmq;
+            let topology = Topology::new(rabbitmq);
+            let connection = topology::connect(rabbitmq, "it-audit-more").await.unwrap();
+            let channel = connection.create_channel().await.unwrap();
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .unwrap();
+            let (batcher, publishing) = OutcomeBatcher::start(channel, &topology);
+            for outcome in later {
+                batcher.save(&outcome).await.expect("confirmed");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            drop(batcher);
+            publishing.await.unwrap();
+            let _ = connection.close(200, "done".into()).await;
+        })
+    };
+    let paged = all_ids(&stack, &key, "", 50).await;
+    adding.await.unwrap();
+    let unique: HashSet<&Uuid> = paged.iter().collect();
+    assert_eq!(unique.len(), paged.len(), "a row came twice");
+    let position: std::collections::HashMap<&Uuid, usize> =
+        paged.iter().enumerate().map(|(i, id)| (id, i)).collect();
+    let mut last = None;
+    for id in &expected {
+        let at = *position
+            .get(id)
+            .unwrap_or_else(|| panic!("{id} missing from the pages"));
+        assert!(last.is_none_or(|l| l < at), "{id} out of order");
+        last = Some(at);
+    }
+    wait_for_rows(&stack, &apps, 1100).await;
+
+    // CSV, by format=csv and by Accept, parses and matches JSON.
+    let (_, json) = get_json(&stack, &key, "/audit?limit=1000&attempts=1").await;
+    let rows = json["rows"].as_array().unwrap();
+    for (path, accept) in [
+        ("/audit?limit=1000&attempts=1&format=csv", None),
+        ("/audit?limit=1000&attempts=1", Some("text/csv")),
+    ] {
+        let (status, text, next) = get_text(&stack, &key, path, accept).await;
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(next.as_deref(), json["next"].as_str(), "{path}");
+        let mut reader = csv::Reader::from_reader(text.as_bytes());
+        let header: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
+        let mut expected_header: Vec<String> =
+            query::COLUMNS.iter().map(|c| c.to_string()).collect();
+        expected_header.push("attempts".into());
+        assert_eq!(header, expected_header);
+        let records: Vec<csv::StringRecord> = reader.records().map(|r| r.unwrap()).collect();
+        assert_eq!(records.len(), rows.len(), "{path}");
+        for (record, row) in records.iter().zip(rows) {
+            for (column, field) in header.iter().zip(record.iter()) {
+                let value = &row[column.as_str()];
+                if column == "attempts" {
+                    let parsed: Value = serde_json::from_str(field).unwrap();
+                    assert_eq!(&parsed, value);
+                    continue;
+                }
+                let text = match value {
+                    Value::Null => String::new(),
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                assert_eq!(field, text, "{column} of {row}");
+            }
+        }
+    }
+
+    // The summary against SQL.
+    let (status, summary) = get_json(
+        &stack,
+        &key,
+        &format!(
+            "/audit/summary?by=app,status,event&since={}&until={}",
+            encode(&format_time(since)),
+            encode(&format_time(until))
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{summary}");
+    let expected = stack
+        .query(
+            "SELECT app_id, status, event, count(*),
+                    count(*) FILTER (WHERE status = 'expired'),
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms)
+                        FILTER (WHERE provider_status IS NOT NULL),
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms)
+                        FILTER (WHERE provider_status IS NOT NULL)
+               FROM deliveries
+              WHERE app_id = ANY($1) AND received_at >= $2 AND received_at < $3
+              GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+            &[&apps, &since, &until],
+        )
+        .await;
+    let groups = summary["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), expected.len(), "{summary}");
+    let mut total = 0;
+    for (group, row) in groups.iter().zip(&expected) {
+        assert_eq!(group["app"], row.get::<_, String>(0));
+        assert_eq!(group["status"], row.get::<_, String>(1));
+        assert_eq!(group["event"], row.get::<_, String>(2));
+        assert_eq!(group["count"], row.get::<_, i64>(3));
+        assert_eq!(group["expired_before_delivery"], row.get::<_, i64>(4));
+        assert_eq!(
+            group["latency_median_ms"].as_f64(),
+            row.get::<_, Option<f64>>(5)
+        );
+        assert_eq!(
+            group["latency_p99_ms"].as_f64(),
+            row.get::<_, Option<f64>>(6)
+        );
+        total += row.get::<_, i64>(3);
+    }
+    assert_eq!(summary["total"], total);
+    assert_eq!(total, 500);
+
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn bad_filters_are_a_400_naming_them() {
+    let key = audit_key(&Population::new().apps).await;
+    let stack = Stack::start().await;
+    for (query, named) in [
+        ("/audit?since=yesterday", "since"),
+        ("/audit?until=2026-13-01T00:00:00Z", "until"),
+        ("/audit?limit=1001", "limit"),
+        ("/audit?limit=-1", "limit"),
+        ("/audit?status=lost", "status"),
+        ("/audit?event=ring", "event"),
+        ("/audit?platform=windows", "platform"),
+        ("/audit?token_fingerprint=zz", "token_fingerprint"),
+        ("/audit?after=garbage", "after"),
+        ("/audit?acount=bob", "acount"),
+        ("/audit?format=xml", "format"),
+        ("/audit?attempts=maybe", "attempts"),
+        ("/audit/summary?by=colour", "by"),
+        ("/audit/summary?since=now", "since"),
+    ] {
+        let (status, body) = get_json(&stack, &key, query).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        let description = body["description"].as_str().unwrap();
+        assert!(description.contains(named), "{query}: {description}");
+    }
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn common_queries_use_an_index_and_prune_partitions() {
+    let pool = migrated_pool().await;
+    let mut client = pool.get().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    // A tiny test table would be scanned whole; the question is whether an index can serve.
+    tx.batch_execute("SET LOCAL enable_seqscan = off")
+        .await
+        .unwrap();
+    let month = tx
+        .query_one("SELECT to_char(now(), 'YYYY_MM')", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0);
+    let now = SystemTime::now();
+    let hour_ago = now - Duration::from_secs(3600);
+    let params = |q: &str| -> Vec<(String, String)> {
+        let mut p: Vec<(String, String)> = q
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        p.push(("since".into(), format_time(hour_ago)));
+        p.push(("until".into(), format_time(now)));
+        p
+    };
+    for query in [
+        "app=org.example",
+        "account=bob",
+        "device_id=d1",
+        "token_fingerprint=0123456789abcdef",
+        "call_id=c1",
+        "status=failed",
+        "event=message",
+        "",
+    ] {
+        let request = PageRequest::from_params(&params(query)).unwrap();
+        let (sql, values) = query::page_sql(&request, None);
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            values.iter().map(|p| &**p as _).collect();
+        let plan: Vec<String> = tx
+            .query(&format!("EXPLAIN {sql}"), &refs)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let plan = plan.join("\n");
+        assert!(plan.contains("Index"), "{query}: no index used:\n{plan}");
+        assert!(
+            plan.contains(&format!("deliveries_{month}")),
+            "{query}: this month's partition not read:\n{plan}"
+        );
+        let read = partitions_read(&plan);
+        assert_eq!(
+            read,
+            [format!("deliveries_{month}")],
+            "{query}: only this month's partition should be read:\n{plan}"
+        );
+    }
+    tx.rollback().await.unwrap();
+}
+
+/// The partitions of `deliveries` a plan reads (tables, not their indexes).
+fn partitions_read(plan: &str) -> Vec<String> {
+    let mut names: Vec<String> = plan
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|word| {
+            word.strip_prefix("deliveries_").is_some_and(|rest| {
+                rest == "default"
+                    || (rest.len() == 7
+                        && rest.as_bytes()[4] == b'_'
+                        && rest.bytes().filter(u8::is_ascii_digit).count() == 6)
+            })
+        })
+        .map(String::from)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
