@@ -1250,6 +1250,38 @@ mod tests {
     }
 
     #[test]
+    fn audit_retention_and_remote_log_keys_are_checked() {
+        assert_eq!(load("", &[]).unwrap().audit.retention_days, 90);
+        let e = load("[audit]\nretention_days = 0", &[]).unwrap_err();
+        assert_eq!(e.key(), Some("[audit] retention_days"));
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        let app = |extra: &str| {
+            format!(
+                "[[apps]]\nid = \"a\"\nplatform = \"firebase\"\ntype = \"sylk\"\n{extra}\n\
+                 fcm = {{ service_account_file = \"{}\" }}",
+                file.display()
+            )
+        };
+        let s = load(
+            &app("log_url = \"https://logs.example.com/p\"\nlog_auth = \"Bearer x\"\nlog_key = \"id\""),
+            &[],
+        )
+        .unwrap();
+        let a = &s.apps[0];
+        assert_eq!(a.log_url.as_deref(), Some("https://logs.example.com/p"));
+        assert_eq!((a.log_timeout_ms, a.log_buffer), (5000, 10_000));
+        for (extra, key) in [
+            ("log_url = \"ftp://x\"", "log_url"),
+            ("log_timeout_ms = 0", "log_timeout_ms"),
+            ("log_buffer = 0", "log_buffer"),
+            ("log_auth = \"\"", "log_auth"),
+        ] {
+            let e = load(&app(extra), &[]).unwrap_err();
+            assert!(e.key().is_some_and(|k| k.ends_with(key)), "{extra}: {e}");
+        }
+    }
+
+    #[test]
     fn environment_overrides_sections_and_list_entries() {
         let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
         let text = format!(

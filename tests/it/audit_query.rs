@@ -655,3 +655,126 @@ fn partitions_read(plan: &str) -> Vec<String> {
     names.dedup();
     names
 }
+
+async fn pushfleet(args: &[&str]) -> (i32, String, String) {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = pushfleet_client::run(
+        "pushfleet",
+        args.iter().map(|a| a.to_string()).collect(),
+        &mut out,
+        &mut err,
+    )
+    .await;
+    (
+        code,
+        String::from_utf8(out).unwrap(),
+        String::from_utf8(err).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn the_command_line_reads_the_database_or_the_api_page_by_page() {
+    let people = Population::new();
+    let apps = people.apps.to_vec();
+    let key = audit_key(&apps).await;
+    let stack = Stack::start().await;
+    let start = now_ms() - 100_000;
+    publish(
+        &stack,
+        (0..120)
+            .flat_map(|i| people.push(i, start + i as u64 * 100))
+            .collect(),
+    )
+    .await;
+    wait_for_rows(&stack, &apps, 120).await;
+    let config = stack.config_path.display().to_string();
+    let (a, b) = (people.apps[0].as_str(), people.apps[1].as_str());
+
+    // From the database of --config, every page, as CSV, with a progress line per page.
+    let (code, out, err) = pushfleet(&[
+        "audit", "--config", &config, "--app", a, "--app", b, "--limit", "50", "--all", "--format",
+        "csv",
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let mut reader = csv::Reader::from_reader(out.as_bytes());
+    assert_eq!(reader.records().count(), 120);
+    assert!(err.contains("page 3, 120 rows"), "{err}");
+
+    // One page only: the cursor of the next is on stderr.
+    let (code, out, err) = pushfleet(&[
+        "audit", "--config", &config, "--app", a, "--status", "failed", "--limit", "5", "--format",
+        "json",
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let page: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(page["rows"].as_array().unwrap().len(), 5);
+    assert!(page["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["status"] == "failed"));
+    let next = page["next"].as_str().expect("more rows");
+    assert!(err.contains(&format!("--after {next}")), "{err}");
+
+    // Over the API with a key: the same rows.
+    let base = stack.url("");
+    let (code, out, err) = pushfleet(&[
+        "audit",
+        "--url",
+        &base,
+        "--api-key",
+        &key.key,
+        "--account",
+        &people.accounts[1],
+        "--all",
+        "--limit",
+        "7",
+        "--format",
+        "json",
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let all: Value = serde_json::from_str(&out).unwrap();
+    let expected = sql_ids(&stack, &apps, "account = $2", &[&people.accounts[1]]).await;
+    let found: Vec<Uuid> = all["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["job_id"].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(found, expected);
+
+    // The summary, from either side.
+    for source in [["--config", config.as_str()], ["--url", base.as_str()]] {
+        let mut args = vec!["audit", "summary"];
+        args.extend(source);
+        args.extend([
+            "--api-key",
+            &key.key,
+            "--app",
+            a,
+            "--app",
+            b,
+            "--by",
+            "status",
+            "--format",
+            "json",
+        ]);
+        if source[0] == "--config" {
+            args.retain(|a| *a != "--api-key" && *a != key.key);
+        }
+        let (code, out, err) = pushfleet(&args).await;
+        assert_eq!(code, 0, "{err}{out}");
+        let summary: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(summary["total"], 120, "{summary}");
+        assert_eq!(summary["groups"].as_array().unwrap().len(), 6, "{summary}");
+    }
+
+    // A bad filter is a usage error.
+    let (code, _, err) = pushfleet(&["audit", "--config", &config, "--since", "soon"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("since"), "{err}");
+    stack.stop().await;
+}
