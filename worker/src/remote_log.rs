@@ -8,7 +8,9 @@
 //! [`MAX_OUTCOMES_PER_REQUEST`] outcomes per request, retried with back-off while the server
 //! fails. A server that stays away fills only its own buffer, whose oldest outcomes are then
 //! dropped and counted. A broker message is acked once each of its outcomes is posted or
-//! dropped: exactly once while all goes well, at least once across a restart.
+//! dropped: exactly once while all goes well, at least once across a restart. Jobs that died in
+//! their queue (expired before a worker took them) reach the queue from the dead-letter
+//! auditor instead ([`DeadLetterFeed`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,17 +20,23 @@ use std::time::Duration;
 use backoff::backoff::Backoff;
 use backoff::ExponentialBackoffBuilder;
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
 use lapin::types::FieldTable;
 use lapin::Acker;
+use lapin::{BasicProperties, Channel, Connection};
 use pushfleet_core::clock::system_time;
 use pushfleet_core::config::{AppSettings, Platform};
 use pushfleet_core::job::{decode_batch, OutcomeEvent};
-use pushfleet_core::topology::{self, BrokerError, Topology};
+use pushfleet_core::topology::{self, BrokerError, Topology, PERSISTENT};
 use pushfleet_core::Settings;
 use serde_json::{json, Value};
 use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
+
+use crate::outcomes::{BATCH_TYPE, CONFIRM_TIMEOUT};
 
 /// The most outcomes one request carries.
 pub const MAX_OUTCOMES_PER_REQUEST: usize = 100;
@@ -264,6 +272,49 @@ pub fn log_record(outcome: &OutcomeEvent) -> Option<Value> {
         "latency_ms": terminal.finished_at_ms.saturating_sub(outcome.received_at_ms),
         "api_key_id": outcome.api_key_id,
     }))
+}
+
+/// Hands the terminal outcome of a job that died in its queue (audited from the dead letters,
+/// not from an outcome) to `<ns>.remote_log`. Where no app logs remotely that queue does not
+/// exist and the broker drops the message, which is then what was wanted.
+pub struct DeadLetterFeed {
+    /// In confirm mode: the dead letter is acked only once its outcome is safe.
+    channel: Channel,
+    queue: String,
+}
+
+impl DeadLetterFeed {
+    pub async fn open(
+        connection: &Connection,
+        topology: &Topology,
+    ) -> Result<DeadLetterFeed, BrokerError> {
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(DeadLetterFeed {
+            channel,
+            queue: topology.remote_log_queue(),
+        })
+    }
+
+    pub async fn feed(&self, outcome: &OutcomeEvent) -> Result<(), BrokerError> {
+        let body = serde_json::to_vec(std::slice::from_ref(outcome))?;
+        let published = self
+            .channel
+            .basic_publish(
+                "".into(),
+                self.queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default()
+                    .with_delivery_mode(PERSISTENT)
+                    .with_content_type("application/json".into())
+                    .with_type(BATCH_TYPE.into()),
+            )
+            .await;
+        topology::confirm(published, CONFIRM_TIMEOUT).await
+    }
 }
 
 type Logs = HashMap<(String, Platform), Arc<AppLog>>;

@@ -28,7 +28,8 @@ use tracing::{info, warn};
 
 use self::parking::Parking;
 pub use self::rows::write_outcomes;
-use self::rows::{dead_letter_row, write_dead_letter};
+use self::rows::{dead_letter_row, write_dead_letter, DeadLetterRow};
+use crate::remote_log::DeadLetterFeed;
 
 /// Set on the dead-letter copy of a job whose terminal row its worker already wrote.
 pub const AUDITED_HEADER: &str = "x-pushfleet-audited";
@@ -124,6 +125,7 @@ impl AuditSink {
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), BrokerError> {
         let parking = Parking::open(publish, &self.topology).await?;
+        let remote_log = DeadLetterFeed::open(publish, &self.topology).await?;
         let channel = audit.create_channel().await?;
         channel.basic_qos(64, BasicQosOptions::default()).await?;
         let mut consumer = channel
@@ -168,6 +170,19 @@ impl AuditSink {
                 if audited.is_none() {
                     // Shutting down: not acked, the dead letter waits for the next sink.
                     return Ok(());
+                }
+                // Its outcome never went through the outcome fanout: the apps' log servers
+                // get it from here.
+                if let DeadLetterRow::Job(outcome) = &row {
+                    let fed = reconnect::until_ok(
+                        "dead letter not handed to the remote log yet",
+                        &mut shutdown,
+                        || remote_log.feed(outcome),
+                    )
+                    .await;
+                    if fed.is_none() {
+                        return Ok(());
+                    }
                 }
             }
             delivery.ack(BasicAckOptions::default()).await?;
