@@ -332,5 +332,68 @@ async fn erase_removes_one_account_and_leaves_the_others() {
     assert_eq!(record.get::<_, i64>(2), 2);
     assert_eq!(record.get::<_, i64>(3), erased_rows);
     assert!(!record.get::<_, String>(4).contains(erased_account.as_str()));
+
+    // By token, then by device id: that token's pushes and registration go, nothing else.
+    let erase = |selector: &'static str, value: String| {
+        let config = config.clone();
+        async move {
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            let code = pushfleet_client::run(
+                "pushfleet",
+                ["audit", "erase", "--config", &config, selector, &value]
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect(),
+                &mut out,
+                &mut err,
+            )
+            .await;
+            assert_eq!(code, 0, "{}", String::from_utf8_lossy(&err));
+            String::from_utf8(out).unwrap()
+        }
+    };
+    let kept_fingerprint = token_fingerprint(&people.tokens[1]);
+    let of_token = |fingerprint: String| {
+        let stack = &stack;
+        let apps = apps.clone();
+        async move {
+            stack
+                .query(
+                    "SELECT count(*) FROM deliveries WHERE app_id = ANY($1) AND token_fingerprint = $2",
+                    &[&apps, &fingerprint],
+                )
+                .await[0]
+                .get::<_, i64>(0)
+        }
+    };
+    let before = count("SELECT count(*) FROM deliveries WHERE app_id = ANY($1)").await;
+    let of_kept = of_token(kept_fingerprint.clone()).await;
+    assert!(of_kept > 0);
+    let out = erase("--token", people.tokens[1].clone()).await;
+    assert!(out.contains("1 device tokens"), "{out}");
+    assert_eq!(of_token(kept_fingerprint).await, 0);
+    assert_eq!(tokens(kept_account).await, 0);
+    assert_eq!(
+        count("SELECT count(*) FROM deliveries WHERE app_id = ANY($1)").await,
+        before - of_kept
+    );
+    let device = people.devices[5].clone();
+    let of_device: i64 = stack
+        .query(
+            "SELECT count(*) FROM deliveries WHERE device_id = $1",
+            &[&device],
+        )
+        .await[0]
+        .get(0);
+    assert!(of_device > 0);
+    erase("--device-id", device.clone()).await;
+    let left: i64 = stack
+        .query(
+            "SELECT count(*) FROM deliveries WHERE device_id = $1",
+            &[&device],
+        )
+        .await[0]
+        .get(0);
+    assert_eq!(left, 0);
     stack.stop().await;
 }

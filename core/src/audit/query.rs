@@ -130,6 +130,10 @@ impl Cursor {
         let bytes = URL_SAFE_NO_PAD.decode(text).map_err(|_| bad())?;
         let bytes: [u8; 24] = bytes.try_into().map_err(|_| bad())?;
         let micros = i64::from_be_bytes(bytes[..8].try_into().map_err(|_| bad())?);
+        // Years 1 to 9999, as RFC 3339 writes them: Postgres refuses what lies far beyond.
+        if !(-62_135_596_800_000_000..=253_402_300_799_999_999).contains(&micros) {
+            return Err(bad());
+        }
         let offset = Duration::from_micros(micros.unsigned_abs());
         let received_at = if micros >= 0 {
             UNIX_EPOCH.checked_add(offset)
@@ -781,6 +785,9 @@ mod tests {
             id: Uuid::new_v4(),
         };
         assert_eq!(Cursor::decode(&cursor.encode()), Ok(cursor));
+        let mut far = [0u8; 24];
+        far[..8].copy_from_slice(&i64::MAX.to_be_bytes());
+        assert!(Cursor::decode(&URL_SAFE_NO_PAD.encode(far)).is_err());
     }
 
     #[test]
