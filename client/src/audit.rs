@@ -284,7 +284,6 @@ async fn summary(args: &Args, out: &mut dyn Write) -> Result<i32, Error> {
                 .flatten()
                 .map(text)
                 .collect();
-            let separator = if format == Format::Csv { "," } else { "\t" };
             let mut header = by.clone();
             header.extend(
                 [
@@ -295,10 +294,19 @@ async fn summary(args: &Args, out: &mut dyn Write) -> Result<i32, Error> {
                 ]
                 .map(String::from),
             );
-            let _ = writeln!(out, "{}", header.join(separator));
-            for group in summary["groups"].as_array().into_iter().flatten() {
-                let line: Vec<String> = header.iter().map(|c| text(&group[c])).collect();
-                let _ = writeln!(out, "{}", line.join(separator));
+            let groups = summary["groups"].as_array().cloned().unwrap_or_default();
+            if format == Format::Csv {
+                let names: Vec<Value> = header.iter().map(|h| json!(h)).collect();
+                let _ = write!(out, "{}", csv::line(&names));
+                for group in &groups {
+                    let _ = write!(out, "{}", csv::line(header.iter().map(|c| &group[c])));
+                }
+            } else {
+                let _ = writeln!(out, "{}", header.join("\t"));
+                for group in &groups {
+                    let line: Vec<String> = header.iter().map(|c| text(&group[c])).collect();
+                    let _ = writeln!(out, "{}", line.join("\t"));
+                }
             }
         }
     }

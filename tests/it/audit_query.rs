@@ -772,6 +772,31 @@ async fn the_command_line_reads_the_database_or_the_api_page_by_page() {
         assert_eq!(summary["groups"].as_array().unwrap().len(), 6, "{summary}");
     }
 
+    let (code, out, err) = pushfleet(&[
+        "audit",
+        "summary",
+        "--config",
+        &config,
+        "--app",
+        a,
+        "--by",
+        "status,event",
+        "--format",
+        "csv",
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let mut reader = csv::Reader::from_reader(out.as_bytes());
+    assert_eq!(
+        reader.headers().unwrap().iter().take(3).collect::<Vec<_>>(),
+        ["status", "event", "count"]
+    );
+    let counted: i64 = reader
+        .records()
+        .map(|r| r.unwrap()[2].parse::<i64>().unwrap())
+        .sum();
+    assert_eq!(counted, 60);
+
     // A bad filter is a usage error.
     let (code, _, err) = pushfleet(&["audit", "--config", &config, "--since", "soon"]).await;
     assert_eq!(code, 2, "{err}");

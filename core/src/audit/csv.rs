@@ -18,19 +18,22 @@ pub fn header(with_attempts: bool) -> String {
 
 /// The lines of `rows`, without the header.
 pub fn lines(rows: &[Value], with_attempts: bool) -> String {
+    let attempts = with_attempts.then_some("attempts");
+    rows.iter()
+        .map(|row| line(COLUMNS.iter().copied().chain(attempts).map(|c| &row[c])))
+        .collect()
+}
+
+/// One line of fields.
+pub fn line<'a>(fields: impl IntoIterator<Item = &'a Value>) -> String {
     let mut out = String::new();
-    for row in rows {
-        let mut first = true;
-        let attempts = with_attempts.then_some("attempts");
-        for column in COLUMNS.iter().copied().chain(attempts) {
-            if !first {
-                out.push(',');
-            }
-            first = false;
-            push_field(&mut out, &field_text(&row[column]));
+    for (index, value) in fields.into_iter().enumerate() {
+        if index > 0 {
+            out.push(',');
         }
-        out.push_str("\r\n");
+        push_field(&mut out, &field_text(value));
     }
+    out.push_str("\r\n");
     out
 }
 

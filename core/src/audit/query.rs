@@ -523,14 +523,15 @@ const ROW: &str = "json_build_object(
     'provider_reason', d.provider_reason, 'provider_message_id', d.provider_message_id,
     'latency_ms', d.latency_ms, 'api_key_id', d.api_key_id)";
 
-/// A send's attempts; attempts are never before their push was received, which lets Postgres
-/// skip the older partitions of delivery_attempts.
+/// A push's attempts. They follow its acceptance (give or take a day of clock skew between
+/// ingest and worker hosts), which lets Postgres skip the older partitions of delivery_attempts.
 const ATTEMPTS: &str = "(SELECT coalesce(json_agg(json_build_object(
         'attempt', a.attempt, 'attempted_at', a.attempted_at,
         'provider_status', a.provider_status, 'reason', a.reason,
         'duration_ms', a.duration_ms, 'worker', a.worker) ORDER BY a.attempt, a.attempted_at),
         '[]'::json)
-   FROM delivery_attempts a WHERE a.job_id = d.id AND a.attempted_at >= d.received_at)";
+   FROM delivery_attempts a
+  WHERE a.job_id = d.id AND a.attempted_at >= d.received_at - interval '1 day')";
 
 /// The SQL of a page and its parameters (also for `EXPLAIN` in tests).
 pub fn page_sql(
