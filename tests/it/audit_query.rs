@@ -172,6 +172,28 @@ pub async fn wait_for_rows(stack: &Stack, apps: &[String], count: i64) {
     }
 }
 
+/// Waits until no new audit row of the apps came for a second.
+async fn wait_until_quiet(stack: &Stack, apps: &[String]) {
+    let count = || async {
+        stack
+            .query(
+                "SELECT count(*) FROM deliveries WHERE app_id = ANY($1)",
+                &[&apps.to_vec()],
+            )
+            .await[0]
+            .get::<_, i64>(0)
+    };
+    let mut last = count().await;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = count().await;
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
 pub async fn audit_key(apps: &[String]) -> CreatedKey {
     let pool = migrated_pool().await;
     let mut client = pool.get().await.unwrap();
@@ -274,6 +296,100 @@ async fn sql_ids(
         .iter()
         .map(|r| r.get(0))
         .collect()
+}
+
+/// CSV, by `format=csv` and by `Accept`, parses with a standard reader and matches JSON.
+async fn check_csv(stack: &Stack, key: &CreatedKey) {
+    let (_, json) = get_json(stack, key, "/audit?limit=1000&attempts=1").await;
+    let rows = json["rows"].as_array().unwrap();
+    for (path, accept) in [
+        ("/audit?limit=1000&attempts=1&format=csv", None),
+        ("/audit?limit=1000&attempts=1", Some("text/csv")),
+    ] {
+        let (status, text, next) = get_text(stack, key, path, accept).await;
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(next.as_deref(), json["next"].as_str(), "{path}");
+        let mut reader = csv::Reader::from_reader(text.as_bytes());
+        let header: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
+        let mut expected_header: Vec<String> =
+            query::COLUMNS.iter().map(|c| c.to_string()).collect();
+        expected_header.push("attempts".into());
+        assert_eq!(header, expected_header);
+        let records: Vec<csv::StringRecord> = reader.records().map(|r| r.unwrap()).collect();
+        assert_eq!(records.len(), rows.len(), "{path}");
+        for (record, row) in records.iter().zip(rows) {
+            for (column, field) in header.iter().zip(record.iter()) {
+                let value = &row[column.as_str()];
+                if column == "attempts" {
+                    let parsed: Value = serde_json::from_str(field).unwrap();
+                    assert_eq!(&parsed, value);
+                    continue;
+                }
+                let text = match value {
+                    Value::Null => String::new(),
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                assert_eq!(field, text, "{column} of {row}");
+            }
+        }
+    }
+}
+
+/// `/audit/summary?by=app,status,event` over the window against SQL; the rows counted.
+async fn check_summary(
+    stack: &Stack,
+    key: &CreatedKey,
+    apps: &[String],
+    since: SystemTime,
+    until: SystemTime,
+) -> i64 {
+    let apps = apps.to_vec();
+    let (status, summary) = get_json(
+        stack,
+        key,
+        &format!(
+            "/audit/summary?by=app,status,event&since={}&until={}",
+            encode(&format_time(since)),
+            encode(&format_time(until))
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{summary}");
+    let expected = stack
+        .query(
+            "SELECT app_id, status, event, count(*),
+                    count(*) FILTER (WHERE status = 'expired'),
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms)
+                        FILTER (WHERE provider_status IS NOT NULL),
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms)
+                        FILTER (WHERE provider_status IS NOT NULL)
+               FROM deliveries
+              WHERE app_id = ANY($1) AND received_at >= $2 AND received_at < $3
+              GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+            &[&apps, &since, &until],
+        )
+        .await;
+    let groups = summary["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), expected.len(), "{summary}");
+    let mut total = 0;
+    for (group, row) in groups.iter().zip(&expected) {
+        assert_eq!(group["app"], row.get::<_, String>(0));
+        assert_eq!(group["status"], row.get::<_, String>(1));
+        assert_eq!(group["event"], row.get::<_, String>(2));
+        assert_eq!(group["count"], row.get::<_, i64>(3));
+        assert_eq!(group["expired_before_delivery"], row.get::<_, i64>(4));
+        // JSON numbers parse to within a unit in the last place.
+        let near = |json: &Value, sql: Option<f64>| match (json.as_f64(), sql) {
+            (Some(a), Some(b)) => (a - b).abs() <= 1e-9 * b.abs().max(1.0),
+            (a, b) => a == b,
+        };
+        assert!(near(&group["latency_median_ms"], row.get(5)), "{group}");
+        assert!(near(&group["latency_p99_ms"], row.get(6)), "{group}");
+        total += row.get::<_, i64>(3);
+    }
+    assert_eq!(summary["total"], total);
+    total
 }
 
 #[tokio::test]
@@ -459,88 +575,8 @@ async fn every_filter_returns_what_sql_finds_in_pages_csv_and_summary() {
     }
     wait_for_rows(&stack, &apps, 1100).await;
 
-    // CSV, by format=csv and by Accept, parses and matches JSON.
-    let (_, json) = get_json(&stack, &key, "/audit?limit=1000&attempts=1").await;
-    let rows = json["rows"].as_array().unwrap();
-    for (path, accept) in [
-        ("/audit?limit=1000&attempts=1&format=csv", None),
-        ("/audit?limit=1000&attempts=1", Some("text/csv")),
-    ] {
-        let (status, text, next) = get_text(&stack, &key, path, accept).await;
-        assert_eq!(status, 200, "{text}");
-        assert_eq!(next.as_deref(), json["next"].as_str(), "{path}");
-        let mut reader = csv::Reader::from_reader(text.as_bytes());
-        let header: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
-        let mut expected_header: Vec<String> =
-            query::COLUMNS.iter().map(|c| c.to_string()).collect();
-        expected_header.push("attempts".into());
-        assert_eq!(header, expected_header);
-        let records: Vec<csv::StringRecord> = reader.records().map(|r| r.unwrap()).collect();
-        assert_eq!(records.len(), rows.len(), "{path}");
-        for (record, row) in records.iter().zip(rows) {
-            for (column, field) in header.iter().zip(record.iter()) {
-                let value = &row[column.as_str()];
-                if column == "attempts" {
-                    let parsed: Value = serde_json::from_str(field).unwrap();
-                    assert_eq!(&parsed, value);
-                    continue;
-                }
-                let text = match value {
-                    Value::Null => String::new(),
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                assert_eq!(field, text, "{column} of {row}");
-            }
-        }
-    }
-
-    // The summary against SQL.
-    let (status, summary) = get_json(
-        &stack,
-        &key,
-        &format!(
-            "/audit/summary?by=app,status,event&since={}&until={}",
-            encode(&format_time(since)),
-            encode(&format_time(until))
-        ),
-    )
-    .await;
-    assert_eq!(status, 200, "{summary}");
-    let expected = stack
-        .query(
-            "SELECT app_id, status, event, count(*),
-                    count(*) FILTER (WHERE status = 'expired'),
-                    percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms)
-                        FILTER (WHERE provider_status IS NOT NULL),
-                    percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms)
-                        FILTER (WHERE provider_status IS NOT NULL)
-               FROM deliveries
-              WHERE app_id = ANY($1) AND received_at >= $2 AND received_at < $3
-              GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
-            &[&apps, &since, &until],
-        )
-        .await;
-    let groups = summary["groups"].as_array().unwrap();
-    assert_eq!(groups.len(), expected.len(), "{summary}");
-    let mut total = 0;
-    for (group, row) in groups.iter().zip(&expected) {
-        assert_eq!(group["app"], row.get::<_, String>(0));
-        assert_eq!(group["status"], row.get::<_, String>(1));
-        assert_eq!(group["event"], row.get::<_, String>(2));
-        assert_eq!(group["count"], row.get::<_, i64>(3));
-        assert_eq!(group["expired_before_delivery"], row.get::<_, i64>(4));
-        assert_eq!(
-            group["latency_median_ms"].as_f64(),
-            row.get::<_, Option<f64>>(5)
-        );
-        assert_eq!(
-            group["latency_p99_ms"].as_f64(),
-            row.get::<_, Option<f64>>(6)
-        );
-        total += row.get::<_, i64>(3);
-    }
-    assert_eq!(summary["total"], total);
+    check_csv(&stack, &key).await;
+    let total = check_summary(&stack, &key, &apps, since, until).await;
     assert_eq!(total, 500);
 
     stack.stop().await;
@@ -801,5 +837,346 @@ async fn the_command_line_reads_the_database_or_the_api_page_by_page() {
     let (code, _, err) = pushfleet(&["audit", "--config", &config, "--since", "soon"]).await;
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("since"), "{err}");
+    stack.stop().await;
+}
+
+/// What a real push of the mixed population is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Made {
+    Delivered,
+    TokenInvalid,
+    Rejected,
+    Failed,
+    Expired,
+    /// A duplicate of a delivered push: the first is delivered, the second cancelled.
+    Cancelled,
+}
+
+const MADE: [Made; 6] = [
+    Made::Delivered,
+    Made::TokenInvalid,
+    Made::Rejected,
+    Made::Failed,
+    Made::Expired,
+    Made::Cancelled,
+];
+
+/// The devices registered for the v2 pushes: per account, app and platform one that delivers
+/// and one whose provider keeps failing.
+struct Devices {
+    /// (account, app, platform, made) → device id
+    ids: std::collections::HashMap<(usize, usize, &'static str, bool), String>,
+}
+
+async fn register_devices(stack: &Stack, people: &Population) -> Devices {
+    let mut ids = std::collections::HashMap::new();
+    let mut n = 0;
+    for account in 0..people.accounts.len() {
+        for app in 0..2 {
+            for platform in ["apple", "firebase"] {
+                for failing in [false, true] {
+                    let token = if platform == "apple" {
+                        apns_token()
+                    } else {
+                        fcm_token()
+                    };
+                    if failing {
+                        let script = pushfleet_fakes::Scripted::status(503).times(10_000);
+                        match platform {
+                            "apple" => stack.fakes.apns.script(&token, script),
+                            _ => stack.fakes.fcm.script(&token, script),
+                        }
+                    }
+                    let device = people.devices[n % people.devices.len()].clone();
+                    n += 1;
+                    let (status, answer) = stack
+                        .call(
+                            "POST",
+                            &format!("/v2/tokens/{}", encode(&people.accounts[account])),
+                            Some(&serde_json::json!({
+                                "app-id": people.apps[app], "platform": platform,
+                                "token": token, "device-id": device,
+                            })),
+                        )
+                        .await;
+                    assert_eq!(status, 200, "{answer}");
+                    ids.insert((account, app, platform, failing), device);
+                }
+            }
+        }
+    }
+    Devices { ids }
+}
+
+/// Sends push `i` (its kind is `MADE[i % 6]`), through v1 or, for some delivered and failed
+/// ones, v2 to a registered device of an account.
+async fn real_push(stack: &Stack, people: &Population, devices: &Devices, i: usize) {
+    let made = MADE[i % MADE.len()];
+    let j = i / MADE.len();
+    let platform = if j.is_multiple_of(2) {
+        "apple"
+    } else {
+        "firebase"
+    };
+    let app_index = (j / 2) % 2;
+    let app = people.apps[app_index].as_str();
+    let call = format!("{}-{i}", people.call_ids[j % people.call_ids.len()]);
+    let event = match made {
+        Made::Expired => "transfer",
+        Made::Cancelled => "incoming_session",
+        _ => [
+            "incoming_session",
+            "message",
+            "cancel",
+            "incoming_conference_request",
+        ][j % 4],
+    };
+    let accepted = |status: u16, answer: &Value| {
+        assert!(
+            status == 200 || status == 202,
+            "{made:?}: {status} {answer}"
+        );
+    };
+    if matches!(made, Made::Delivered | Made::Failed) && !j.is_multiple_of(3) {
+        let account = j % people.accounts.len();
+        let device = &devices.ids[&(account, app_index, platform, made == Made::Failed)];
+        let (status, answer) = stack
+            .call(
+                "POST",
+                &format!(
+                    "/v2/tokens/{}/push/{}",
+                    encode(&people.accounts[account]),
+                    encode(device)
+                ),
+                Some(&serde_json::json!({
+                    "app-id": app, "platform": platform, "call-id": call, "event": event,
+                    "from": "alice@example.com", "to": "bob@example.com", "media-type": "audio",
+                })),
+            )
+            .await;
+        return accepted(status, &answer);
+    }
+    let token = if platform == "apple" {
+        apns_token()
+    } else {
+        fcm_token()
+    };
+    let script = match (made, platform) {
+        (Made::TokenInvalid, "apple") => Some(pushfleet_fakes::Scripted::status(410)),
+        (Made::TokenInvalid, _) => Some(pushfleet_fakes::Scripted::status(404)),
+        (Made::Rejected, "apple") => {
+            Some(pushfleet_fakes::Scripted::status(400).reason("BadTopic"))
+        }
+        (Made::Rejected, _) => {
+            Some(pushfleet_fakes::Scripted::status(400).reason("INVALID_ARGUMENT"))
+        }
+        (Made::Failed, _) => Some(pushfleet_fakes::Scripted::status(503).times(10)),
+        _ => None,
+    };
+    if let Some(script) = script {
+        match platform {
+            "apple" => stack.fakes.apns.script(&token, script),
+            _ => stack.fakes.fcm.script(&token, script),
+        }
+    }
+    let mut body = v1_body(app, platform, &token, event, &call);
+    body["device-id"] = people.devices[j % people.devices.len()].clone().into();
+    let (status, answer) = stack.push(&body).await;
+    accepted(status, &answer);
+    if made == Made::Cancelled {
+        // Once the first is sent, the same push again is a duplicate.
+        stack.deliveries(&call, 1).await;
+        let (status, answer) = stack.push(&body).await;
+        accepted(status, &answer);
+    }
+}
+
+/// Sends pushes `range` of the population, 16 at a time.
+async fn real_pushes(
+    stack: &Stack,
+    people: &Population,
+    devices: &Devices,
+    range: impl Iterator<Item = usize>,
+) {
+    use futures_util::StreamExt;
+    futures_util::stream::iter(range)
+        .map(|i| real_push(stack, people, devices, i))
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+}
+
+#[tokio::test]
+async fn real_pushes_in_every_terminal_state_read_back_as_sql_finds_them() {
+    let people = Population::new();
+    let apps = people.apps.to_vec();
+    let key = audit_key(&apps).await;
+    let mut stack = Stack::start_with(StackOptions {
+        mode: "async",
+        start_worker: false,
+        extra_apps: apps.clone(),
+        // One attempt: a 503 is final. Transfers expire in their queue while no worker runs.
+        extra_config: "\n[retry]\nmax_attempts = 1\n\n[events.transfer]\nttl_secs = 1\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let started = SystemTime::now();
+    let devices = register_devices(&stack, &people).await;
+    let expiring = (0..1000).filter(|i| MADE[i % 6] == Made::Expired);
+    real_pushes(&stack, &people, &devices, expiring).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stack.start_worker().await;
+    let others = (0..1000).filter(|i| MADE[i % 6] != Made::Expired);
+    real_pushes(&stack, &people, &devices, others).await;
+    // Every push, and the first of each duplicate pair.
+    let pairs = (0..1000).filter(|i| MADE[i % 6] == Made::Cancelled).count() as i64;
+    wait_for_rows(&stack, &apps, 1000 + pairs).await;
+    wait_until_quiet(&stack, &apps).await;
+    let rows = stack
+        .query(
+            "SELECT status, count(*) FROM deliveries WHERE app_id = ANY($1) GROUP BY 1 ORDER BY 1",
+            &[&apps],
+        )
+        .await;
+    let counts: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let statuses: Vec<&str> = counts.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(
+        statuses,
+        [
+            "cancelled",
+            "delivered",
+            "expired",
+            "failed",
+            "rejected",
+            "token_invalid"
+        ],
+        "{counts:?}"
+    );
+    let accounts: i64 = stack
+        .query(
+            "SELECT count(DISTINCT account) FROM deliveries WHERE app_id = ANY($1)",
+            &[&apps],
+        )
+        .await[0]
+        .get(0);
+    assert_eq!(accounts, people.accounts.len() as i64);
+
+    // Filters taken from the rows themselves, alone and combined.
+    let sample = stack
+        .query(
+            "SELECT account, device_id, token_fingerprint, call_id FROM deliveries
+              WHERE app_id = ANY($1) AND account IS NOT NULL AND status = 'delivered'
+              ORDER BY received_at LIMIT 1",
+            &[&apps],
+        )
+        .await;
+    let (account, device, fingerprint, call): (String, String, String, String) = (
+        sample[0].get(0),
+        sample[0].get(1),
+        sample[0].get(2),
+        sample[0].get(3),
+    );
+    let middle = started + (SystemTime::now().duration_since(started).unwrap() / 2);
+    let cases: Vec<(String, String, SqlParams)> = vec![
+        (String::new(), "true".into(), vec![]),
+        (
+            format!("app={}", apps[1]),
+            "app_id = $2".into(),
+            vec![Box::new(apps[1].clone())],
+        ),
+        (
+            "platform=firebase".into(),
+            "platform = 'firebase'".into(),
+            vec![],
+        ),
+        (
+            format!("account={}", encode(&account)),
+            "account = $2".into(),
+            vec![Box::new(account.clone())],
+        ),
+        (
+            format!("device_id={}", encode(&device)),
+            "device_id = $2".into(),
+            vec![Box::new(device.clone())],
+        ),
+        (
+            format!("token_fingerprint={fingerprint}"),
+            "token_fingerprint = $2".into(),
+            vec![Box::new(fingerprint.clone())],
+        ),
+        (
+            format!("call_id={}", encode(&call)),
+            "call_id = $2".into(),
+            vec![Box::new(call.clone())],
+        ),
+        ("event=transfer".into(), "event = 'transfer'".into(), vec![]),
+        ("status=expired".into(), "status = 'expired'".into(), vec![]),
+        (
+            "status=cancelled&status=token_invalid".into(),
+            "status IN ('cancelled', 'token_invalid')".into(),
+            vec![],
+        ),
+        (
+            format!("since={}", encode(&format_time(middle))),
+            "received_at >= $2".into(),
+            vec![Box::new(middle)],
+        ),
+        (
+            format!(
+                "app={}&platform=apple&status=rejected&until={}",
+                apps[0],
+                encode(&format_time(middle))
+            ),
+            "app_id = $2 AND platform = 'apple' AND status = 'rejected' AND received_at < $3"
+                .into(),
+            vec![Box::new(apps[0].clone()), Box::new(middle)],
+        ),
+        (
+            format!(
+                "account={}&status=failed&event=message",
+                encode(&people.accounts[1])
+            ),
+            "account = $2 AND status = 'failed' AND event = 'message'".into(),
+            vec![Box::new(people.accounts[1].clone())],
+        ),
+    ];
+    for (query, condition, params) in &cases {
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            params.iter().map(|p| &**p).collect();
+        let expected = sql_ids(&stack, &apps, condition, &refs).await;
+        assert!(!expected.is_empty(), "{query}: nothing to find");
+        let found = all_ids(&stack, &key, query, 1000).await;
+        assert!(
+            found == expected,
+            "{query}: {} rows found, {} expected",
+            found.len(),
+            expected.len()
+        );
+    }
+
+    // Paging by 50 while more pushes come in: every earlier row once, in order.
+    let expected = sql_ids(&stack, &apps, "true", &[]).await;
+    let (paged, ()) = tokio::join!(
+        all_ids(&stack, &key, "", 50),
+        real_pushes(
+            &stack,
+            &people,
+            &devices,
+            (1000..1060).filter(|i| MADE[i % 6] != Made::Expired)
+        )
+    );
+    let unique: HashSet<&Uuid> = paged.iter().collect();
+    assert_eq!(unique.len(), paged.len(), "a row came twice");
+    let at: std::collections::HashMap<&Uuid, usize> =
+        paged.iter().enumerate().map(|(i, id)| (id, i)).collect();
+    let positions: Vec<usize> = expected
+        .iter()
+        .map(|id| *at.get(id).unwrap_or_else(|| panic!("{id} missing")))
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "out of order");
+
+    check_csv(&stack, &key).await;
+    let counted = check_summary(&stack, &key, &apps, started, SystemTime::now()).await;
+    assert!(counted >= 1000 + pairs, "{counted}");
     stack.stop().await;
 }

@@ -65,6 +65,8 @@ pub struct StackOptions {
     pub extra_config: String,
     /// `[ingest] allowed_hosts`.
     pub allowed_hosts: Vec<String>,
+    /// More apps, each on Apple (token auth) and Firebase, as the Sylk apps but for their ids.
+    pub extra_apps: Vec<String>,
 }
 
 impl Default for StackOptions {
@@ -79,6 +81,7 @@ impl Default for StackOptions {
             start_worker: true,
             extra_config: String::new(),
             allowed_hosts: Vec::new(),
+            extra_apps: Vec::new(),
         }
     }
 }
@@ -129,6 +132,9 @@ impl Stack {
             &options.rabbitmq_url.unwrap_or_else(rabbitmq_url),
             &options.postgres_url.unwrap_or_else(postgres_url),
         );
+        for app in &options.extra_apps {
+            config.push_str(&app_toml(&files, app));
+        }
         config.push_str(&options.extra_config);
         let config_path = dir.join("pushfleet.toml");
         std::fs::write(&config_path, &config).expect("config file");
@@ -411,6 +417,41 @@ service_account_file = "{sa}"
         team_id = files.apns_team_id,
         cert = p(&files.apns_client_cert_pem),
         cert_key = p(&files.apns_client_key_pem),
+        sa = p(&files.fcm_service_account_json),
+    )
+}
+
+/// An app on Apple (token auth) and on Firebase, both at the fake providers.
+fn app_toml(files: &SandboxFiles, id: &str) -> String {
+    let p = |path: &PathBuf| path.display().to_string();
+    format!(
+        r#"
+[[apps]]
+id = "{id}"
+platform = "apple"
+type = "sylk"
+[apps.apns]
+endpoint = "{apns}"
+ca_file = "{ca}"
+key_file = "{p8}"
+key_id = "{key_id}"
+team_id = "{team_id}"
+
+[[apps]]
+id = "{id}"
+platform = "firebase"
+type = "sylk"
+[apps.fcm]
+endpoint = "{fcm}"
+ca_file = "{ca}"
+service_account_file = "{sa}"
+"#,
+        apns = files.apns_url,
+        fcm = files.fcm_url,
+        ca = p(&files.ca_pem),
+        p8 = p(&files.apns_key_p8),
+        key_id = files.apns_key_id,
+        team_id = files.apns_team_id,
         sa = p(&files.fcm_service_account_json),
     )
 }

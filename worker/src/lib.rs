@@ -76,6 +76,11 @@ impl Worker {
         let links = Links::open(&settings.rabbitmq, &worker_id, settings.worker.audit_sink).await?;
         let topology = Topology::new(&settings.rabbitmq);
         topology.declare(&links.publish).await?;
+        // Before the first outcome: none may pass the fanout before the log queue is bound.
+        let remote_log = remote_log::configured(&settings);
+        if remote_log {
+            topology.declare_remote_log(&links.publish).await?;
+        }
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
@@ -91,6 +96,7 @@ impl Worker {
             Some(Arc::new(AuditSink::new(
                 pool.clone(),
                 topology.clone(),
+                remote_log,
                 settings.worker.audit_batch_size,
                 Duration::from_millis(settings.worker.audit_flush_ms),
             )))
@@ -99,7 +105,7 @@ impl Worker {
         };
         audit::describe();
         remote_log::describe();
-        if remote_log::configured(&settings) {
+        if remote_log {
             tasks.spawn(remote_log::run(
                 settings.clone(),
                 worker_id.clone(),

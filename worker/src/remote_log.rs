@@ -275,8 +275,7 @@ pub fn log_record(outcome: &OutcomeEvent) -> Option<Value> {
 }
 
 /// Hands the terminal outcome of a job that died in its queue (audited from the dead letters,
-/// not from an outcome) to `<ns>.remote_log`. Where no app logs remotely that queue does not
-/// exist and the broker drops the message, which is then what was wanted.
+/// not from an outcome) to `<ns>.remote_log`.
 pub struct DeadLetterFeed {
     /// In confirm mode: the dead letter is acked only once its outcome is safe.
     channel: Channel,
@@ -288,6 +287,7 @@ impl DeadLetterFeed {
         connection: &Connection,
         topology: &Topology,
     ) -> Result<DeadLetterFeed, BrokerError> {
+        topology.declare_remote_log(connection).await?;
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())

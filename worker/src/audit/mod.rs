@@ -37,6 +37,8 @@ pub const AUDITED_HEADER: &str = "x-pushfleet-audited";
 pub struct AuditSink {
     pool: Pool,
     topology: Topology,
+    /// Whether some app logs its results remotely: dead letters' outcomes then go there too.
+    remote_log: bool,
     batch_size: usize,
     flush_after: Duration,
 }
@@ -54,12 +56,14 @@ impl AuditSink {
     pub fn new(
         pool: Pool,
         topology: Topology,
+        remote_log: bool,
         batch_size: usize,
         flush_after: Duration,
     ) -> AuditSink {
         AuditSink {
             pool,
             topology,
+            remote_log,
             batch_size,
             flush_after,
         }
@@ -125,7 +129,10 @@ impl AuditSink {
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), BrokerError> {
         let parking = Parking::open(publish, &self.topology).await?;
-        let remote_log = DeadLetterFeed::open(publish, &self.topology).await?;
+        let remote_log = match self.remote_log {
+            true => Some(DeadLetterFeed::open(publish, &self.topology).await?),
+            false => None,
+        };
         let channel = audit.create_channel().await?;
         channel.basic_qos(64, BasicQosOptions::default()).await?;
         let mut consumer = channel
@@ -173,7 +180,7 @@ impl AuditSink {
                 }
                 // Its outcome never went through the outcome fanout: the apps' log servers
                 // get it from here.
-                if let DeadLetterRow::Job(outcome) = &row {
+                if let (DeadLetterRow::Job(outcome), Some(remote_log)) = (&row, &remote_log) {
                     let fed = reconnect::until_ok(
                         "dead letter not handed to the remote log yet",
                         &mut shutdown,
