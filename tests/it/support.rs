@@ -369,27 +369,7 @@ request_timeout_ms = 5000
 
 [log]
 level = "warn"
-
-[[apps]]
-id = "{SYLK}"
-platform = "apple"
-type = "sylk"
-[apps.apns]
-endpoint = "{apns}"
-ca_file = "{ca}"
-key_file = "{p8}"
-key_id = "{key_id}"
-team_id = "{team_id}"
-
-[[apps]]
-id = "{SYLK}"
-platform = "firebase"
-type = "sylk"
-[apps.fcm]
-endpoint = "{fcm}"
-ca_file = "{ca}"
-service_account_file = "{sa}"
-
+{sylk}
 [[apps]]
 id = "{LINPHONE}"
 platform = "apple"
@@ -409,19 +389,17 @@ endpoint = "{fcm}"
 ca_file = "{ca}"
 service_account_file = "{sa}"
 "#,
+        sylk = app_toml(files, SYLK),
         apns = files.apns_url,
         fcm = files.fcm_url,
         ca = p(&files.ca_pem),
-        p8 = p(&files.apns_key_p8),
-        key_id = files.apns_key_id,
-        team_id = files.apns_team_id,
         cert = p(&files.apns_client_cert_pem),
         cert_key = p(&files.apns_client_key_pem),
         sa = p(&files.fcm_service_account_json),
     )
 }
 
-/// An app on Apple (token auth) and on Firebase, both at the fake providers.
+/// An app of the Sylk type on Apple (token auth) and on Firebase, both at the fake providers.
 fn app_toml(files: &SandboxFiles, id: &str) -> String {
     let p = |path: &PathBuf| path.display().to_string();
     format!(
