@@ -189,7 +189,14 @@ impl AppLog {
                     _ = shutdown.wait_for(|stop| *stop) => return,
                 }
             };
-            match self.post(&http, &batch).await {
+            // A request in flight does not hold up the worker's exit: what it carried is still
+            // unacked and comes again.
+            let posted = tokio::select! {
+                posted = self.post(&http, &batch) => Some(posted),
+                _ = shutdown.wait_for(|stop| *stop) => None,
+            };
+            let Some(posted) = posted else { return };
+            match posted {
                 Ok(answer) => {
                     waits.reset();
                     let posted = self.posted(last);
