@@ -71,9 +71,14 @@ async fn old_partitions_are_dropped_and_stranded_rows_get_their_partition() {
             .unwrap();
     }
     insert_delivery(&pool, old, "2001-03-15T12:00:00Z").await;
-    assert_eq!(
-        table_of(&pool, old).await.as_deref(),
-        Some("deliveries_2001_03")
+    // Unless another test's worker dropped the partition in between, as it should.
+    let landed = table_of(&pool, old).await;
+    assert!(
+        matches!(
+            landed.as_deref(),
+            Some("deliveries_2001_03" | "deliveries_default")
+        ),
+        "{landed:?}"
     );
     // A row of a month nobody made a partition for lands in the default partition; a month of
     // its own per run, far ahead.
