@@ -180,6 +180,27 @@ async fn old_partitions_are_dropped_and_stranded_rows_get_their_partition() {
         ]
     );
     assert!(grants.iter().all(|(_, p)| p == "SELECT"), "{grants:?}");
+    // Every audit table, view and column says what it holds.
+    let undocumented: Vec<String> = client
+        .query(
+            "WITH audit AS (
+                 SELECT oid, relname FROM pg_class
+                  WHERE relname IN ('deliveries', 'delivery_attempts', 'invalid_tokens',
+                                    'erasures', 'audit_deliveries')
+                    AND relnamespace = to_regnamespace(current_schema())::oid)
+             SELECT relname::text FROM audit WHERE obj_description(oid, 'pg_class') IS NULL
+             UNION ALL
+             SELECT relname || '.' || attname FROM audit
+               JOIN pg_attribute ON attrelid = oid AND attnum > 0 AND NOT attisdropped
+              WHERE col_description(oid, attnum) IS NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(undocumented.is_empty(), "no COMMENT on {undocumented:?}");
     let can_login: bool = client
         .query_one(
             "SELECT rolcanlogin FROM pg_roles WHERE rolname = 'pushfleet_auditor'",
