@@ -14,6 +14,8 @@ mod http_limits;
 mod import;
 mod lifecycle;
 mod limits;
+mod metric_names;
+mod operations;
 mod outcomes;
 mod rfc8599;
 mod startup;
