@@ -37,6 +37,11 @@ pub fn refused(reason: &dyn std::error::Error) {
         error = %reason,
         "configuration reload refused; the previous configuration stays in force"
     );
+    count_failure();
+}
+
+/// Counts a reload that failed in part, logged by the part that failed.
+pub fn count_failure() {
     metrics::counter!("pushfleet_config_reload_failures_total").increment(1);
 }
 

@@ -207,13 +207,13 @@ impl Ingest {
         };
         self.state.reload(&new);
         reload::applied(&AppChanges::between(&current.settings.apps, &new.apps).to_string());
-        match self.reload_tls() {
-            Ok(()) => true,
-            Err(e) => {
-                reload::refused(&e);
-                false
-            }
+        // A certificate that does not load is logged by the TLS reload, which keeps the
+        // previous one; the settings above are in force either way.
+        let reloaded_tls = self.reload_tls().is_ok();
+        if !reloaded_tls {
+            reload::count_failure();
         }
+        reloaded_tls
     }
 
     /// Whether ingest serves HTTPS, with a certificate `reload_tls` can replace.

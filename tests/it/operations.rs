@@ -318,3 +318,77 @@ async fn readiness_of_both_follows_postgres() {
     wait_for_status(&ingest, 200).await;
     stack.stop().await;
 }
+
+/// Counter values of the test process's recorder (the in-process services share it).
+async fn counters(stack: &Stack) -> (f64, f64) {
+    let text = stack.worker_metrics().await;
+    (
+        sample(&text, "pushfleet_config_reloads_total"),
+        sample(&text, "pushfleet_config_reload_failures_total"),
+    )
+}
+
+async fn push_linphone_apple(stack: &Stack) -> (u16, Value) {
+    let token = crate::support::apns_token();
+    stack
+        .push(&v1_body(
+            LINPHONE,
+            "apple",
+            &token,
+            "incoming_session",
+            &call_id(),
+        ))
+        .await
+}
+
+/// A certificate rotated on disk is picked up by the worker's periodic check, without SIGHUP; a
+/// half-written one is refused once, and the client in force keeps delivering.
+#[tokio::test]
+async fn a_rotated_certificate_is_picked_up_without_a_signal() {
+    let stack = Stack::start_with(StackOptions {
+        env: vec![(
+            "PUSHFLEET__WORKER__CREDENTIALS_CHECK_SECS".into(),
+            "1".into(),
+        )],
+        ..Default::default()
+    })
+    .await;
+    let (status, answer) = push_linphone_apple(&stack).await;
+    assert_eq!(status, 200, "{answer}");
+
+    let (_, failures) = counters(&stack).await;
+    std::fs::write(
+        &stack.files.apns_client_cert_pem,
+        "-----BEGIN CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counters(&stack).await.1 < failures + 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the broken certificate was not noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, answer) = push_linphone_apple(&stack).await;
+    assert_eq!(
+        status, 200,
+        "the certificate in force still serves: {answer}"
+    );
+
+    let (reloads, _) = counters(&stack).await;
+    let (cert, key) = stack.fakes.apns.issue_client_certificate(LINPHONE);
+    std::fs::write(&stack.files.apns_client_key_pem, key).unwrap();
+    std::fs::write(&stack.files.apns_client_cert_pem, cert).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counters(&stack).await.0 < reloads + 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate was not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, answer) = push_linphone_apple(&stack).await;
+    assert_eq!(status, 200, "{answer}");
+    stack.stop().await;
+}
