@@ -3,6 +3,7 @@
 //! readiness that follows Postgres.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -390,5 +391,72 @@ async fn a_rotated_certificate_is_picked_up_without_a_signal() {
     }
     let (status, answer) = push_linphone_apple(&stack).await;
     assert_eq!(status, 200, "{answer}");
+    stack.stop().await;
+}
+
+/// The stack's configuration without the app `id` on `platform`.
+fn without_app(full: &str, id: &str, platform: &str) -> String {
+    let mut blocks = full.split("[[apps]]");
+    let mut kept = blocks.next().unwrap_or_default().to_string();
+    let named = format!("id = \"{id}\"\nplatform = \"{platform}\"");
+    for block in blocks {
+        if !block.contains(&named) {
+            kept.push_str("[[apps]]");
+            kept.push_str(block);
+        }
+    }
+    kept
+}
+
+/// An app removed while one of its pushes is at the provider: that push still gets its answer
+/// (the worker finishes it with the client it started with); the next one is refused.
+#[tokio::test]
+async fn a_push_in_flight_survives_the_removal_of_its_app() {
+    let stack = Stack::start_with(StackOptions {
+        start_worker: false,
+        fakes: pushfleet_fakes::FakeOptions::default()
+            .with_response_delay(Duration::from_millis(3000)),
+        ..Default::default()
+    })
+    .await;
+    let path = stack.config_path.with_file_name("shrinking.toml");
+    let full = std::fs::read_to_string(&stack.config_path).unwrap();
+    std::fs::write(&path, &full).unwrap();
+    let services = Services::start(&path).await;
+
+    let body = v1_body(
+        SYLK,
+        "firebase",
+        &fcm_token(),
+        "incoming_session",
+        &call_id(),
+    );
+    let reloaded = AtomicBool::new(false);
+    let (in_flight, ()) = tokio::join!(
+        async {
+            let answer = services.push(&body).await;
+            (answer, reloaded.load(Ordering::SeqCst))
+        },
+        async {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while stack.fakes.fcm.request_count() == 0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "the push did not reach the provider"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            std::fs::write(&path, without_app(&full, SYLK, "firebase")).unwrap();
+            services.hang_up();
+            wait_for_counter(&services, "pushfleet_config_reloads_total", 1.0).await;
+            reloaded.store(true, Ordering::SeqCst);
+        }
+    );
+    let ((status, answer), reloaded_first) = in_flight;
+    assert!(reloaded_first, "both reloaded while the push was in flight");
+    assert_eq!(status, 200, "the push in flight was answered: {answer}");
+    let (status, answer) = services.push(&body).await;
+    assert_eq!(status, 404, "the app is gone: {answer}");
+    services.stop().await;
     stack.stop().await;
 }
