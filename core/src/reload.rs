@@ -14,7 +14,7 @@ use crate::config::{AppSettings, Settings};
 
 /// The settings in `path`, or `None` (logged and counted) when they cannot be used.
 pub fn reread(path: &Path, current: &Settings) -> Option<Settings> {
-    match Settings::load(path).and_then(|new| new.check_app_files().map(|()| new)) {
+    match Settings::load(path) {
         Ok(new) => {
             for key in current.changes_needing_restart(&new) {
                 warn!(

@@ -127,7 +127,8 @@ async fn a_broken_file_on_sighup_leaves_the_old_configuration_serving() {
     std::fs::write(&path, &full).unwrap();
     let mut services = Services::start(&path).await;
 
-    // Not TOML at all, then TOML naming a credential file that does not exist.
+    // Not TOML at all, then TOML naming an APNs key that does not exist: both are refused, as
+    // they would be at start-up.
     std::fs::write(&path, format!("{full}\n[[apps]\nid = ")).unwrap();
     services.hang_up();
     wait_for_counter(&services, "pushfleet_config_reload_failures_total", 1.0).await;
