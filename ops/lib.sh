@@ -29,14 +29,27 @@ apt_install() {
 }
 
 ensure_rabbitmq() {
-  port_open 5672 && return 0
-  command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
-  log "starting RabbitMQ"
-  rabbitmq-server -detached >/dev/null 2>&1 || true
-  wait_for_port 5672 RabbitMQ
-  rabbitmqctl await_startup >/dev/null 2>&1 || true
-  # Quorum queues need their feature flag on brokers upgraded from old versions.
-  rabbitmqctl enable_feature_flag all >/dev/null 2>&1 || true
+  if ! port_open 5672; then
+    command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
+    log "starting RabbitMQ"
+    rabbitmq-server -detached >/dev/null 2>&1 || true
+    wait_for_port 5672 RabbitMQ
+    rabbitmqctl await_startup >/dev/null 2>&1 || true
+    # Quorum queues need their feature flag on brokers upgraded from old versions.
+    rabbitmqctl enable_feature_flag all >/dev/null 2>&1 || true
+  fi
+  ensure_rabbitmq_prometheus
+}
+
+# RabbitMQ's own metrics on :15692 (per-queue depth for the lane alerts and the dashboard).
+# Enabling a plugin does not restart the broker.
+RABBITMQ_PROMETHEUS_PORT=${RABBITMQ_PROMETHEUS_PORT:-15692}
+ensure_rabbitmq_prometheus() {
+  port_open "$RABBITMQ_PROMETHEUS_PORT" && return 0
+  command -v rabbitmq-plugins >/dev/null || return 0
+  log "enabling RabbitMQ's Prometheus plugin (port $RABBITMQ_PROMETHEUS_PORT)"
+  rabbitmq-plugins enable --quiet rabbitmq_prometheus >/dev/null 2>&1 ||
+    echo "warning: could not enable rabbitmq_prometheus; RabbitMQ's metrics are not scraped" >&2
 }
 
 ensure_postgres() {

@@ -2,8 +2,8 @@
 //! client OpenSIPS scripts call); with `push`, `add` or `remove` it is `sylk-pushclient-v2`;
 //! both keep the reference's options, output lines and exit codes. It adds
 //! `tokens list` against the API, `audit` (queries over the API or the database, summaries,
-//! erasure), and `import` of existing tokens and `keys` (the
-//! tenants' API keys) straight into Postgres.
+//! erasure), `import` of existing tokens and `keys` (the tenants' API keys) straight into
+//! Postgres, and `reload` (SIGHUP to the running services).
 //! Installed (or linked) under the name `sylk-pushclient` or `sylk-pushclient-v2`, it behaves as
 //! that client whatever the arguments.
 #![forbid(unsafe_code)]
@@ -13,6 +13,7 @@ pub mod audit;
 pub mod import;
 pub mod inspect;
 pub mod keys;
+pub mod reload;
 pub mod sylk;
 
 use std::io::Write;
@@ -48,7 +49,8 @@ usage: pushfleet --url URL --platform P --appid A --token T --deviceid D --calli
        pushfleet keys create --tenant NAME --app APP_ID [--app …] --scope push|tokens|audit
                  [--scope …] [--pushes-per-second N [--burst M]] (--config FILE | --database-url URL)
        pushfleet keys list [--json] (--config FILE | --database-url URL)
-       pushfleet keys revoke ID (--config FILE | --database-url URL)";
+       pushfleet keys revoke ID (--config FILE | --database-url URL)
+       pushfleet reload [--service ingest|worker|all] [--config FILE] [--pid PID]";
 
 /// Runs the client as `program` (its argv[0]) with `args`; returns the exit code.
 pub async fn run(
@@ -79,6 +81,7 @@ pub async fn run(
         (_, Some("audit")) => audit::run(&args, out, err).await,
         (_, Some("import")) => import::run(&args, out).await,
         (_, Some("keys")) => keys::run(&args, out).await,
+        (_, Some("reload")) => reload::run(&args, out),
         (_, Some(other)) => Err(args::Error::Usage(format!("unknown command {other:?}"))),
     };
     match result {

@@ -77,7 +77,7 @@ fn ensure(holds: bool, key: &str, problem: &str) -> Result<(), ConfigError> {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     #[serde(default)]
@@ -111,7 +111,7 @@ pub enum ResponseMode {
     Async,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngestSettings {
     pub listen: SocketAddr,
@@ -181,7 +181,7 @@ impl Default for IngestSettings {
 
 /// Limits of every HTTP listener (ingest's API, the worker's probes and metrics), so that idle,
 /// slow or too many clients cannot take a listener down.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpSettings {
     /// A request head (request line and headers) must be complete this long after the
@@ -209,7 +209,7 @@ impl Default for HttpSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RabbitSettings {
     /// The broker, for a single node; replaced by `urls` when that is set (a file sets one of
@@ -265,7 +265,7 @@ impl Default for RabbitSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PostgresSettings {
     /// `?sslmode=` chooses TLS (see `tls::SslMode`); without it connections are plain.
@@ -288,7 +288,7 @@ impl Default for PostgresSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerSettings {
     /// Address of the worker's own HTTP endpoint (`/metrics`, `/health`).
@@ -313,10 +313,13 @@ pub struct WorkerSettings {
     /// On SIGTERM, how long the jobs in hand may take to finish before the worker closes its
     /// connections anyway (unfinished jobs go back to their queue).
     pub shutdown_timeout_ms: u64,
+    /// How often the apps' credential and CA files are checked for changes (a rotated key or
+    /// certificate), which then take effect as on SIGHUP; 0 checks only on SIGHUP.
+    pub credentials_check_secs: u64,
 }
 
 /// The audit trail's lifetime.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditSettings {
     /// Audit rows and dead-token entries are kept at least this many days; a monthly partition
@@ -342,7 +345,7 @@ impl AuditSettings {
 
 /// Retries of pushes that may succeed later (429, 5xx, no answer): exponential back-off with
 /// jitter, a `Retry-After` taking precedence, never past the job's deadline.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetrySettings {
     /// Sends per job, the first included; a job still failing after them ends `failed`.
@@ -379,6 +382,7 @@ impl Default for WorkerSettings {
             max_streams_per_connection: 1000,
             invalid_tokens_refresh_secs: 30,
             shutdown_timeout_ms: 10_000,
+            credentials_check_secs: 10,
         }
     }
 }
@@ -389,7 +393,7 @@ impl WorkerSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
     /// A tracing filter such as `info` or `pushfleet_worker=debug,info`; `RUST_LOG` wins.
@@ -465,7 +469,7 @@ pub enum AppType {
     Linphone,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AppSettings {
     pub id: String,
@@ -492,6 +496,32 @@ pub struct AppSettings {
     pub log_buffer: usize,
 }
 
+/// One app's remote result logging, as the worker's remote-log consumer reads it at start-up.
+type RemoteLog<'a> = (
+    &'a str,
+    &'a Option<String>,
+    &'a Option<String>,
+    u64,
+    &'a Option<String>,
+    usize,
+);
+
+fn remote_logs(apps: &[AppSettings]) -> Vec<RemoteLog<'_>> {
+    apps.iter()
+        .filter(|app| app.log_url.is_some())
+        .map(|app| {
+            (
+                app.id.as_str(),
+                &app.log_url,
+                &app.log_auth,
+                app.log_timeout_ms,
+                &app.log_key,
+                app.log_buffer,
+            )
+        })
+        .collect()
+}
+
 fn default_log_timeout_ms() -> u64 {
     5000
 }
@@ -500,10 +530,39 @@ fn default_log_buffer() -> usize {
     10_000
 }
 
+impl AppSettings {
+    /// The files the app's client reads, by key: keys, certificates, service account, CA.
+    pub fn files(&self) -> Vec<(&'static str, &Path)> {
+        let mut files = Vec::new();
+        if let Some(apns) = &self.apns {
+            for (key, path) in [
+                ("apns.ca_file", &apns.ca_file),
+                ("apns.key_file", &apns.key_file),
+                ("apns.cert_file", &apns.cert_file),
+                ("apns.cert_key_file", &apns.cert_key_file),
+            ] {
+                if let Some(path) = path {
+                    files.push((key, path.as_path()));
+                }
+            }
+        }
+        if let Some(fcm) = &self.fcm {
+            files.push((
+                "fcm.service_account_file",
+                fcm.service_account_file.as_path(),
+            ));
+            if let Some(ca) = &fcm.ca_file {
+                files.push(("fcm.ca_file", ca.as_path()));
+            }
+        }
+        files
+    }
+}
+
 pub const APNS_PRODUCTION: &str = "https://api.push.apple.com";
 pub const FCM_PRODUCTION: &str = "https://fcm.googleapis.com";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApnsSettings {
     #[serde(default = "default_apns_endpoint")]
@@ -563,7 +622,7 @@ impl ApnsSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FcmSettings {
     /// Google service-account JSON; its `token_uri` is where OAuth goes.
@@ -630,6 +689,84 @@ impl Settings {
         self.apps
             .iter()
             .find(|a| a.id == id && a.platform == platform)
+    }
+
+    /// What differs from `new` among the settings a running process only reads at start-up, by
+    /// key or section: a reload applies the rest and reports these as needing a restart. Taking
+    /// effect on reload: `[[apps]]` (and the files they name), `[ingest]` `mode`,
+    /// `sync_timeout_ms`, `max_devices_per_account` and `raw_tokens_in_answers`, `[retry]`, and
+    /// `[worker] credentials_check_secs`.
+    pub fn changes_needing_restart(&self, new: &Settings) -> Vec<&'static str> {
+        let (a, b) = (&self.ingest, &new.ingest);
+        let (w, v) = (&self.worker, &new.worker);
+        [
+            ("[ingest] listen", a.listen == b.listen),
+            (
+                "[ingest] tls_cert_file, tls_key_file (their contents are re-read)",
+                a.tls_cert_file == b.tls_cert_file && a.tls_key_file == b.tls_key_file,
+            ),
+            (
+                "[ingest] max_body_bytes",
+                a.max_body_bytes == b.max_body_bytes,
+            ),
+            (
+                "[ingest] publish_timeout_ms",
+                a.publish_timeout_ms == b.publish_timeout_ms,
+            ),
+            ("[ingest] allowed_hosts", a.allowed_hosts == b.allowed_hosts),
+            (
+                "[ingest] shutdown_timeout_ms",
+                a.shutdown_timeout_ms == b.shutdown_timeout_ms,
+            ),
+            (
+                "[ingest] admin_listen, admin_allowed_hosts",
+                a.admin_listen == b.admin_listen && a.admin_allowed_hosts == b.admin_allowed_hosts,
+            ),
+            (
+                "[ingest] require_api_key, allow_anonymous",
+                a.require_api_key == b.require_api_key && a.allow_anonymous == b.allow_anonymous,
+            ),
+            (
+                "[ingest] api_keys_refresh_ms, rate_limit_share",
+                a.api_keys_refresh_ms == b.api_keys_refresh_ms
+                    && a.rate_limit_share == b.rate_limit_share,
+            ),
+            ("[http]", self.http == new.http),
+            ("[rabbitmq]", self.rabbitmq == new.rabbitmq),
+            ("[postgres]", self.postgres == new.postgres),
+            ("[log]", self.log == new.log),
+            ("[events]", self.events == new.events),
+            ("[audit]", self.audit == new.audit),
+            (
+                "[[apps]] log_url, log_auth, log_timeout_ms, log_key, log_buffer",
+                remote_logs(&self.apps) == remote_logs(&new.apps),
+            ),
+            (
+                "[worker] (but credentials_check_secs)",
+                WorkerSettings {
+                    credentials_check_secs: v.credentials_check_secs,
+                    ..w.clone()
+                } == *v,
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, same)| !same)
+        .map(|(key, _)| key)
+        .collect()
+    }
+
+    /// These settings with what a reload may change taken from `new` (see
+    /// [`Settings::changes_needing_restart`]): what a running process puts in force.
+    pub fn reloaded_from(&self, new: &Settings) -> Settings {
+        let mut next = self.clone();
+        next.apps = new.apps.clone();
+        next.retry = new.retry.clone();
+        next.ingest.mode = new.ingest.mode;
+        next.ingest.sync_timeout_ms = new.ingest.sync_timeout_ms;
+        next.ingest.max_devices_per_account = new.ingest.max_devices_per_account;
+        next.ingest.raw_tokens_in_answers = new.ingest.raw_tokens_in_answers;
+        next.worker.credentials_check_secs = new.worker.credentials_check_secs;
+        next
     }
 
     fn resolve_paths(&mut self, base: &Path) {
@@ -878,6 +1015,11 @@ impl WorkerSettings {
             (1..=600_000).contains(&self.shutdown_timeout_ms),
             "[worker] shutdown_timeout_ms",
             "must be between 1 and 600000",
+        )?;
+        ensure(
+            self.credentials_check_secs <= 86_400,
+            "[worker] credentials_check_secs",
+            "must be at most 86400 (0: only on SIGHUP)",
         )
     }
 }
@@ -1230,6 +1372,54 @@ mod tests {
             env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
             Path::new("."),
         )
+    }
+
+    #[test]
+    fn a_reload_takes_the_apps_and_reports_what_needs_a_restart() {
+        let old = load("", &[]).unwrap();
+        let account = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        let new = load(
+            &r#"
+            [ingest]
+            listen = "127.0.0.1:9400"
+            mode = "async"
+            [rabbitmq]
+            prefetch = 8
+            [worker]
+            credentials_check_secs = 0
+            request_timeout_ms = 3000
+            [retry]
+            max_attempts = 3
+            [[apps]]
+            id = "com.example.chat"
+            platform = "firebase"
+            type = "sylk"
+            fcm = { service_account_file = "ACCOUNT" }
+            "#
+            .replace("ACCOUNT", &account.display().to_string()),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            old.changes_needing_restart(&new),
+            [
+                "[ingest] listen",
+                "[rabbitmq]",
+                "[worker] (but credentials_check_secs)"
+            ]
+        );
+        let next = old.reloaded_from(&new);
+        assert_eq!(next.apps, new.apps);
+        assert_eq!(next.retry.max_attempts, 3);
+        assert_eq!(next.ingest.mode, ResponseMode::Async);
+        assert_eq!(next.worker.credentials_check_secs, 0);
+        // What needs a restart stays as it was.
+        assert_eq!(next.ingest.listen, old.ingest.listen);
+        assert_eq!(next.rabbitmq, old.rabbitmq);
+        assert_eq!(next.worker.request_timeout_ms, 10_000);
+        assert!(next.changes_needing_restart(&next).is_empty());
+        let files: Vec<&str> = next.apps[0].files().iter().map(|(key, _)| *key).collect();
+        assert_eq!(files, ["fcm.service_account_file"]);
     }
 
     #[test]

@@ -143,8 +143,10 @@ pub async fn migrate(pool: &Pool) -> Result<Vec<i32>, DbError> {
         .transaction()
         .await
         .map_err(DbError::query("migrations"))?;
+    // "already exists, skipping" NOTICEs of IF NOT EXISTS would be logged at INFO on every run.
     tx.batch_execute(
-        "SELECT pg_advisory_xact_lock(hashtext('pushfleet_migrations'));
+        "SET LOCAL client_min_messages = warning;
+         SELECT pg_advisory_xact_lock(hashtext('pushfleet_migrations'));
          CREATE TABLE IF NOT EXISTS pushfleet_migrations (
              version    integer PRIMARY KEY,
              name       text NOT NULL,
@@ -189,7 +191,9 @@ pub async fn ensure_partitions(pool: &Pool) -> Result<(), DbError> {
     let client = pool.get().await?;
     client
         .batch_execute(
-            "SELECT pushfleet_ensure_month_partitions(current_date);
+            // One implicit transaction: SET LOCAL quietens its NOTICEs only.
+            "SET LOCAL client_min_messages = warning;
+             SELECT pushfleet_ensure_month_partitions(current_date);
              SELECT pushfleet_ensure_month_partitions((current_date + interval '1 month')::date);",
         )
         .await

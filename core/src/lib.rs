@@ -13,6 +13,7 @@ pub mod ledger;
 pub mod logged;
 pub mod policy;
 pub mod reconnect;
+pub mod reload;
 pub mod service;
 pub mod tls;
 pub mod tokens;

@@ -135,7 +135,7 @@ pub struct EventPolicy {
 const MAX_DEFAULT_DEDUPE: Duration = Duration::from_secs(300);
 
 /// Overrides for one event, as written in `[events.<name>]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventPolicyOverride {
     pub lane: Option<Lane>,

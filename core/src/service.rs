@@ -102,7 +102,23 @@ pub fn metrics_recorder() -> PrometheusHandle {
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ];
             let batch_buckets = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 256.0];
-            let recorder = PrometheusBuilder::new()
+            // From accept to a worker, to the end, to the audit row: up to a message's 24 h TTL,
+            // so that a p99 near a lane's TTL can be told apart (exact matches are tried first).
+            let lifetime_buckets = [
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+                3600.0, 21600.0, 86400.0,
+            ];
+            let mut builder = PrometheusBuilder::new();
+            for name in [
+                "pushfleet_queue_wait_seconds",
+                "pushfleet_push_latency_seconds",
+                "pushfleet_audit_lag_seconds",
+            ] {
+                builder = builder
+                    .set_buckets_for_metric(Matcher::Full(name.into()), &lifetime_buckets)
+                    .expect("valid buckets");
+            }
+            let recorder = builder
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency_buckets)
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Suffix("_batch_size".into()), &batch_buckets)
@@ -125,6 +141,110 @@ pub fn metrics_recorder() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// The release, as in Cargo.toml, and the commit it was built from (`build.rs`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const COMMIT: &str = env!("PUSHFLEET_COMMIT");
+
+/// HELP texts of the metrics every binary exports, and `pushfleet_build_info` set once: a
+/// family appears on `/metrics` with its HELP once it has a value.
+pub fn describe_common() {
+    use metrics::{describe_counter, describe_gauge, Unit};
+    // Descriptions given before the recorder exists would be lost.
+    metrics_recorder();
+    describe_gauge!(
+        "pushfleet_build_info",
+        "Always 1; the version and commit of the running binary as labels"
+    );
+    describe_gauge!(
+        "pushfleet_broker_connected",
+        "1 while the service (label service) is connected to RabbitMQ, 0 while it reconnects"
+    );
+    describe_counter!(
+        "pushfleet_config_reloads_total",
+        "Configuration reloads (SIGHUP or changed credential files) that took effect"
+    );
+    describe_counter!(
+        "pushfleet_config_reload_failures_total",
+        "Configuration reloads refused (invalid file or credentials): the previous configuration stays"
+    );
+    describe_gauge!(
+        "process_resident_memory_bytes",
+        Unit::Bytes,
+        "Resident set size of the process"
+    );
+    describe_gauge!(
+        "process_cpu_seconds_total",
+        Unit::Seconds,
+        "User and system CPU time the process has used (a counter: use rate())"
+    );
+    describe_gauge!("process_open_fds", "Open file descriptors of the process");
+    metrics::gauge!("pushfleet_build_info", "version" => VERSION, "commit" => COMMIT).set(1.0);
+    // Present from the start, so that rate() and increase() see the first failure.
+    metrics::counter!("pushfleet_config_reloads_total").increment(0);
+    metrics::counter!("pushfleet_config_reload_failures_total").increment(0);
+    record_process_metrics();
+}
+
+/// HELP of the Postgres probe, for the binaries that report it.
+pub fn describe_postgres_probe() {
+    metrics::describe_gauge!(
+        "pushfleet_postgres_up",
+        "1 when Postgres answered the last probe (each scrape and /ready), 0 when not, by service"
+    );
+}
+
+/// Whether Postgres answers within `timeout`, recorded as `pushfleet_postgres_up{service}`.
+pub async fn probe_postgres(
+    pool: &deadpool_postgres::Pool,
+    settings: &crate::config::PostgresSettings,
+    service: &'static str,
+    timeout: std::time::Duration,
+) -> bool {
+    let up = matches!(
+        tokio::time::timeout(timeout, crate::db::ping(pool, settings)).await,
+        Ok(Ok(()))
+    );
+    metrics::gauge!("pushfleet_postgres_up", "service" => service).set(if up { 1.0 } else { 0.0 });
+    up
+}
+
+/// The Prometheus text of `handle`, with the process figures read just before.
+pub fn render_metrics(handle: &PrometheusHandle) -> String {
+    record_process_metrics();
+    handle.render()
+}
+
+/// Memory, CPU and descriptors from /proc (Linux); elsewhere nothing is recorded.
+fn record_process_metrics() {
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        let rss_kb = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok());
+        if let Some(kb) = rss_kb {
+            metrics::gauge!("process_resident_memory_bytes").set(kb * 1024.0);
+        }
+    }
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+        if let Some(seconds) = cpu_seconds(&stat) {
+            metrics::gauge!("process_cpu_seconds_total").set(seconds);
+        }
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        metrics::gauge!("process_open_fds").set(fds.count() as f64);
+    }
+}
+
+/// utime + stime of a `/proc/<pid>/stat` line, in seconds. Fields are counted after the
+/// command name, which may hold spaces; the kernel reports them in USER_HZ, 100 on Linux.
+fn cpu_seconds(stat: &str) -> Option<f64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -153,6 +273,13 @@ mod tests {
             "[migrate]",
             args.iter().map(|s| s.to_string()),
         )
+    }
+
+    #[test]
+    fn cpu_time_from_proc_stat() {
+        let stat = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0 10 0 0";
+        assert_eq!(cpu_seconds(stat), Some(3.0));
+        assert_eq!(cpu_seconds("garbage"), None);
     }
 
     #[test]

@@ -141,7 +141,7 @@ fn credentials(headers: &HeaderMap) -> Credentials<'_> {
 }
 
 fn identify(state: &AppState, headers: &HeaderMap, scope: Scope) -> Result<Caller, ApiError> {
-    let required = state.settings.ingest.require_api_key;
+    let required = state.live().settings.ingest.require_api_key;
     let key = match credentials(headers) {
         Credentials::Bearer(text) => state
             .api_keys
@@ -335,7 +335,7 @@ pub async fn load_at_start(
 /// Installs the table loaded at start-up and reloads it for as long as `state` lives.
 pub fn keep_fresh(state: &Shared, keys: Vec<ApiKey>) {
     state.api_keys.replace(keys);
-    let interval = Duration::from_millis(state.settings.ingest.api_keys_refresh_ms);
+    let interval = Duration::from_millis(state.live().settings.ingest.api_keys_refresh_ms);
     tokio::spawn(refresh(
         Arc::downgrade(&state.api_keys),
         state.db.clone(),

@@ -142,8 +142,9 @@ pub enum ApiError {
     /// The caller reads only that storage is away; the log gets the detail.
     #[error("token storage unavailable")]
     StorageUnavailable(#[from] DbError),
-    #[error("not connected to RabbitMQ")]
-    NotReady,
+    /// A probe: what ingest cannot reach (RabbitMQ, Postgres).
+    #[error("not connected to {0}")]
+    NotReady(&'static str),
 
     // The HTTP limits (`[http]`).
     /// More requests in progress than `max_in_flight_requests`: refused before any work.
@@ -192,7 +193,7 @@ impl ApiError {
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             TooManyDevices { .. } => StatusCode::CONFLICT,
             TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            QueueUnavailable(_) | StorageUnavailable(_) | NotReady | Overloaded => {
+            QueueUnavailable(_) | StorageUnavailable(_) | NotReady(_) | Overloaded => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -237,7 +238,7 @@ impl ApiError {
             TooManyDevices { .. } => "too_many_devices",
             QueueUnavailable(_) => "queue_unavailable",
             StorageUnavailable(_) => "storage_unavailable",
-            NotReady => "not_ready",
+            NotReady(_) => "not_ready",
             Overloaded => "overloaded",
             BodyTimeout(_) => "body_timeout",
         }

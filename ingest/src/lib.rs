@@ -9,6 +9,7 @@ mod arbitrary;
 mod audit;
 mod auth;
 mod broker;
+mod describe;
 mod error;
 mod fcm_projects;
 mod fields;
@@ -24,11 +25,13 @@ mod v2;
 mod validate;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use pushfleet_core::db::{self, DbError};
 use pushfleet_core::http;
+use pushfleet_core::reload::{self, AppChanges};
 use pushfleet_core::tls::{ServerCertError, ServerTls};
 use pushfleet_core::topology::BrokerError;
 use pushfleet_core::Settings;
@@ -99,12 +102,14 @@ pub struct Ingest {
     shutdown: watch::Sender<bool>,
     server: JoinHandle<Result<(), StopError>>,
     tls: Option<ServerTls>,
+    state: Arc<AppState>,
 }
 
 impl Ingest {
     /// Connects to Postgres and the broker (an error if either is unreachable) and serves on
     /// `listener`.
     pub async fn start(settings: Settings, listener: TcpListener) -> Result<Ingest, StartError> {
+        describe::describe();
         let addr = listener.local_addr().map_err(StartError::Listener)?;
         let acl = AccessList::parse("allowed_hosts", &settings.ingest.allowed_hosts)?;
         if auth::open_to_anyone(&settings.ingest, addr) {
@@ -147,7 +152,7 @@ impl Ingest {
         let admin =
             admin.map(|(listener, acl)| (listener, routes::admin_router(state.clone(), acl)));
         auth::keep_fresh(&state, api_keys);
-        let app = routes::router(state, acl);
+        let app = routes::router(state.clone(), acl);
         let mut admin_shutdown = shutdown_rx.clone();
         let served_tls = tls.clone();
         let server = tokio::spawn(async move {
@@ -187,7 +192,28 @@ impl Ingest {
             shutdown,
             server,
             tls,
+            state,
         })
+    }
+
+    /// Re-reads the configuration file (what SIGHUP does): apps added, removed or changed, and
+    /// the `[ingest]` keys a reload may change, apply to the requests that start from now on;
+    /// the HTTPS certificate is re-read. A file that does not load is refused, and the settings
+    /// in force stay. False when anything was refused.
+    pub fn reload(&self, path: &Path) -> bool {
+        let current = self.state.live();
+        let Some(new) = reload::reread(path, &current.settings) else {
+            return false;
+        };
+        self.state.reload(&new);
+        reload::applied(&AppChanges::between(&current.settings.apps, &new.apps).to_string());
+        // A certificate that does not load is logged by the TLS reload, which keeps the
+        // previous one; the settings above are in force either way.
+        let reloaded_tls = self.reload_tls().is_ok();
+        if !reloaded_tls {
+            reload::count_failure();
+        }
+        reloaded_tls
     }
 
     /// Whether ingest serves HTTPS, with a certificate `reload_tls` can replace.

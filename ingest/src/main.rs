@@ -3,6 +3,7 @@
 use std::error::Error;
 use std::process::ExitCode;
 
+use pushfleet_core::reload::Hangups;
 use pushfleet_core::service::{init_logging, shutdown_signal, CommandLine};
 use pushfleet_ingest::Ingest;
 use tracing::info;
@@ -26,25 +27,19 @@ async fn run() -> Result<(), Box<dyn Error>> {
     let settings = command_line.settings()?;
     init_logging(&settings.log);
     let ingest = Ingest::bind(settings).await?;
-    tokio::select! {
-        () = shutdown_signal() => {}
-        () = reload_tls_on_hangup(&ingest) => {}
+    let mut hangups = Hangups::install()?;
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            // The configuration and the HTTPS certificate; a failure is logged and counted,
+            // and what is in force stays.
+            () = hangups.next() => {
+                ingest.reload(&command_line.config);
+            }
+        }
     }
     info!("shutting down: finishing in-flight requests");
     Ok(ingest.stop().await?)
-}
-
-/// SIGHUP re-reads the HTTPS certificate. Without HTTPS, SIGHUP keeps its default (it ends the
-/// process), as before.
-async fn reload_tls_on_hangup(ingest: &Ingest) {
-    if !ingest.serves_tls() {
-        return std::future::pending().await;
-    }
-    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .expect("SIGHUP handler");
-    while hangups.recv().await.is_some() {
-        // A failure is logged by the reload, and the previous certificate stays.
-        let _ = ingest.reload_tls();
-    }
-    std::future::pending().await
 }

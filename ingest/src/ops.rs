@@ -4,7 +4,7 @@
 //! HTTP limits: load shedding and slow bodies.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, Version};
@@ -12,11 +12,12 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use pushfleet_core::http::BodyDeadline;
+use pushfleet_core::service;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
 use crate::error::{ApiError, ErrorLabel};
-use crate::state::Shared;
+use crate::state::{AppState, Shared};
 
 /// `GET /`: the reference's greeting, which monitoring may look for.
 pub async fn home() -> Json<&'static str> {
@@ -28,20 +29,33 @@ pub async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// `GET /ready`: pushes can be queued.
+/// `GET /ready`: pushes can be queued, and tokens and audit rows read (Postgres answers
+/// within [`DB_PROBE_TIMEOUT`]).
 pub async fn ready(State(state): State<Shared>) -> Result<Json<Value>, ApiError> {
-    if state.broker.is_connected() {
+    if !state.broker.is_connected() {
+        return Err(ApiError::NotReady("RabbitMQ"));
+    }
+    if probe_postgres(&state).await {
         Ok(Json(json!({"status": "ready"})))
     } else {
-        Err(ApiError::NotReady)
+        Err(ApiError::NotReady("Postgres"))
     }
 }
 
+async fn probe_postgres(state: &AppState) -> bool {
+    let postgres = state.live().settings.postgres.clone();
+    service::probe_postgres(&state.db, &postgres, "ingest", DB_PROBE_TIMEOUT).await
+}
+
+/// A probe answers in time for a load balancer's, whatever the pool's own timeouts.
+const DB_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// `GET /metrics`, in the Prometheus text format.
 pub async fn metrics_text(State(state): State<Shared>) -> Response {
+    probe_postgres(&state).await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
+        service::render_metrics(&state.metrics),
     )
         .into_response()
 }

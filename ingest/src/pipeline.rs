@@ -13,7 +13,7 @@ use pushfleet_core::clock::now_ms;
 use pushfleet_core::job::{Job, SyncReply, JOB_VERSION};
 use pushfleet_core::logged::{Escaped, Identity};
 use pushfleet_core::tokens::token_fingerprint;
-use pushfleet_core::ResponseMode;
+use pushfleet_core::{ResponseMode, Settings};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 use tokio::sync::oneshot;
@@ -28,17 +28,17 @@ use crate::validate::{configured_app, validate, ValidPush};
 
 /// Whether callers wait for the worker's answer.
 pub fn is_sync(state: &AppState) -> bool {
-    state.settings.ingest.mode == ResponseMode::Sync
+    state.live().settings.ingest.mode == ResponseMode::Sync
 }
 
 /// Until when a request received now waits for its answers.
 pub fn sync_deadline(state: &AppState) -> Instant {
-    Instant::now() + Duration::from_millis(state.settings.ingest.sync_timeout_ms)
+    Instant::now() + Duration::from_millis(state.live().settings.ingest.sync_timeout_ms)
 }
 
 /// A job for a validated push from `caller`, and the time it is worth delivering.
 pub fn new_job(state: &AppState, valid: ValidPush<'_>, caller: &Caller) -> (Job, Duration) {
-    let policy = state.policies.get(valid.event);
+    let policy = *state.live().policies.get(valid.event);
     let now = now_ms();
     let job = Job {
         v: JOB_VERSION,
@@ -56,16 +56,18 @@ pub fn new_job(state: &AppState, valid: ValidPush<'_>, caller: &Caller) -> (Job,
     (job, policy.ttl)
 }
 
-/// Validates a v1-shaped push (from `/push` or built from RFC 8599 parameters), queues it and
-/// answers as the reference does.
+/// Validates a v1-shaped push (from `/push` or built from RFC 8599 parameters, the `route`),
+/// queues it and answers as the reference does.
 pub async fn accept(
     state: &AppState,
     peer: SocketAddr,
     caller: &Caller,
     body: &Map<String, Value>,
+    route: &'static str,
 ) -> Result<Response, ApiError> {
-    let valid = check_app(body, state, caller)
-        .and_then(|()| validate(body, &state.settings))
+    let live = state.live();
+    let valid = check_app(body, &live.settings, caller)
+        .and_then(|()| validate(body, &live.settings))
         .inspect_err(|e| {
             info!(peer = %peer.ip(), status = e.status().as_u16(), error = %e.body(), "push request rejected");
         })?;
@@ -76,8 +78,8 @@ pub async fn accept(
         return Ok(accepted(job.id));
     };
     Ok(
-        match await_reply(state, job.id, reply, sync_deadline(state)).await {
-            Some(reply) => sync_answer(&job, reply, state.settings.ingest.raw_tokens_in_answers),
+        match await_reply(state, job.id, reply, sync_deadline(state), route).await {
+            Some(reply) => sync_answer(&job, reply, live.settings.ingest.raw_tokens_in_answers),
             None => accepted(job.id),
         },
     )
@@ -85,8 +87,12 @@ pub async fn accept(
 
 /// A key for another app is refused before the rest of the body is looked at. A body whose app
 /// cannot be made out is left to validation, which says why.
-fn check_app(body: &Map<String, Value>, state: &AppState, caller: &Caller) -> Result<(), ApiError> {
-    match configured_app(body, &state.settings, ApiError::UnknownPlatform) {
+fn check_app(
+    body: &Map<String, Value>,
+    settings: &Settings,
+    caller: &Caller,
+) -> Result<(), ApiError> {
+    match configured_app(body, settings, ApiError::UnknownPlatform) {
         Ok(app) => caller.check_app(&app.id),
         Err(_) => Ok(()),
     }
@@ -138,19 +144,22 @@ pub async fn enqueue(
     Ok(reply)
 }
 
-/// The worker's answer, or `None` once `deadline` passes.
+/// The worker's answer, or `None` once `deadline` passes (counted for `route`, named as in
+/// `pushfleet_ingest_requests_total`).
 pub async fn await_reply(
     state: &AppState,
     job_id: Uuid,
     reply: oneshot::Receiver<SyncReply>,
     deadline: Instant,
+    route: &'static str,
 ) -> Option<SyncReply> {
     match tokio::time::timeout_at(deadline, reply).await {
         Ok(Ok(reply)) => Some(reply),
         _ => {
             // The job stays queued and will still be delivered and audited.
             state.broker.forget(job_id);
-            metrics::counter!("pushfleet_ingest_sync_timeouts_total").increment(1);
+            metrics::counter!("pushfleet_ingest_sync_timeouts_total", "route" => route)
+                .increment(1);
             None
         }
     }

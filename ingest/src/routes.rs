@@ -16,7 +16,9 @@ use crate::state::Shared;
 use crate::{audit, auth, rfc8599, v1, v2};
 
 pub fn router(state: Shared, acl: AccessList) -> Router {
-    let in_flight = Arc::new(Semaphore::new(state.settings.http.max_in_flight_requests));
+    let in_flight = Arc::new(Semaphore::new(
+        state.live().settings.http.max_in_flight_requests,
+    ));
     let api = Router::new()
         .route("/", get(ops::home))
         .route("/push", post(v1::push).fallback(method_not_allowed))
@@ -47,7 +49,7 @@ pub fn router(state: Shared, acl: AccessList) -> Router {
             get(audit::summary).fallback(method_not_allowed),
         );
     // With an admin listener, the probes and metrics are served there only.
-    let api = if state.settings.ingest.admin_listen.is_some() {
+    let api = if state.live().settings.ingest.admin_listen.is_some() {
         api
     } else {
         with_probes(api)

@@ -21,5 +21,5 @@ pub async fn push(
     body: Body,
 ) -> Result<Response, ApiError> {
     let body = json_object(body, state.body_limit()).await?;
-    pipeline::accept(&state, peer, &caller, &body).await
+    pipeline::accept(&state, peer, &caller, &body, "/push").await
 }

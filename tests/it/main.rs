@@ -15,6 +15,8 @@ mod http_limits;
 mod import;
 mod lifecycle;
 mod limits;
+mod metric_names;
+mod operations;
 mod outcomes;
 mod remote_log;
 mod retention;

@@ -442,12 +442,17 @@ pub fn spawn_worker_process(config: &Path) -> tokio::process::Child {
 
 /// A worker process with `PUSHFLEET__…` overrides in its environment.
 pub fn spawn_worker_process_with(config: &Path, env: &[(&str, &str)]) -> tokio::process::Child {
+    spawn_service("pushfleet-worker", config, env)
+}
+
+/// `binary` (`pushfleet-worker` or `pushfleet-ingest`) of the workspace build as a process.
+pub fn spawn_service(binary: &str, config: &Path, env: &[(&str, &str)]) -> tokio::process::Child {
     let exe = std::env::current_exe().expect("test binary path");
     let bin = exe
         .parent()
         .and_then(Path::parent)
         .expect("target directory")
-        .join("pushfleet-worker");
+        .join(binary);
     assert!(
         bin.exists(),
         "{} is missing: build the workspace first (ops/test does)",
@@ -460,7 +465,136 @@ pub fn spawn_worker_process_with(config: &Path, env: &[(&str, &str)]) -> tokio::
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .expect("worker process starts")
+        .unwrap_or_else(|e| panic!("{binary} process starts: {e}"))
+}
+
+/// Ingest and a worker as processes on ports of their own, reading `config`: what a
+/// deployment runs, for tests of signals and of each binary's own `/metrics`.
+pub struct Services {
+    pub ingest: tokio::process::Child,
+    pub worker: tokio::process::Child,
+    pub ingest_url: String,
+    pub worker_url: String,
+    http: reqwest::Client,
+}
+
+impl Services {
+    /// Starts both and waits for both `/ready`.
+    pub async fn start(config: &Path) -> Services {
+        let (ingest_port, worker_port) = (free_port(), free_port());
+        let ingest_listen = format!("127.0.0.1:{ingest_port}");
+        let worker_listen = format!("127.0.0.1:{worker_port}");
+        let worker = spawn_service(
+            "pushfleet-worker",
+            config,
+            &[("PUSHFLEET__WORKER__LISTEN", &worker_listen)],
+        );
+        let ingest = spawn_service(
+            "pushfleet-ingest",
+            config,
+            &[("PUSHFLEET__INGEST__LISTEN", &ingest_listen)],
+        );
+        let services = Services {
+            ingest,
+            worker,
+            ingest_url: format!("http://{ingest_listen}"),
+            worker_url: format!("http://{worker_listen}"),
+            http: reqwest::Client::new(),
+        };
+        for url in [&services.ingest_url, &services.worker_url] {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while services.status(&format!("{url}/ready")).await != Some(200) {
+                assert!(Instant::now() < deadline, "{url}/ready did not answer 200");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        services
+    }
+
+    async fn status(&self, url: &str) -> Option<u16> {
+        let response = self.http.get(url).send().await.ok()?;
+        Some(response.status().as_u16())
+    }
+
+    /// The process ids of ingest and the worker.
+    pub fn pids(&self) -> [u32; 2] {
+        [&self.ingest, &self.worker].map(|child| child.id().expect("running"))
+    }
+
+    /// Sends SIGHUP to both.
+    pub fn hang_up(&self) {
+        for child in [&self.ingest, &self.worker] {
+            let pid = child.id().expect("running").to_string();
+            let sent = std::process::Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap();
+            assert!(sent.success());
+        }
+    }
+
+    /// Whether both processes still run (were not restarted or ended).
+    pub fn both_running(&mut self) -> bool {
+        self.ingest.try_wait().unwrap().is_none() && self.worker.try_wait().unwrap().is_none()
+    }
+
+    pub async fn push(&self, body: &Value) -> (u16, Value) {
+        let response = self
+            .http
+            .post(format!("{}/push", self.ingest_url))
+            .json(body)
+            .send()
+            .await
+            .expect("ingest answers");
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("a JSON answer"))
+    }
+
+    /// `/metrics` of ingest and of the worker.
+    pub async fn metrics(&self) -> (String, String) {
+        let get = |base: &str| {
+            let url = format!("{base}/metrics");
+            async move {
+                self.http
+                    .get(url)
+                    .send()
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap()
+            }
+        };
+        (get(&self.ingest_url).await, get(&self.worker_url).await)
+    }
+
+    pub async fn stop(mut self) {
+        for child in [&mut self.ingest, &mut self.worker] {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+    }
+}
+
+/// A port nothing listens on (free when asked; the services bind it a moment later).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// The value of the unlabelled sample `name` in a Prometheus text, 0 when absent.
+pub fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
 }
 
 /// Forwards a local port to `target` until cut: `cut` drops every connection and refuses new

@@ -5,6 +5,7 @@
 pub mod acks;
 pub mod audit;
 pub mod dead_tokens;
+mod describe;
 pub mod dispatch;
 pub mod ledger_view;
 pub mod links;
@@ -16,19 +17,22 @@ pub mod replies;
 pub mod retry;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
-use pushfleet_core::config::HttpSettings;
+use deadpool_postgres::Pool;
+use pushfleet_core::config::{HttpSettings, PostgresSettings};
 use pushfleet_core::db::{self, DbError};
 use pushfleet_core::http;
 use pushfleet_core::reconnect;
-use pushfleet_core::service::metrics_recorder;
+use pushfleet_core::reload;
+use pushfleet_core::service::{self, metrics_recorder};
 use pushfleet_core::topology::{BrokerError, Topology};
 use pushfleet_core::Settings;
 use serde_json::json;
@@ -65,12 +69,16 @@ pub struct Worker {
     shutdown: watch::Sender<bool>,
     shutdown_timeout: Duration,
     tasks: JoinSet<()>,
+    dispatcher: Arc<Dispatcher>,
+    /// The settings in force: what a reload compares the file with.
+    settings: Arc<Mutex<Settings>>,
 }
 
 impl Worker {
     /// Checks credentials, the broker and (for the audit sink) Postgres, then starts. Each
     /// check failing is a start-up error with a one-line reason.
     pub async fn start(settings: Settings, http: TcpListener) -> Result<Worker, StartError> {
+        describe::describe();
         let worker_id = settings.worker.id.clone().unwrap_or_else(default_worker_id);
         let dispatcher = Arc::new(Dispatcher::new(&settings, worker_id.clone())?);
         let links = Links::open(&settings.rabbitmq, &worker_id, settings.worker.audit_sink).await?;
@@ -115,7 +123,18 @@ impl Worker {
         let dead_tokens = dispatcher.dead_tokens.clone();
         let refresh = Duration::from_secs(settings.worker.invalid_tokens_refresh_secs);
         let stop = shutdown_rx.clone();
-        tasks.spawn(async move { dead_tokens.keep_loaded(pool, refresh, stop).await });
+        let dead_tokens_pool = pool.clone();
+        tasks.spawn(async move {
+            dead_tokens
+                .keep_loaded(dead_tokens_pool, refresh, stop)
+                .await
+        });
+        let current = Arc::new(Mutex::new(settings.clone()));
+        tasks.spawn(watch_credentials(
+            dispatcher.clone(),
+            current.clone(),
+            shutdown_rx.clone(),
+        ));
 
         let http_addr = http.local_addr().map_err(|source| StartError::Listen {
             addr: settings.worker.listen,
@@ -125,14 +144,18 @@ impl Worker {
         tasks.spawn(serve_http(
             http,
             settings.http.clone(),
-            connected.clone(),
+            Probes {
+                connected: connected.clone(),
+                pool,
+                postgres: settings.postgres.clone(),
+            },
             shutdown_rx.clone(),
         ));
         let shutdown_timeout = Duration::from_millis(settings.worker.shutdown_timeout_ms);
         tasks.spawn(supervise(
             settings,
             worker_id,
-            dispatcher,
+            dispatcher.clone(),
             sink,
             Some(links),
             connected,
@@ -144,7 +167,37 @@ impl Worker {
             shutdown,
             shutdown_timeout,
             tasks,
+            dispatcher,
+            settings: current,
         })
+    }
+
+    /// Re-reads the configuration file (what SIGHUP does): apps added, removed or changed and
+    /// `[retry]` apply to the jobs taken from now on, jobs in flight finish with the client they
+    /// started with, and changed credential files are read again. A file or a credential that
+    /// cannot be used refuses the reload, and the configuration in force stays. False when
+    /// refused.
+    pub fn reload(&self, path: &Path) -> bool {
+        let current = self
+            .settings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some(new) = reload::reread(path, &current) else {
+            return false;
+        };
+        let next = current.reloaded_from(&new);
+        match self.dispatcher.reload(&next.apps, &next.retry) {
+            Ok(changes) => {
+                *self.settings.lock().unwrap_or_else(PoisonError::into_inner) = next;
+                reload::applied(&changes.to_string());
+                true
+            }
+            Err(e) => {
+                reload::refused(&e);
+                false
+            }
+        }
     }
 
     pub async fn bind(settings: Settings) -> Result<Worker, StartError> {
@@ -249,41 +302,95 @@ async fn supervise(
     }
 }
 
+/// Re-reads the apps' credential and CA files when they change on disk (a rotated key or
+/// certificate), every `[worker] credentials_check_secs`.
+async fn watch_credentials(
+    dispatcher: Arc<Dispatcher>,
+    settings: Arc<Mutex<Settings>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let every = settings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .worker
+            .credentials_check_secs;
+        // 0: only on SIGHUP; the setting is looked at again in a while, as a reload may set it.
+        let wait = Duration::from_secs(if every == 0 { 60 } else { every });
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return,
+        }
+        if every == 0 {
+            continue;
+        }
+        match dispatcher.refresh_credentials() {
+            None => {}
+            Some(Ok(changes)) => reload::applied(&format!("credential files: {changes}")),
+            Some(Err(e)) => reload::refused(&e),
+        }
+    }
+}
+
 /// Probes and scrapes answer in milliseconds: a hung scraper must not hold up the worker's exit.
 const HTTP_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
+/// A probe answers in time for whoever calls it, whatever the pool's own timeouts.
+const DB_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What `/ready` looks at.
+#[derive(Clone)]
+struct Probes {
+    connected: Arc<AtomicBool>,
+    pool: Pool,
+    postgres: PostgresSettings,
+}
+
+impl Probes {
+    async fn postgres_up(&self) -> bool {
+        service::probe_postgres(&self.pool, &self.postgres, "worker", DB_PROBE_TIMEOUT).await
+    }
+}
+
 /// The worker's own listener, for operators only: liveness, readiness (connected to RabbitMQ
-/// and consuming) and the Prometheus metrics.
+/// and consuming, Postgres answering) and the Prometheus metrics.
 async fn serve_http(
     listener: TcpListener,
     limits: HttpSettings,
-    connected: Arc<AtomicBool>,
+    probes: Probes,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let metrics = metrics_recorder();
+    let scraped = probes.clone();
     let app = Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route(
             "/ready",
             get(move || async move {
-                if connected.load(Ordering::Relaxed) {
-                    (StatusCode::OK, Json(json!({"status": "ready"})))
-                } else {
+                let not_ready = |what: &str| {
                     (
                         StatusCode::SERVICE_UNAVAILABLE,
-                        Json(json!({"status": "not connected to RabbitMQ"})),
+                        Json(json!({ "status": format!("not connected to {what}") })),
                     )
+                };
+                if !probes.connected.load(Ordering::Relaxed) {
+                    not_ready("RabbitMQ")
+                } else if !probes.postgres_up().await {
+                    not_ready("Postgres")
+                } else {
+                    (StatusCode::OK, Json(json!({"status": "ready"})))
                 }
             }),
         )
         .route(
             "/metrics",
             get(move || {
-                let metrics = metrics.clone();
+                let (metrics, probes) = (metrics.clone(), scraped.clone());
                 async move {
+                    probes.postgres_up().await;
                     (
                         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                        metrics.render(),
+                        service::render_metrics(&metrics),
                     )
                         .into_response()
                 }

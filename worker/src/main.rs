@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 use pushfleet_core::db;
+use pushfleet_core::reload::Hangups;
 use pushfleet_core::service::{init_logging, shutdown_signal, CommandLine};
 use pushfleet_worker::Worker;
 use tracing::info;
@@ -26,7 +27,18 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     match command_line.command.as_deref() {
         None => {
             let worker = Worker::bind(settings).await?;
-            shutdown_signal().await;
+            let mut hangups = Hangups::install()?;
+            let shutdown = shutdown_signal();
+            tokio::pin!(shutdown);
+            loop {
+                tokio::select! {
+                    () = &mut shutdown => break,
+                    // A failure is logged and counted; the configuration in force stays.
+                    () = hangups.next() => {
+                        worker.reload(&command_line.config);
+                    }
+                }
+            }
             info!("shutting down: finishing jobs in hand");
             worker.stop().await;
             Ok(())

@@ -34,8 +34,9 @@ pub async fn push(
     body: Body,
 ) -> Result<Response, ApiError> {
     let body = json_object(body, state.body_limit()).await?;
-    let v1 = v1_body(&body, &state.settings, &state.fcm_projects)?;
-    pipeline::accept(&state, peer, &caller, &v1).await
+    let live = state.live();
+    let v1 = v1_body(&body, &live.settings, &live.fcm_projects)?;
+    pipeline::accept(&state, peer, &caller, &v1, "/rfc8599/push").await
 }
 
 /// The keys that address the device, replaced in the v1 request by its app, platform and token.

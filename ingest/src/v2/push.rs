@@ -75,6 +75,11 @@ async fn push(
         peer,
         caller,
         account,
+        route: if device.is_some() {
+            "/v2/tokens/{account}/push/{device}"
+        } else {
+            "/v2/tokens/{account}/push"
+        },
     };
     let planned = fanout.plan(&request, devices, device.is_some())?;
     let sends = planned
@@ -91,7 +96,7 @@ async fn push(
         sync_answer(
             &results,
             &request,
-            state.settings.ingest.raw_tokens_in_answers,
+            state.live().settings.ingest.raw_tokens_in_answers,
         )
     } else {
         async_answer(&results)
@@ -194,6 +199,8 @@ struct Fanout<'a> {
     peer: SocketAddr,
     caller: &'a Caller,
     account: &'a str,
+    /// The route as `pushfleet_ingest_requests_total` names it, for the sync timeouts.
+    route: &'static str,
 }
 
 impl Fanout<'_> {
@@ -211,12 +218,13 @@ impl Fanout<'_> {
     ) -> Result<Vec<Planned>, ApiError> {
         let mut planned = Vec::with_capacity(devices.len());
         let mut first_refusal = None;
+        let live = self.state.live();
         for device in devices {
             if device.invalidated_at.is_some() {
                 planned.push(Planned::Skip(Skipped::dead(device)));
                 continue;
             }
-            match validate(&device_body(request, &device), &self.state.settings) {
+            match validate(&device_body(request, &device), &live.settings) {
                 Ok(valid) => planned.push(self.job(valid, device)),
                 Err(e) => {
                     info!(account = %Identity(self.account), device_id = %Escaped(&device.device_id),
@@ -269,10 +277,12 @@ impl Fanout<'_> {
         match enqueue(self.state, &job, ttl, sync, &request_id, self.peer).await {
             Err(error) => DeviceResult::NotQueued(job, error),
             Ok(None) => DeviceResult::Queued(job),
-            Ok(Some(reply)) => match await_reply(self.state, job.id, reply, deadline).await {
-                Some(reply) => DeviceResult::Answered(job, reply),
-                None => DeviceResult::Queued(job),
-            },
+            Ok(Some(reply)) => {
+                match await_reply(self.state, job.id, reply, deadline, self.route).await {
+                    Some(reply) => DeviceResult::Answered(job, reply),
+                    None => DeviceResult::Queued(job),
+                }
+            }
         }
     }
 }

@@ -33,8 +33,9 @@ pub async fn add_token(
 ) -> Result<Json<Value>, ApiError> {
     let account = account(path)?;
     let body = json_object(body, state.body_limit()).await?;
-    let new = new_token(account, &body, &state.settings, &caller)?;
-    let max_devices = state.settings.ingest.max_devices_per_account;
+    let live = state.live();
+    let new = new_token(account, &body, &live.settings, &caller)?;
+    let max_devices = live.settings.ingest.max_devices_per_account;
     let mut client = state.db_client().await?;
     tokens::register_within(&mut **client, &new, max_devices, caller.apps()).await?;
     info!(
@@ -53,7 +54,7 @@ pub async fn add_token(
     put_token(
         &mut echo,
         &new.token,
-        state.settings.ingest.raw_tokens_in_answers,
+        live.settings.ingest.raw_tokens_in_answers,
     );
     Ok(Json(echo))
 }

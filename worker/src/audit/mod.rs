@@ -19,10 +19,12 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::Connection;
 use pushfleet_core::audit::retention::{self, Maintained};
+use pushfleet_core::clock::now_ms;
 use pushfleet_core::db::DbError;
 use pushfleet_core::job::{decode_batch, OutcomeEvent};
 use pushfleet_core::reconnect;
 use pushfleet_core::topology::{BrokerError, Topology};
+use pushfleet_core::Lane;
 use tokio::sync::{watch, Mutex};
 use tracing::{info, warn};
 
@@ -159,8 +161,12 @@ impl AuditSink {
                 _ => None,
             };
             let death = header("x-first-death-reason").unwrap_or_else(|| "unknown".into());
-            metrics::counter!("pushfleet_dead_letters_total", "reason" => death.clone())
-                .increment(1);
+            let (app, lane) = dead_letter_labels(&delivery.data);
+            metrics::counter!(
+                "pushfleet_dead_letters_total",
+                "reason" => death.clone(), "app" => app, "lane" => lane
+            )
+            .increment(1);
             if header(AUDITED_HEADER).is_none() {
                 let row = dead_letter_row(&delivery, &death);
                 let audited =
@@ -252,6 +258,7 @@ impl AuditSink {
                 Ok(()) => {
                     metrics::counter!("pushfleet_audit_outcomes_written_total")
                         .increment(part.len() as u64);
+                    record_lag(part);
                 }
                 Err(e) if e.is_data_error() && part.len() > 1 => {
                     let (first, second) = part.split_at(part.len() / 2);
@@ -272,6 +279,34 @@ impl AuditSink {
             }
         }
         Ok(())
+    }
+}
+
+/// The app and lane of a dead letter, for its metric labels; "unknown" for what is not a job.
+fn dead_letter_labels(data: &[u8]) -> (String, &'static str) {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        app_id: String,
+        lane: Lane,
+    }
+    match serde_json::from_slice::<Head>(data) {
+        Ok(head) => (head.app_id, head.lane.as_str()),
+        Err(_) => ("unknown".into(), "unknown"),
+    }
+}
+
+/// How far the audit trail is behind: from each outcome's end (its terminal state, else its
+/// attempt) to the commit of its row.
+fn record_lag(outcomes: &[OutcomeEvent]) {
+    let now = now_ms();
+    for outcome in outcomes {
+        let finished = match (&outcome.terminal, &outcome.attempt) {
+            (Some(terminal), _) => terminal.finished_at_ms,
+            (None, Some(attempt)) => attempt.at_ms + attempt.duration_ms,
+            (None, None) => continue,
+        };
+        metrics::histogram!("pushfleet_audit_lag_seconds")
+            .record(now.saturating_sub(finished) as f64 / 1000.0);
     }
 }
 

@@ -8,7 +8,8 @@ mod phases;
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
@@ -19,9 +20,10 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
-use pushfleet_core::config::{AppSettings, Platform, RetrySettings, Settings};
+use pushfleet_core::config::{AppSettings, Platform, RetrySettings, Settings, WorkerSettings};
 use pushfleet_core::job::Job;
 use pushfleet_core::logged::Escaped;
+use pushfleet_core::reload::{self, AppChanges, FileStamp};
 use pushfleet_core::topology::{self, BrokerError, Topology, PERSISTENT};
 use pushfleet_core::{EventPolicies, Lane};
 use tokio::sync::watch;
@@ -40,13 +42,58 @@ use crate::replies::ReplySender;
 
 /// Everything a job handler needs, shared by all in-flight jobs.
 pub struct Dispatcher {
-    apps: HashMap<(String, Platform), (AppSettings, Provider)>,
+    /// What a reload replaces; a job holds the version it started with until it is done.
+    live: RwLock<Arc<Live>>,
+    /// Credential files whose reload failed: not tried again until one of them changes.
+    refused: Mutex<Option<Vec<FileStamp>>>,
+    /// Connection limits and timeouts of new clients (fixed until a restart).
+    worker: WorkerSettings,
     policies: EventPolicies,
     topology: Topology,
-    retry: RetrySettings,
     worker_id: String,
     pub ledger: Arc<LedgerView>,
     pub dead_tokens: Arc<DeadTokens>,
+}
+
+/// The part of the configuration a reload changes.
+struct Live {
+    apps: HashMap<(String, Platform), Arc<AppClient>>,
+    retry: RetrySettings,
+}
+
+/// A configured app with its provider client, and the files the client was built from.
+pub struct AppClient {
+    pub settings: AppSettings,
+    pub provider: Provider,
+    files: Vec<(PathBuf, FileStamp)>,
+}
+
+impl AppClient {
+    fn build(app: &AppSettings, worker: &WorkerSettings) -> Result<AppClient, ProviderError> {
+        // Stamped before reading, so that a file replaced meanwhile is read again next time.
+        let files = app
+            .files()
+            .into_iter()
+            .map(|(_, path)| (path.to_path_buf(), reload::stamp(path)))
+            .collect();
+        // Present from the start at 0, so that the credential alarm sees the first failure.
+        metrics::counter!(
+            "pushfleet_credential_failures_total",
+            "app" => app.id.clone(), "platform" => app.platform.as_str()
+        )
+        .increment(0);
+        Ok(AppClient {
+            provider: Provider::for_app(app, worker)?,
+            settings: app.clone(),
+            files,
+        })
+    }
+
+    fn files_changed(&self) -> bool {
+        self.files
+            .iter()
+            .any(|(path, stamp)| reload::stamp(path) != *stamp)
+    }
 }
 
 /// Where a job handler's results go, on the worker's broker connection.
@@ -64,20 +111,100 @@ impl Dispatcher {
     pub fn new(settings: &Settings, worker_id: String) -> Result<Dispatcher, ProviderError> {
         let mut apps = HashMap::new();
         for app in &settings.apps {
-            let provider = Provider::for_app(app, &settings.worker)?;
-            apps.insert((app.id.clone(), app.platform), (app.clone(), provider));
+            let client = AppClient::build(app, &settings.worker)?;
+            apps.insert((app.id.clone(), app.platform), Arc::new(client));
         }
         let topology = Topology::new(&settings.rabbitmq);
         let policies = settings.event_policies();
         Ok(Dispatcher {
-            apps,
+            live: RwLock::new(Arc::new(Live {
+                apps,
+                retry: settings.retry.clone(),
+            })),
+            refused: Mutex::new(None),
+            worker: settings.worker.clone(),
             ledger: Arc::new(LedgerView::new(topology.clone(), policies.clone())),
             policies,
             topology,
-            retry: settings.retry.clone(),
             worker_id,
             dead_tokens: Arc::new(DeadTokens::default()),
         })
+    }
+
+    fn live(&self) -> Arc<Live> {
+        self.live
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The app's client as configured now.
+    fn app(&self, id: &str, platform: Platform) -> Option<Arc<AppClient>> {
+        self.live().apps.get(&(id.to_string(), platform)).cloned()
+    }
+
+    /// Puts `apps` and `retry` in force. Unchanged apps keep their client and its connections;
+    /// a new or changed app (its settings or a file it reads) gets a new client, and jobs in
+    /// flight finish with the client they started with. Any app that cannot be built refuses
+    /// the whole reload, and the apps in force stay.
+    pub fn reload(
+        &self,
+        apps: &[AppSettings],
+        retry: &RetrySettings,
+    ) -> Result<AppChanges, ProviderError> {
+        let current = self.live();
+        let mut next = HashMap::new();
+        let mut changes = AppChanges::default();
+        for app in apps {
+            let key = (app.id.clone(), app.platform);
+            let client = match current.apps.get(&key) {
+                Some(client) if client.settings == *app && !client.files_changed() => {
+                    client.clone()
+                }
+                existing => {
+                    let client = Arc::new(AppClient::build(app, &self.worker)?);
+                    match existing {
+                        Some(_) => changes.changed.push(reload::label(app)),
+                        None => changes.added.push(reload::label(app)),
+                    }
+                    client
+                }
+            };
+            next.insert(key, client);
+        }
+        changes.removed = current
+            .apps
+            .iter()
+            .filter(|(key, _)| !next.contains_key(*key))
+            .map(|(_, client)| reload::label(&client.settings))
+            .collect();
+        *self.live.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(Live {
+            apps: next,
+            retry: retry.clone(),
+        });
+        Ok(changes)
+    }
+
+    /// Rebuilds the clients whose credential or CA files changed on disk. `None` when nothing
+    /// changed, or when the files are still those a previous attempt refused.
+    pub fn refresh_credentials(&self) -> Option<Result<AppChanges, ProviderError>> {
+        let live = self.live();
+        if !live.apps.values().any(|client| client.files_changed()) {
+            return None;
+        }
+        let stamps: Vec<FileStamp> = live
+            .apps
+            .values()
+            .flat_map(|client| client.files.iter().map(|(path, _)| reload::stamp(path)))
+            .collect();
+        let mut refused = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
+        if refused.as_ref() == Some(&stamps) {
+            return None;
+        }
+        let apps: Vec<AppSettings> = live.apps.values().map(|c| c.settings.clone()).collect();
+        let result = self.reload(&apps, &live.retry);
+        *refused = result.is_err().then_some(stamps);
+        Some(result)
     }
 
     /// Consumes both lanes until a connection fails or `shutdown` flips; then waits for the
@@ -202,6 +329,7 @@ impl Dispatcher {
                 return Settle::Reject;
             }
         };
+        record_queue_wait(&job);
         let span = tracing::info_span!("job", job_id = %job.id, call_id = %Escaped(&job.push.call_id), event = %job.event, app = %job.app_id, attempt = job.attempt + 1);
         async {
             let saved = match self.process(&job).await {
@@ -317,6 +445,18 @@ impl Dispatcher {
             .await;
         topology::confirm(published, CONFIRM_TIMEOUT).await
     }
+}
+
+/// How long a fresh job waited in its lane. Lanes are FIFO, so while a backlog lasts the jobs
+/// taken now are the oldest queued: their wait is the age of the lane's head, which RabbitMQ
+/// does not export for quorum queues. Retries are left out: their wait includes the back-off.
+fn record_queue_wait(job: &Job) {
+    if job.attempt > 0 {
+        return;
+    }
+    let waited = pushfleet_core::clock::now_ms().saturating_sub(job.received_at_ms);
+    metrics::histogram!("pushfleet_queue_wait_seconds", "lane" => job.lane.as_str())
+        .record(waited as f64 / 1000.0);
 }
 
 /// How a job whose handler panicked leaves its queue: back once, in case the panic came from

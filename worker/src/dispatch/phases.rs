@@ -2,8 +2,9 @@
 //! app, deadline, cancels and duplicates, dead tokens), **send** it to its provider, and
 //! **conclude** from the answer table whether it is done or waits for a retry.
 
+use std::sync::Arc;
+
 use pushfleet_core::clock::now_ms;
-use pushfleet_core::config::AppSettings;
 use pushfleet_core::job::{
     AttemptRecord, Job, OutcomeEvent, SyncReply, Terminal, TokenInvalidation,
 };
@@ -12,9 +13,9 @@ use serde_json::{json, Value};
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
-use super::Dispatcher;
+use super::{AppClient, Dispatcher};
 use crate::ledger_view::Verdict;
-use crate::providers::{sylk_result, Class, Provider, ProviderResponse};
+use crate::providers::{sylk_result, Class, ProviderResponse};
 use crate::retry::{self, RetryPlan};
 
 /// What handling a job once came to.
@@ -99,18 +100,21 @@ impl Unsent {
 impl Dispatcher {
     /// Handles the job once: check, send, conclude.
     pub async fn process(&self, job: &Job) -> Step {
-        let (app, provider) = match self.check(job) {
-            Ok(target) => target,
+        let client = match self.check(job) {
+            Ok(client) => client,
             Err(unsent) => return unsent.step(job),
         };
         let started_ms = now_ms();
-        let response = provider.send(app, job, self.policies.get(job.event)).await;
+        let response = client
+            .provider
+            .send(&client.settings, job, self.policies.get(job.event))
+            .await;
         self.conclude(job, started_ms, response)
     }
 
     /// The app and client to send `job` with, or why it must not be sent.
-    fn check(&self, job: &Job) -> Result<(&AppSettings, &Provider), Unsent> {
-        let Some((app, provider)) = self.apps.get(&(job.app_id.clone(), job.platform)) else {
+    fn check(&self, job: &Job) -> Result<Arc<AppClient>, Unsent> {
+        let Some(client) = self.app(&job.app_id, job.platform) else {
             warn!("no such app in this worker's configuration");
             return Err(Unsent::UnknownApp);
         };
@@ -139,7 +143,7 @@ impl Dispatcher {
             info!("token known to be invalid; not sent");
             return Err(Unsent::DeadToken);
         }
-        Ok((app, provider))
+        Ok(client)
     }
 
     /// Turns the provider's answer into the job's terminal state, or a retry.
@@ -214,7 +218,7 @@ impl Dispatcher {
 
     fn plan_retry(&self, job: &Job, attempts: u32, response: &ProviderResponse) -> RetryPlan {
         let plan = retry::plan(
-            &self.retry,
+            &self.live().retry,
             &self.topology,
             job,
             attempts,
@@ -260,6 +264,12 @@ fn count_terminal(job: &Job, status: DeliveryStatus) {
         "event" => job.event.as_str(), "outcome" => status.as_str()
     )
     .increment(1);
+    let latency_ms = now_ms().saturating_sub(job.received_at_ms);
+    metrics::histogram!(
+        "pushfleet_push_latency_seconds",
+        "lane" => job.lane.as_str(), "outcome" => status.as_str()
+    )
+    .record(latency_ms as f64 / 1000.0);
 }
 
 fn terminal(
@@ -304,10 +314,16 @@ fn record_provider_metrics(job: &Job, response: &ProviderResponse) {
         .map(|s| s.to_string())
         .unwrap_or_else(|| "none".into());
     let platform = job.platform.as_str();
-    metrics::counter!("pushfleet_provider_requests_total", "platform" => platform, "status" => status)
-        .increment(1);
-    metrics::histogram!("pushfleet_provider_latency_seconds", "platform" => platform)
-        .record(response.duration.as_secs_f64());
+    metrics::counter!(
+        "pushfleet_provider_requests_total",
+        "app" => job.app_id.clone(), "platform" => platform, "status" => status
+    )
+    .increment(1);
+    metrics::histogram!(
+        "pushfleet_provider_latency_seconds",
+        "app" => job.app_id.clone(), "platform" => platform
+    )
+    .record(response.duration.as_secs_f64());
 }
 
 fn log_answer(response: &ProviderResponse) {

@@ -120,8 +120,11 @@ impl Provider {
         if !self.credential_replaced(&first) {
             return first;
         }
-        metrics::counter!("pushfleet_credential_refreshes_total", "platform" => self.platform().as_str())
-            .increment(1);
+        metrics::counter!(
+            "pushfleet_credential_refreshes_total",
+            "app" => app.id.clone(), "platform" => self.platform().as_str()
+        )
+        .increment(1);
         let mut second = self.send_once(app, job, policy).await;
         second.duration += first.duration;
         second
