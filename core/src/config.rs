@@ -94,6 +94,8 @@ pub struct Settings {
     pub retry: RetrySettings,
     #[serde(default)]
     pub log: LogSettings,
+    #[serde(default)]
+    pub wakeup: WakeupSettings,
     /// Per-event overrides of the event policy, keyed by event name.
     #[serde(default)]
     pub events: BTreeMap<String, EventPolicyOverride>,
@@ -311,6 +313,95 @@ pub struct WorkerSettings {
     /// On SIGTERM, how long the jobs in hand may take to finish before the worker closes its
     /// connections anyway (unfinished jobs go back to their queue).
     pub shutdown_timeout_ms: u64,
+    /// An HTTP proxy (`http://host:port`) through which every connection to APNs, FCM and the
+    /// OAuth endpoint is tunnelled with CONNECT.
+    pub https_proxy: Option<String>,
+    /// A file holding `user:password` for the proxy's Basic authentication.
+    pub https_proxy_credentials_file: Option<PathBuf>,
+}
+
+/// Registration wake-ups: background pushes that make an app register again before its
+/// registration expires, asked for through the API or by `pushfleet wakeup-scheduler`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WakeupSettings {
+    /// A device is woken at most once in this window, however often a wake-up is asked for.
+    pub wakeup_min_interval_secs: u64,
+    /// The scheduler wakes a device once this fraction of its registration's lifetime passed.
+    pub register_wakeup_threshold: f64,
+    /// How often the scheduler looks for devices to wake.
+    pub scheduler_interval_secs: u64,
+    /// Devices one scheduler instance claims per round.
+    pub scheduler_batch_size: u32,
+}
+
+impl Default for WakeupSettings {
+    fn default() -> Self {
+        WakeupSettings {
+            wakeup_min_interval_secs: 600,
+            register_wakeup_threshold: 0.5,
+            scheduler_interval_secs: 60,
+            scheduler_batch_size: 500,
+        }
+    }
+}
+
+impl WakeupSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        ensure(
+            self.wakeup_min_interval_secs <= 7 * 24 * 3600,
+            "[wakeup] wakeup_min_interval_secs",
+            "must be between 0 and 604800 (a week)",
+        )?;
+        ensure(
+            self.register_wakeup_threshold > 0.0 && self.register_wakeup_threshold < 1.0,
+            "[wakeup] register_wakeup_threshold",
+            "must be above 0 and below 1 (a fraction of the registration's lifetime)",
+        )?;
+        ensure(
+            (1..=86_400).contains(&self.scheduler_interval_secs),
+            "[wakeup] scheduler_interval_secs",
+            "must be between 1 and 86400",
+        )?;
+        ensure(
+            (1..=100_000).contains(&self.scheduler_batch_size),
+            "[wakeup] scheduler_batch_size",
+            "must be between 1 and 100000",
+        )
+    }
+}
+
+/// The proxy's Basic credentials, from `https_proxy_credentials_file`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyCredentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl WorkerSettings {
+    /// Reads `https_proxy_credentials_file`: one `user:password` line.
+    pub fn proxy_credentials(&self) -> Result<Option<ProxyCredentials>, ConfigError> {
+        let Some(path) = &self.https_proxy_credentials_file else {
+            return Ok(None);
+        };
+        let key = "[worker] https_proxy_credentials_file";
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::UnreadableFile {
+            key: key.into(),
+            path: path.clone(),
+            source,
+        })?;
+        let line = text.lines().next().unwrap_or_default().trim();
+        match line.split_once(':') {
+            Some((user, password)) if !user.is_empty() => Ok(Some(ProxyCredentials {
+                user: user.to_string(),
+                password: password.to_string(),
+            })),
+            _ => Err(ConfigError::invalid(
+                key,
+                format!("{} must hold user:password", path.display()),
+            )),
+        }
+    }
 }
 
 /// Retries of pushes that may succeed later (429, 5xx, no answer): exponential back-off with
@@ -352,6 +443,8 @@ impl Default for WorkerSettings {
             max_streams_per_connection: 1000,
             invalid_tokens_refresh_secs: 30,
             shutdown_timeout_ms: 10_000,
+            https_proxy: None,
+            https_proxy_credentials_file: None,
         }
     }
 }
@@ -447,6 +540,13 @@ pub struct AppSettings {
     pub app_type: AppType,
     pub apns: Option<ApnsSettings>,
     pub fcm: Option<FcmSettings>,
+    /// False blanks the caller's URI and display name in every payload of this app.
+    #[serde(default = "default_display_caller")]
+    pub display_caller: bool,
+}
+
+fn default_display_caller() -> bool {
+    true
 }
 
 pub const APNS_PRODUCTION: &str = "https://api.push.apple.com";
@@ -592,6 +692,7 @@ impl Settings {
             &mut self.ingest.tls_key_file,
             &mut self.rabbitmq.ca_file,
             &mut self.postgres.ca_file,
+            &mut self.worker.https_proxy_credentials_file,
         ]
         .into_iter()
         .flatten()
@@ -628,6 +729,7 @@ impl Settings {
         self.postgres.validate()?;
         self.worker.validate()?;
         self.retry.validate()?;
+        self.wakeup.validate()?;
         self.validate_tls()?;
         EventPolicies::default().with_overrides(&self.events)?;
         let mut seen = HashMap::new();
@@ -826,7 +928,29 @@ impl WorkerSettings {
             (1..=600_000).contains(&self.shutdown_timeout_ms),
             "[worker] shutdown_timeout_ms",
             "must be between 1 and 600000",
-        )
+        )?;
+        if let Some(proxy) = &self.https_proxy {
+            let authority = proxy
+                .strip_prefix("http://")
+                .map(|rest| rest.trim_end_matches('/'))
+                .filter(|a| {
+                    !a.is_empty() && !a.contains(['@', '/', '?', '#']) && !a.starts_with(':')
+                });
+            ensure(
+                authority.is_some(),
+                "[worker] https_proxy",
+                &format!("{proxy:?}: expected http://host:port (credentials go in https_proxy_credentials_file)"),
+            )?;
+        }
+        if self.https_proxy_credentials_file.is_some() {
+            ensure(
+                self.https_proxy.is_some(),
+                "[worker] https_proxy_credentials_file",
+                "needs [worker] https_proxy",
+            )?;
+            self.proxy_credentials()?;
+        }
+        Ok(())
     }
 }
 

@@ -5,9 +5,11 @@
 mod api_keys;
 mod bad_input;
 mod broker_outage;
+mod calls;
 mod client;
 mod connections;
 mod delivery;
+mod egress;
 mod exposure;
 mod failover;
 mod http_limits;

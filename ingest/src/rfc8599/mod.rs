@@ -18,6 +18,7 @@ use serde_json::{json, Map, Value};
 use self::params::parameters;
 use self::resolve::resolve;
 use crate::auth::Caller;
+use crate::call_options::CallOptions;
 use crate::error::ApiError;
 use crate::fcm_projects::FcmProjects;
 use crate::fields::{field, python_str};
@@ -34,8 +35,8 @@ pub async fn push(
     body: Body,
 ) -> Result<Response, ApiError> {
     let body = json_object(body, state.body_limit()).await?;
-    let v1 = v1_body(&body, &state.settings, &state.fcm_projects)?;
-    pipeline::accept(&state, peer, &caller, &v1).await
+    let (v1, options) = v1_body(&body, &state.settings, &state.fcm_projects)?;
+    pipeline::accept(&state, peer, &caller, &v1, &options).await
 }
 
 /// The keys that address the device, replaced in the v1 request by its app, platform and token.
@@ -49,23 +50,29 @@ const ADDRESS_KEYS: [&str; 7] = [
     "type",
 ];
 
-/// The v1 request that the RFC 8599 push stands for.
+/// The v1 request that the RFC 8599 push stands for, and the device's per-contact options.
 fn v1_body(
     body: &Map<String, Value>,
     settings: &Settings,
     fcm_projects: &FcmProjects,
-) -> Result<Map<String, Value>, ApiError> {
+) -> Result<(Map<String, Value>, CallOptions), ApiError> {
     let params = parameters(body)?;
     let event = event(body)?;
     let hint = field(body, "app-id").and_then(Value::as_str);
     let target = resolve(&params, &event, hint, settings, fcm_projects)?;
+    let mut options = CallOptions::from_params(&params)?;
+    options.remote_only = target.remote_only();
+    options.cancel_token = Some(target.cancel_token().to_string());
     // The v1 validation checks it again as `token`; here the caller reads the name it gave.
     limits::check_token(target.platform, target.token_param, &target.token)?;
     let mut v1 = body.clone();
-    for key in ADDRESS_KEYS {
-        v1.remove(key);
+    for key in ADDRESS_KEYS.iter().chain(&CallOptions::PARAMS) {
+        v1.remove(*key);
         v1.remove(&key.replace('-', "_"));
     }
+    let group_chat = field(body, "group-chat").filter(|v| !v.is_null());
+    v1.remove("group-chat");
+    v1.remove("group_chat");
     v1.insert("app-id".into(), json!(target.app_id));
     v1.insert("platform".into(), json!(target.platform));
     v1.insert("token".into(), json!(target.token));
@@ -78,7 +85,68 @@ fn v1_body(
         let media = if event == "message" { "chat" } else { "audio" };
         v1.insert("media-type".into(), json!(media));
     }
-    Ok(v1)
+    if let Some(flag) = group_chat {
+        options.group_chat = flag.as_bool().ok_or(ApiError::InvalidField {
+            field: "group-chat",
+            problem: "value could not be parsed to a boolean",
+        })?;
+    }
+    Ok((v1, options))
+}
+
+/// A device as a v2 registration addresses it by RFC 8599 parameters: its app and tokens (the
+/// VoIP token first, the remote one as the background token), and its per-contact options
+/// as they are stored: by parameter name.
+pub struct Registration {
+    pub app_id: String,
+    pub platform: pushfleet_core::Platform,
+    pub token: String,
+    pub background_token: Option<String>,
+    pub remote_only: bool,
+    pub push_options: Option<Value>,
+}
+
+/// Whether a v2 registration names its device by RFC 8599 parameters instead of app-id,
+/// platform and token.
+pub fn addresses_by_parameters(body: &Map<String, Value>) -> bool {
+    ["contact", "pn-provider", "pn-type"]
+        .iter()
+        .any(|key| field(body, key).is_some_and(|v| !v.is_null()))
+}
+
+pub fn registration(
+    body: &Map<String, Value>,
+    settings: &Settings,
+    fcm_projects: &FcmProjects,
+) -> Result<Registration, ApiError> {
+    let params = parameters(body)?;
+    let hint = field(body, "app-id").and_then(Value::as_str);
+    let target = resolve(&params, "incoming_session", hint, settings, fcm_projects)?;
+    limits::check_token(target.platform, target.token_param, &target.token)?;
+    let background_token = match (&target.voip_token, &target.remote_token) {
+        (Some(_), Some(remote)) => {
+            limits::check_token(target.platform, target.token_param, remote)?;
+            Some(remote.clone())
+        }
+        _ => None,
+    };
+    // Checked now, so that a bad option is refused at registration rather than at a push.
+    CallOptions::from_params(&params)?;
+    let options: Map<String, Value> = CallOptions::PARAMS
+        .iter()
+        .filter_map(|name| {
+            let value = params.get(*name).filter(|v| !v.is_empty())?;
+            Some((name.to_string(), json!(value)))
+        })
+        .collect();
+    Ok(Registration {
+        app_id: target.app_id.clone(),
+        platform: target.platform,
+        remote_only: target.remote_only(),
+        token: target.token,
+        background_token,
+        push_options: (!options.is_empty()).then_some(Value::Object(options)),
+    })
 }
 
 /// The event of the push: a Sylk event name, or Flexisip's `type` (call, message, background).
@@ -250,7 +318,9 @@ mod tests {
         let settings = settings();
         let projects = FcmProjects::load(&settings);
         let v1 = |body: Value| {
-            v1_body(body.as_object().unwrap(), &settings, &projects).map_err(|e| e.to_string())
+            v1_body(body.as_object().unwrap(), &settings, &projects)
+                .map(|(v1, _)| v1)
+                .map_err(|e| e.to_string())
         };
         let hex = "ab".repeat(32);
         assert_eq!(
@@ -294,7 +364,7 @@ mod tests {
         fn any_body_becomes_a_push_within_the_limits_or_a_4xx(body in arbitrary::rfc8599_body()) {
             let settings = arbitrary::settings();
             let accepted = v1_body(&body, settings, arbitrary::fcm_projects())
-                .and_then(|v1| validate(&v1, settings));
+                .and_then(|(v1, _)| validate(&v1, settings));
             match accepted {
                 Ok(valid) => arbitrary::assert_push_clean(valid.app.platform, &valid.push),
                 Err(error) => arbitrary::assert_refused(&error),
@@ -308,7 +378,7 @@ mod tests {
         let projects = FcmProjects::load(&settings);
         let body = json!({"pn-provider": "fcm", "pn-param": "linphone-1234", "pn-prid": "tok",
                           "call-id": "c", "from": "a", "to": "b", "type": "message"});
-        let v1 = v1_body(body.as_object().unwrap(), &settings, &projects).unwrap();
+        let (v1, _) = v1_body(body.as_object().unwrap(), &settings, &projects).unwrap();
         assert_eq!(
             Value::Object(v1),
             json!({"app-id": "org.linphone.phone", "platform": "firebase", "token": "tok",

@@ -8,18 +8,21 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::{Extension, Json};
 use deadpool_postgres::tokio_postgres::Client;
+use pushfleet_core::clock::now_ms;
 use pushfleet_core::config::Settings;
 use pushfleet_core::logged::{Escaped, Identity};
-use pushfleet_core::tokens::{self, token_fingerprint, NewToken, StoredToken};
+use pushfleet_core::tokens::{self, token_fingerprint, NewToken, RegistrationExtras, StoredToken};
 use serde_json::{json, Map, Value};
 use tracing::info;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::fields::{bool_or, non_empty_str, optional_str, required_str};
+use crate::fcm_projects::FcmProjects;
+use crate::fields::{bool_or, field, non_empty_str, optional_str, required_str};
 use crate::limits::{self, check, check_optional};
 use crate::pipeline::put_token;
 use crate::request::{account, json_object};
+use crate::rfc8599;
 use crate::state::Shared;
 use crate::validate::configured_app;
 
@@ -33,7 +36,13 @@ pub async fn add_token(
 ) -> Result<Json<Value>, ApiError> {
     let account = account(path)?;
     let body = json_object(body, state.body_limit()).await?;
-    let new = new_token(account, &body, &state.settings, &caller)?;
+    let new = new_token(
+        account,
+        &body,
+        &state.settings,
+        &state.fcm_projects,
+        &caller,
+    )?;
     let max_devices = state.settings.ingest.max_devices_per_account;
     let mut client = state.db_client().await?;
     tokens::register_within(&mut **client, &new, max_devices, caller.apps()).await?;
@@ -50,6 +59,11 @@ pub async fn add_token(
         "silent": new.silent,
         "user-agent": new.user_agent,
     });
+    if new.extras != RegistrationExtras::default() {
+        echo["remote_only"] = json!(new.extras.remote_only);
+        echo["push_options"] = json!(new.extras.push_options);
+        echo["registration_expires_at"] = json!(new.extras.registration_expires_at);
+    }
     put_token(
         &mut echo,
         &new.token,
@@ -64,8 +78,12 @@ fn new_token(
     account: String,
     body: &Map<String, Value>,
     settings: &Settings,
+    fcm_projects: &FcmProjects,
     caller: &Caller,
 ) -> Result<NewToken, ApiError> {
+    if rfc8599::addresses_by_parameters(body) {
+        return new_token_by_parameters(account, body, settings, fcm_projects, caller);
+    }
     let app = configured_app(body, settings, ApiError::UnknownRegistrationPlatform)?;
     caller.check_app(&app.id)?;
     let raw_token = non_empty_str(body, "token")?;
@@ -86,7 +104,80 @@ fn new_token(
         background_token,
         silent,
         user_agent,
+        extras: RegistrationExtras {
+            registration_expires_at: registration_expiry(body)?,
+            ..Default::default()
+        },
     })
+}
+
+/// A registration whose device is named by RFC 8599 parameters (a `contact`, or `pn-provider`,
+/// `pn-param` and `pn-prid`), with the contact's per-contact options.
+fn new_token_by_parameters(
+    account: String,
+    body: &Map<String, Value>,
+    settings: &Settings,
+    fcm_projects: &FcmProjects,
+    caller: &Caller,
+) -> Result<NewToken, ApiError> {
+    let device = rfc8599::registration(body, settings, fcm_projects)?;
+    caller.check_app(&device.app_id)?;
+    let device_id = non_empty_str(body, "device-id")?;
+    let silent = bool_or(body, "silent", true)?;
+    let user_agent = optional_str(body, "user-agent")?;
+    check(&limits::DEVICE_ID, &device_id)?;
+    check_optional(&limits::USER_AGENT, user_agent.as_deref())?;
+    Ok(NewToken {
+        account,
+        app_id: device.app_id,
+        platform: device.platform,
+        device_id,
+        token: device.token,
+        background_token: device.background_token,
+        silent,
+        user_agent,
+        extras: RegistrationExtras {
+            remote_only: device.remote_only,
+            push_options: device.push_options,
+            registration_expires_at: registration_expiry(body)?,
+        },
+    })
+}
+
+/// The longest registration pushfleet takes (a year), as SIP registrars cap `Expires` too.
+const MAX_EXPIRES_SECS: u64 = 365 * 24 * 3600;
+
+/// When the device's SIP registration expires, in epoch seconds: `expires` (seconds from now,
+/// as the REGISTER's Expires) or `registration-expires-at` (epoch seconds).
+fn registration_expiry(body: &Map<String, Value>) -> Result<Option<f64>, ApiError> {
+    let now = now_ms() / 1000;
+    let number = |name: &'static str| -> Result<Option<u64>, ApiError> {
+        match field(body, name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(value) => value.as_u64().map(Some).ok_or(ApiError::InvalidField {
+                field: name,
+                problem: "value is not a valid non-negative integer",
+            }),
+        }
+    };
+    let at = match (number("expires")?, number("registration-expires-at")?) {
+        (Some(secs), _) if secs <= MAX_EXPIRES_SECS => now + secs,
+        (Some(_), _) => {
+            return Err(ApiError::InvalidField {
+                field: "expires",
+                problem: "must be at most 31536000 seconds (a year)",
+            })
+        }
+        (None, Some(at)) if at > now && at - now <= MAX_EXPIRES_SECS => at,
+        (None, Some(_)) => {
+            return Err(ApiError::InvalidField {
+                field: "registration-expires-at",
+                problem: "must be epoch seconds in the coming year",
+            })
+        }
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(at as f64))
 }
 
 /// `DELETE /v2/tokens/{account}` with a JSON body `{"app-id", "device-id"}`. Without a
@@ -165,6 +256,7 @@ mod tests {
             "bob@example.com".into(),
             body.as_object().unwrap(),
             arbitrary::settings(),
+            arbitrary::fcm_projects(),
             &Caller::Anonymous,
         )
         .map_err(|e| e.to_string())
@@ -215,7 +307,7 @@ mod tests {
         ) {
             let parsed = request::account(Ok(Path(account)))
                 .and_then(|account| {
-                    new_token(account, &body, arbitrary::settings(), &Caller::Anonymous)
+                    new_token(account, &body, arbitrary::settings(), arbitrary::fcm_projects(), &Caller::Anonymous)
                 });
             match parsed {
                 Ok(new) => {
