@@ -16,3 +16,14 @@ ALTER TABLE device_tokens ADD COLUMN scheduled_wakeup_for timestamptz;
 -- The scheduler's scan: live registrations only.
 CREATE INDEX device_tokens_registration_expiry ON device_tokens (registration_expires_at)
     WHERE registration_expires_at IS NOT NULL AND invalidated_at IS NULL;
+
+-- Wake-ups asked for by RFC 8599 parameters, for devices the token API does not hold: the last
+-- one per token, so that none comes again within [wakeup] wakeup_min_interval_secs.
+CREATE TABLE wakeup_claims (
+    app_id         text        NOT NULL,
+    platform       text        NOT NULL CHECK (platform IN ('apple', 'firebase')),
+    -- Hex SHA-256 of the token, as invalid_tokens keeps it.
+    token_hash     text        NOT NULL,
+    last_wakeup_at timestamptz NOT NULL,
+    PRIMARY KEY (app_id, platform, token_hash)
+);

@@ -1,8 +1,9 @@
 //! `pushfleet`: the command-line client. Without a subcommand it is `sylk-pushclient` (the v1
 //! client OpenSIPS scripts call); with `push`, `add` or `remove` it is `sylk-pushclient-v2`;
 //! both keep the reference's options, output lines and exit codes. It adds
-//! `tokens list` and `audit` against the API, and `import` of existing tokens and `keys` (the
-//! tenants' API keys) straight into Postgres.
+//! `tokens list` and `audit` against the API, `import` of existing tokens and `keys` (the
+//! tenants' API keys) straight into Postgres, and `wakeup-scheduler`, which wakes devices before
+//! their registration expires.
 //! Installed (or linked) under the name `sylk-pushclient` or `sylk-pushclient-v2`, it behaves as
 //! that client whatever the arguments.
 #![forbid(unsafe_code)]
@@ -11,6 +12,7 @@ pub mod args;
 pub mod import;
 pub mod inspect;
 pub mod keys;
+pub mod scheduler;
 pub mod sylk;
 
 use std::io::Write;
@@ -37,7 +39,8 @@ usage: pushfleet --url URL --platform P --appid A --token T --deviceid D --calli
        pushfleet keys create --tenant NAME --app APP_ID [--app …] --scope push|tokens|audit
                  [--scope …] [--pushes-per-second N [--burst M]] (--config FILE | --database-url URL)
        pushfleet keys list [--json] (--config FILE | --database-url URL)
-       pushfleet keys revoke ID (--config FILE | --database-url URL)";
+       pushfleet keys revoke ID (--config FILE | --database-url URL)
+       pushfleet wakeup-scheduler --config FILE";
 
 /// Runs the client as `program` (its argv[0]) with `args`; returns the exit code.
 pub async fn run(
@@ -68,6 +71,7 @@ pub async fn run(
         (_, Some("audit")) => inspect::audit(&args, out).await,
         (_, Some("import")) => import::run(&args, out).await,
         (_, Some("keys")) => keys::run(&args, out).await,
+        (_, Some("wakeup-scheduler")) => scheduler::run(&args, out).await,
         (_, Some(other)) => Err(args::Error::Usage(format!("unknown command {other:?}"))),
     };
     match result {

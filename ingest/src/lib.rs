@@ -23,6 +23,7 @@ mod state;
 mod v1;
 mod v2;
 mod validate;
+mod wakeup;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -23,3 +23,4 @@ mod support;
 mod tls;
 mod v1_push;
 mod v2_tokens;
+mod wakeups;

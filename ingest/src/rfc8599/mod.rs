@@ -6,6 +6,8 @@
 mod params;
 mod resolve;
 
+pub use self::resolve::Target;
+
 use std::net::SocketAddr;
 
 use axum::body::Body;
@@ -147,6 +149,17 @@ pub fn registration(
         background_token,
         push_options: (!options.is_empty()).then_some(Value::Object(options)),
     })
+}
+
+/// The device a wake-up by RFC 8599 parameters is for.
+pub fn wake_target(
+    body: &Map<String, Value>,
+    settings: &Settings,
+    fcm_projects: &FcmProjects,
+) -> Result<Target, ApiError> {
+    let params = parameters(body)?;
+    let hint = field(body, "app-id").and_then(Value::as_str);
+    resolve(&params, "cancel", hint, settings, fcm_projects)
 }
 
 /// The event of the push: a Sylk event name, or Flexisip's `type` (call, message, background).
