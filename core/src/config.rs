@@ -1332,6 +1332,98 @@ mod tests {
     }
 
     #[test]
+    fn calls_wakeups_and_the_egress_proxy_are_validated() {
+        let settings = load(
+            "[events.incoming_session]\nremote_push_interval_secs = 30",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            settings
+                .event_policies()
+                .get(crate::Event::IncomingSession)
+                .remote_push_interval,
+            Duration::from_secs(30)
+        );
+        let e = load(
+            "[events.incoming_session]\nremote_push_interval_secs = 31",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.key(),
+            Some("[events.incoming_session] remote_push_interval_secs")
+        );
+        let e = load("[events.message]\nremote_push_interval_secs = 1", &[]).unwrap_err();
+        assert_eq!(e.key(), Some("[events.message] remote_push_interval_secs"));
+        assert!(load("[events.wakeup]\nttl_secs = 60", &[]).is_ok());
+        for threshold in ["0", "1", "1.5"] {
+            let e = load(
+                &format!("[wakeup]\nregister_wakeup_threshold = {threshold}"),
+                &[],
+            )
+            .unwrap_err();
+            assert_eq!(e.key(), Some("[wakeup] register_wakeup_threshold"));
+        }
+        let e = load("[wakeup]\nscheduler_interval_secs = 0", &[]).unwrap_err();
+        assert_eq!(e.key(), Some("[wakeup] scheduler_interval_secs"));
+        for bad in [
+            "https://proxy:3128",
+            "http://user:pw@proxy:3128",
+            "http://",
+            "proxy:3128",
+        ] {
+            let e = load(&format!("[worker]\nhttps_proxy = \"{bad}\""), &[]).unwrap_err();
+            assert_eq!(e.key(), Some("[worker] https_proxy"), "{bad}");
+        }
+        assert!(load(
+            "[worker]\nhttps_proxy = \"http://proxy.example.com:3128\"",
+            &[]
+        )
+        .is_ok());
+        let e = load(
+            "[worker]\nhttps_proxy_credentials_file = \"Cargo.toml\"",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(e.key(), Some("[worker] https_proxy_credentials_file"));
+        let dir = std::env::temp_dir().join(format!("pf-proxy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (good, bad) = (dir.join("good"), dir.join("bad"));
+        std::fs::write(&good, "user:p:w\n").unwrap();
+        std::fs::write(&bad, "no colon\n").unwrap();
+        let with_file = |file: &Path| {
+            load(
+                &format!(
+                    "[worker]\nhttps_proxy = \"http://proxy:3128\"\nhttps_proxy_credentials_file = \"{}\"",
+                    file.display()
+                ),
+                &[],
+            )
+        };
+        let credentials = with_file(&good)
+            .unwrap()
+            .worker
+            .proxy_credentials()
+            .unwrap();
+        assert_eq!(
+            credentials,
+            Some(ProxyCredentials {
+                user: "user".into(),
+                password: "p:w".into()
+            })
+        );
+        let e = with_file(&bad).unwrap_err();
+        assert_eq!(e.key(), Some("[worker] https_proxy_credentials_file"));
+        let e = with_file(&dir.join("missing")).unwrap_err();
+        assert!(matches!(e, ConfigError::UnreadableFile { .. }), "{e:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+        let app = "[[apps]]\nid = \"a\"\nplatform = \"firebase\"\ntype = \"sylk\"\n\
+                   display_caller = false\n[apps.fcm]\nservice_account_file = \"Cargo.toml\"";
+        assert!(!load(app, &[]).unwrap().apps[0].display_caller);
+    }
+
+    #[test]
     fn mistakes_name_the_key() {
         let e = load("[ingest]\nmode = \"later\"", &[]).unwrap_err();
         assert!(matches!(e, ConfigError::Shape(_)), "{e:?}");
