@@ -247,12 +247,23 @@ impl Scheduler {
         Ok(Scheduler { settings, pool })
     }
 
-    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), SchedulerError> {
-        let wakeup = &self.settings.wakeup;
+    pub async fn run(&self, shutdown: watch::Receiver<bool>) -> Result<(), SchedulerError> {
         let topology = Topology::new(&self.settings.rabbitmq);
         let connection =
             topology::connect(&self.settings.rabbitmq, "pushfleet-wakeup-scheduler").await?;
-        topology.declare(&connection).await?;
+        let result = self.rounds(&connection, &topology, shutdown).await;
+        let _ = connection.close(200, "shutdown".into()).await;
+        result
+    }
+
+    async fn rounds(
+        &self,
+        connection: &lapin::Connection,
+        topology: &Topology,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), SchedulerError> {
+        let wakeup = &self.settings.wakeup;
+        topology.declare(connection).await?;
         let channel = connection
             .create_channel()
             .await
@@ -297,7 +308,7 @@ impl Scheduler {
                 let claimed = due.len();
                 for target in &due {
                     let job = target.job(&policy, None);
-                    match publish(&channel, &topology, &job, policy.ttl).await {
+                    match publish(&channel, topology, &job, policy.ttl).await {
                         Ok(()) => {
                             metrics::counter!("pushfleet_wakeups_total", "source" => "scheduler", "outcome" => "queued").increment(1);
                         }

@@ -160,7 +160,13 @@ async fn a_wakeup_is_a_background_push_and_a_second_within_the_window_is_suppres
 
 #[tokio::test]
 async fn two_schedulers_wake_exactly_the_devices_past_the_threshold_each_once() {
-    let stack = Stack::start_async().await;
+    // Schedulers claim every due device of the database: one test runs them all.
+    let stack = Stack::start_with(StackOptions {
+        mode: "async",
+        extra_config: "\n[wakeup]\nscheduler_interval_secs = 1\n".into(),
+        ..Default::default()
+    })
+    .await;
     let account = account();
     // Registrations of 4 s pass half their lifetime after 2 s; one of an hour does not.
     let (due_apple, due_android, later, voip_only) =
@@ -178,8 +184,7 @@ async fn two_schedulers_wake_exactly_the_devices_past_the_threshold_each_once() 
     for device in devices {
         register(&stack, &account, device).await;
     }
-    let mut settings = stack.settings.clone();
-    settings.wakeup.scheduler_interval_secs = 1;
+    let settings = stack.settings.clone();
     let (stop, stopped) = watch::channel(false);
     let mut schedulers = Vec::new();
     for _ in 0..2 {
@@ -209,5 +214,56 @@ async fn two_schedulers_wake_exactly_the_devices_past_the_threshold_each_once() 
         .await;
     let woken: Vec<String> = woken.iter().map(|r| r.get(0)).collect();
     assert_eq!(woken, ["due-android", "due-iphone"]);
+
+    // The same from the command line, as operators run it.
+    let account = self::account();
+    let background = apns_token();
+    register(
+        &stack,
+        &account,
+        json!({"app-id": SYLK, "platform": "apple",
+               "token": format!("{}-{background}", apns_token()),
+               "device-id": "iphone", "expires": 5}),
+    )
+    .await;
+    // Past half of its 5 s registration by the time the scheduler starts.
+    tokio::time::sleep(Duration::from_millis(2700)).await;
+    let config = stack.config_path.display().to_string();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let run = pushfleet_client::run(
+        "pushfleet",
+        vec!["wakeup-scheduler".into(), "--config".into(), config],
+        &mut out,
+        &mut err,
+    );
+    // It runs until stopped: here, until the test has seen it work.
+    let stopped = tokio::time::timeout(Duration::from_millis(1500), run).await;
+    assert!(stopped.is_err(), "{}", String::from_utf8_lossy(&err));
+    assert!(String::from_utf8_lossy(&out).contains("wake-up scheduler running"));
+    let sent = delivered(stack.fakes.apns.journal(), &background).await;
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].header("apns-push-type"), Some("background"));
+
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = pushfleet_client::run(
+        "pushfleet",
+        vec!["wakeup-scheduler".into()],
+        &mut out,
+        &mut err,
+    )
+    .await;
+    assert_eq!(code, 2, "{}", String::from_utf8_lossy(&err));
+    let code = pushfleet_client::run(
+        "pushfleet",
+        vec![
+            "wakeup-scheduler".into(),
+            "--config".into(),
+            "/nonexistent.toml".into(),
+        ],
+        &mut out,
+        &mut err,
+    )
+    .await;
+    assert_eq!(code, 1);
     stack.stop().await;
 }

@@ -150,7 +150,7 @@ const MAX_EXPIRES_SECS: u64 = 365 * 24 * 3600;
 /// When the device's SIP registration expires, in epoch seconds: `expires` (seconds from now,
 /// as the REGISTER's Expires) or `registration-expires-at` (epoch seconds).
 fn registration_expiry(body: &Map<String, Value>) -> Result<Option<f64>, ApiError> {
-    let now = now_ms() / 1000;
+    let now_secs = now_ms() as f64 / 1000.0;
     let number = |name: &'static str| -> Result<Option<u64>, ApiError> {
         match field(body, name) {
             None | Some(Value::Null) => Ok(None),
@@ -160,24 +160,22 @@ fn registration_expiry(body: &Map<String, Value>) -> Result<Option<f64>, ApiErro
             }),
         }
     };
-    let at = match (number("expires")?, number("registration-expires-at")?) {
-        (Some(secs), _) if secs <= MAX_EXPIRES_SECS => now + secs,
-        (Some(_), _) => {
-            return Err(ApiError::InvalidField {
-                field: "expires",
-                problem: "must be at most 31536000 seconds (a year)",
-            })
+    let longest = MAX_EXPIRES_SECS as f64;
+    match (number("expires")?, number("registration-expires-at")?) {
+        (Some(secs), _) if secs <= MAX_EXPIRES_SECS => Ok(Some(now_secs + secs as f64)),
+        (Some(_), _) => Err(ApiError::InvalidField {
+            field: "expires",
+            problem: "must be at most 31536000 seconds (a year)",
+        }),
+        (None, Some(at)) if (at as f64) > now_secs && (at as f64) - now_secs <= longest => {
+            Ok(Some(at as f64))
         }
-        (None, Some(at)) if at > now && at - now <= MAX_EXPIRES_SECS => at,
-        (None, Some(_)) => {
-            return Err(ApiError::InvalidField {
-                field: "registration-expires-at",
-                problem: "must be epoch seconds in the coming year",
-            })
-        }
-        (None, None) => return Ok(None),
-    };
-    Ok(Some(at as f64))
+        (None, Some(_)) => Err(ApiError::InvalidField {
+            field: "registration-expires-at",
+            problem: "must be epoch seconds in the coming year",
+        }),
+        (None, None) => Ok(None),
+    }
 }
 
 /// `DELETE /v2/tokens/{account}` with a JSON body `{"app-id", "device-id"}`. Without a
