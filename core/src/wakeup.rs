@@ -232,8 +232,7 @@ pub enum SchedulerError {
 }
 
 /// The wake-up scheduler: every `[wakeup] scheduler_interval_secs`, claims the devices due and
-/// queues their wake-ups, until `shutdown`. A device whose job cannot be queued (the broker
-/// away) is released again for the next round.
+/// queues their wake-ups, until `shutdown`.
 pub struct Scheduler {
     settings: Settings,
     pool: Pool,
@@ -247,36 +246,46 @@ impl Scheduler {
         Ok(Scheduler { settings, pool })
     }
 
-    pub async fn run(&self, shutdown: watch::Receiver<bool>) -> Result<(), SchedulerError> {
+    /// Runs rounds until `shutdown`. A lost broker connection is reopened (with back-off);
+    /// the devices of the round it interrupted were not claimed and stay due.
+    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), SchedulerError> {
         let topology = Topology::new(&self.settings.rabbitmq);
-        let connection =
-            topology::connect(&self.settings.rabbitmq, "pushfleet-wakeup-scheduler").await?;
-        let result = self.rounds(&connection, &topology, shutdown).await;
-        let _ = connection.close(200, "shutdown".into()).await;
-        result
+        let name = "pushfleet-wakeup-scheduler";
+        let mut connection = topology::connect(&self.settings.rabbitmq, name).await?;
+        loop {
+            let result = self.rounds(&connection, &topology, shutdown.clone()).await;
+            let _ = connection.close(200, "shutdown".into()).await;
+            let Err(e) = result else {
+                return Ok(());
+            };
+            warn!(error = %e, "wake-up scheduler lost RabbitMQ; reconnecting");
+            let reopened =
+                crate::reconnect::until_ok("RabbitMQ still unreachable", &mut shutdown, || {
+                    topology::connect(&self.settings.rabbitmq, name)
+                });
+            match reopened.await {
+                Some(reopened) => connection = reopened,
+                None => return Ok(()),
+            }
+        }
     }
 
+    /// Rounds on one broker connection, until `shutdown` or a broker error.
     async fn rounds(
         &self,
         connection: &lapin::Connection,
         topology: &Topology,
         mut shutdown: watch::Receiver<bool>,
-    ) -> Result<(), SchedulerError> {
+    ) -> Result<(), BrokerError> {
         let wakeup = &self.settings.wakeup;
         topology.declare(connection).await?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(BrokerError::from)?;
+        let channel = connection.create_channel().await?;
         channel
             .confirm_select(lapin::options::ConfirmSelectOptions::default())
-            .await
-            .map_err(BrokerError::from)?;
-        let policy = *self.settings.event_policies().get(Event::Wakeup);
-        let min_interval = Duration::from_secs(wakeup.wakeup_min_interval_secs);
+            .await?;
         let mut ticks = tokio::time::interval(Duration::from_secs(wakeup.scheduler_interval_secs));
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        info!("wake-up scheduler started");
+        info!("wake-up scheduler running");
         loop {
             tokio::select! {
                 _ = ticks.tick() => {}
@@ -284,50 +293,58 @@ impl Scheduler {
             }
             // One full batch after another until nothing is due.
             loop {
-                let client = match self.pool.get().await {
-                    Ok(client) => client,
-                    Err(e) => {
+                match self.round(&channel, topology).await {
+                    Ok(claimed) if claimed == wakeup.scheduler_batch_size as usize => continue,
+                    Ok(_) => break,
+                    Err(SchedulerError::Database(e)) => {
                         warn!(error = %e, "wake-up scheduler: Postgres unavailable; next round");
                         break;
                     }
-                };
-                let due = match claim_due(
-                    &**client,
-                    wakeup.register_wakeup_threshold,
-                    min_interval,
-                    wakeup.scheduler_batch_size,
-                )
-                .await
-                {
-                    Ok(due) => due,
-                    Err(e) => {
-                        warn!(error = %e, "wake-up scheduler: claim failed; next round");
-                        break;
-                    }
-                };
-                let claimed = due.len();
-                for target in &due {
-                    let job = target.job(&policy, None);
-                    match publish(&channel, topology, &job, policy.ttl).await {
-                        Ok(()) => {
-                            metrics::counter!("pushfleet_wakeups_total", "source" => "scheduler", "outcome" => "queued").increment(1);
-                        }
-                        Err(e) => {
-                            metrics::counter!("pushfleet_wakeups_total", "source" => "scheduler", "outcome" => "not_queued").increment(1);
-                            warn!(error = %e, "wake-up not queued; the device is released for the next round");
-                            release(&**client, target).await;
-                            return Err(e.into());
-                        }
-                    }
-                }
-                if claimed > 0 {
-                    info!(claimed, "wake-ups queued");
-                }
-                if claimed < wakeup.scheduler_batch_size as usize {
-                    break;
+                    Err(SchedulerError::Broker(e)) => return Err(e),
                 }
             }
         }
+    }
+
+    /// One batch: the claim and the publishes share a transaction, so that a device is marked
+    /// woken only once its wake-up is queued (a crash or a broker error in between leaves it
+    /// due), and other instances skip the rows it holds. Returns how many it queued.
+    async fn round(
+        &self,
+        channel: &lapin::Channel,
+        topology: &Topology,
+    ) -> Result<usize, SchedulerError> {
+        let wakeup = &self.settings.wakeup;
+        let policy = *self.settings.event_policies().get(Event::Wakeup);
+        let mut client = self.pool.get().await.map_err(DbError::from)?;
+        let tx = tokio_postgres::Client::transaction(&mut client)
+            .await
+            .map_err(DbError::query("wake-up schedule"))?;
+        let due = claim_due(
+            &tx,
+            wakeup.register_wakeup_threshold,
+            Duration::from_secs(wakeup.wakeup_min_interval_secs),
+            wakeup.scheduler_batch_size,
+        )
+        .await?;
+        for target in &due {
+            let job = target.job(&policy, None);
+            if let Err(e) = publish(channel, topology, &job, policy.ttl).await {
+                metrics::counter!("pushfleet_wakeups_total", "source" => "scheduler", "outcome" => "not_queued")
+                    .increment(1);
+                // Dropped, the transaction rolls back: every device of the batch stays due.
+                return Err(e.into());
+            }
+        }
+        tx.commit()
+            .await
+            .map_err(DbError::query("wake-up schedule"))?;
+        metrics::counter!("pushfleet_wakeups_total", "source" => "scheduler", "outcome" => "queued")
+            .increment(due.len() as u64);
+        if !due.is_empty() {
+            info!(woken = due.len(), "wake-ups queued");
+        }
+        Ok(due.len())
     }
 }
 
@@ -356,11 +373,11 @@ async fn publish(
     topology::confirm(published, Duration::from_secs(5)).await
 }
 
-/// Gives a claimed device back (its push was not queued), for the next request or round.
+/// Gives a device claimed through the API back (its push was not queued), for the next request.
 pub async fn release(client: &impl GenericClient, target: &WakeTarget) {
     let released = client
         .execute(
-            "UPDATE device_tokens SET scheduled_wakeup_for = NULL, last_wakeup_at = NULL
+            "UPDATE device_tokens SET last_wakeup_at = NULL
               WHERE account = $1 AND app_id = $2 AND device_id = $3",
             &[&target.account, &target.app_id, &target.device_id],
         )
