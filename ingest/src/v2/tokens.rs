@@ -293,6 +293,39 @@ mod tests {
         );
     }
 
+    #[test]
+    fn registration_expiries_are_checked() {
+        let expiry = |extra: Value| {
+            let mut body = json!({"app-id": "com.example.sylk", "platform": "firebase",
+                                  "token": "tok", "device-id": "d1"});
+            for (k, v) in extra.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            registration_expiry(body.as_object().unwrap()).map_err(|e| e.to_string())
+        };
+        let now = now_ms() as f64 / 1000.0;
+        let at = expiry(json!({"expires": 3600})).unwrap().unwrap();
+        assert!((at - now - 3600.0).abs() < 5.0, "{at} {now}");
+        assert_eq!(expiry(json!({})), Ok(None));
+        assert_eq!(
+            expiry(json!({"expires": -1})),
+            Err("value is not a valid non-negative integer: expires".into())
+        );
+        assert_eq!(
+            expiry(json!({"expires": 31_536_001})),
+            Err("must be at most 31536000 seconds (a year): expires".into())
+        );
+        assert_eq!(
+            expiry(json!({"registration-expires-at": 1000})),
+            Err("must be epoch seconds in the coming year: registration-expires-at".into())
+        );
+        let later = now as u64 + 600;
+        assert_eq!(
+            expiry(json!({"registration-expires-at": later})),
+            Ok(Some(later as f64))
+        );
+    }
+
     proptest::proptest! {
         #![proptest_config(arbitrary::config())]
 

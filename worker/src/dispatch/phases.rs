@@ -314,19 +314,22 @@ impl Dispatcher {
         let ended = job.handling.ringing.as_ref().and_then(|r| r.ended);
         let answer = response.answer;
         let (status, reason, dead_letter) = match answer.class {
-            Class::Retryable => match self.plan_retry(job, number, &response) {
-                RetryPlan::WaitInTier(tier_ms) => {
-                    return Step::Retry {
-                        outcome: Box::new(outcome),
-                        tier_ms,
+            // Rings already delivered are not failed attempts: a long call keeps its retries.
+            Class::Retryable => {
+                match self.plan_retry(job, number - rings_delivered(job), &response) {
+                    RetryPlan::WaitInTier(tier_ms) => {
+                        return Step::Retry {
+                            outcome: Box::new(outcome),
+                            tier_ms,
+                        }
+                    }
+                    RetryPlan::GiveUp(status, why) => {
+                        let last = reason.as_deref().unwrap_or("no answer");
+                        let failed = status == DeliveryStatus::Failed;
+                        (status, Some(format!("{why}; last answer: {last}")), failed)
                     }
                 }
-                RetryPlan::GiveUp(status, why) => {
-                    let last = reason.as_deref().unwrap_or("no answer");
-                    let failed = status == DeliveryStatus::Failed;
-                    (status, Some(format!("{why}; last answer: {last}")), failed)
-                }
-            },
+            }
             Class::CredentialRejected => {
                 // The client already replaced the credential once inside `send`.
                 warn!(
@@ -413,6 +416,11 @@ impl Dispatcher {
     }
 }
 
+/// Alerts of a ringing call delivered before this attempt.
+fn rings_delivered(job: &Job) -> u32 {
+    job.handling.ringing.as_ref().map_or(0, |r| r.rings)
+}
+
 fn count_terminal(job: &Job, status: DeliveryStatus) {
     metrics::counter!(
         "pushfleet_deliveries_total",
@@ -485,5 +493,86 @@ fn log_answer(response: &ProviderResponse) {
             class = class.as_str(),
             "push not delivered"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use pushfleet_core::job::Ringing;
+    use pushfleet_core::{Lane, PushData, Settings};
+
+    use super::*;
+
+    fn dispatcher() -> Dispatcher {
+        let settings = Settings::from_toml("", Vec::new(), Path::new(".")).expect("defaults");
+        Dispatcher::new(&settings, "test".into()).expect("no apps to load")
+    }
+
+    fn ringing_job(deadline_in_ms: u64, interval_ms: u64) -> Job {
+        let now = now_ms();
+        Job {
+            v: 1,
+            id: Uuid::new_v4(),
+            app_id: "a".into(),
+            platform: pushfleet_core::Platform::Apple,
+            event: Event::IncomingSession,
+            lane: Lane::Calls,
+            received_at_ms: now,
+            deadline_ms: now + deadline_in_ms,
+            attempt: 0,
+            push: PushData::default(),
+            api_key_id: None,
+            handling: pushfleet_core::job::Handling {
+                ringing: Some(Ringing {
+                    interval_ms,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn waits_are_made_of_the_retry_tiers_never_early() {
+        let d = dispatcher();
+        // Default tiers: 1, 2, 5, 15, 60, 300 s.
+        assert_eq!(d.delay_tier(1_000), 1_000);
+        assert_eq!(d.delay_tier(3_000), 2_000);
+        assert_eq!(d.delay_tier(4_900), 2_000);
+        // Within the slack of a tier: that tier, a few milliseconds late.
+        assert_eq!(d.delay_tier(4_990), 5_000);
+        assert_eq!(d.delay_tier(30_000), 15_000);
+        // Less than the shortest tier left: a little late rather than early.
+        assert_eq!(d.delay_tier(400), 1_000);
+    }
+
+    #[test]
+    fn a_ring_is_followed_by_the_next_until_the_deadline() {
+        let d = dispatcher();
+        let now = now_ms();
+        let job = ringing_job(10_000, 3_000);
+        let (next, tier) = d.next_ring(&job, now).expect("rings again");
+        assert_eq!(next.attempt, 1);
+        assert_eq!(next.handling.ringing.as_ref().unwrap().rings, 1);
+        assert_eq!(next.handling.hold_until_ms, Some(now + 3_000));
+        assert_eq!(tier, 2_000);
+        // The next ring would fall on or after the deadline: done.
+        assert!(d.next_ring(&ringing_job(3_000, 3_000), now).is_none());
+        // A single alert, and a final alert, are never repeated.
+        assert!(d.next_ring(&ringing_job(10_000, 0), now).is_none());
+        let mut last = ringing_job(10_000, 1_000);
+        last.handling.ringing.as_mut().unwrap().ended = Some(CallEnd::Missed);
+        assert!(d.next_ring(&last, now).is_none());
+        // A job held until later goes back to wait; a due one does not.
+        let mut held = ringing_job(10_000, 1_000);
+        held.handling.hold_until_ms = Some(now_ms() + 2_500);
+        assert!(matches!(
+            d.hold(&held),
+            Some(Step::Later { tier_ms: 2_000, .. })
+        ));
+        held.handling.hold_until_ms = Some(now_ms());
+        assert!(d.hold(&held).is_none());
     }
 }
