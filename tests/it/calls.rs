@@ -328,3 +328,51 @@ async fn an_app_that_hides_callers_sends_no_caller_in_any_payload() {
     }
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn a_linphone_call_rung_by_alerts_ends_with_the_final_alert_without_a_cancel_push() {
+    let stack = Stack::start_with(ringing_stack(10)).await;
+    let token = apns_token();
+    let call = call_id();
+    let device = json!({"pn-provider": "apns.dev", "pn-param": format!("ABCD1234.{LINPHONE}.remote"),
+                        "pn-prid": token});
+    let (status, answer) = stack
+        .push_rfc8599(&with(call_data(&call), device.clone()))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let rung = alerts(&stack, &token);
+    assert!(!rung.is_empty());
+    assert_eq!(rung[0].header("apns-topic"), Some(LINPHONE));
+    assert_eq!(loc_key(&rung[0]), "IC_MSG");
+
+    // Flexisip's "background" type: a cancel, which a Linphone app takes as the call's end only.
+    let (status, answer) = stack
+        .push_rfc8599(&with(
+            with(call_data(&call), device),
+            json!({"type": "background", "reason": "declined_elsewhere"}),
+        ))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["data"]["reason"], "declined_elsewhere");
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let sent = stack.fakes.apns.journal().requests_for_token(&token);
+    let last = sent.last().unwrap();
+    assert_eq!(loc_key(last), "Call declined elsewhere");
+    assert!(sent
+        .iter()
+        .all(|r| r.header("apns-push-type") == Some("alert")));
+    let count = sent.len();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        stack.fakes.apns.journal().requests_for_token(&token).len(),
+        count
+    );
+    let rows = stack.deliveries(&call, 1).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0].status.as_str(), rows[0].attempts as usize),
+        ("delivered", count)
+    );
+    stack.stop().await;
+}

@@ -12,10 +12,14 @@ use std::net::SocketAddr;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
-use axum::response::Response;
-use axum::Extension;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use pushfleet_core::clock::now_ms;
 use pushfleet_core::config::Settings;
+use pushfleet_core::ledger::LedgerEntry;
+use pushfleet_core::logged::Escaped;
 use serde_json::{json, Map, Value};
+use tracing::info;
 
 use self::params::parameters;
 use self::resolve::resolve;
@@ -23,11 +27,11 @@ use crate::auth::Caller;
 use crate::call_options::CallOptions;
 use crate::error::ApiError;
 use crate::fcm_projects::FcmProjects;
-use crate::fields::{field, python_str};
+use crate::fields::{field, optional_str, python_str, required_str};
 use crate::limits;
 use crate::pipeline;
 use crate::request::json_object;
-use crate::state::Shared;
+use crate::state::{AppState, Shared};
 
 /// `POST /rfc8599/push`.
 pub async fn push(
@@ -38,7 +42,56 @@ pub async fn push(
 ) -> Result<Response, ApiError> {
     let body = json_object(body, state.body_limit()).await?;
     let (v1, options) = v1_body(&body, &state.settings, &state.fcm_projects)?;
+    if let Some(app) = linphone_call_end(&v1, &state.settings) {
+        return call_ended(&state, peer, &caller, app, &v1).await;
+    }
     pipeline::accept(&state, peer, &caller, &v1, &options).await
+}
+
+/// A `cancel` for a Linphone app: Linphone clients take no cancel push (their VoIP push would
+/// ring again), but the call's end still matters to a phone rung by alerts.
+fn linphone_call_end<'a>(
+    v1: &Map<String, Value>,
+    settings: &'a Settings,
+) -> Option<&'a pushfleet_core::AppSettings> {
+    if v1.get("event").and_then(Value::as_str) != Some("cancel") {
+        return None;
+    }
+    let app_id = v1.get("app-id")?.as_str()?;
+    let platform = pushfleet_core::Platform::from_alias(v1.get("platform")?.as_str()?)?;
+    settings
+        .app(app_id, platform)
+        .filter(|app| app.app_type == pushfleet_core::AppType::Linphone)
+}
+
+/// Records the end of a Linphone call in the ledger, as a cancel's would be, without a push:
+/// its alerts stop and the final one says how it ended. Answered 200 at once.
+async fn call_ended(
+    state: &AppState,
+    peer: SocketAddr,
+    caller: &Caller,
+    app: &pushfleet_core::AppSettings,
+    v1: &Map<String, Value>,
+) -> Result<Response, ApiError> {
+    caller.check_app(&app.id)?;
+    let call_id = required_str(v1, "call-id")?;
+    let reason = optional_str(v1, "reason")?;
+    limits::check(&limits::CALL_ID, &call_id)?;
+    limits::check_optional(&limits::REASON, reason.as_deref())?;
+    state.api_keys.admit(caller, 1)?;
+    let entry = LedgerEntry::Cancel {
+        call_id: call_id.clone(),
+        at_ms: now_ms(),
+        reason: reason.clone(),
+    };
+    state.broker.publish_ledger(&entry).await?;
+    info!(call_id = %Escaped(&call_id), app = %app.id, peer = %peer.ip(), "Linphone call ended");
+    Ok(Json(json!({
+        "code": 200,
+        "description": "call ended: Linphone apps take no cancel push",
+        "data": {"call_id": call_id, "reason": reason},
+    }))
+    .into_response())
 }
 
 /// The keys that address the device, replaced in the v1 request by its app, platform and token.
