@@ -291,6 +291,7 @@ impl Scheduler {
                 _ = ticks.tick() => {}
                 _ = shutdown.changed() => return Ok(()),
             }
+            self.forget_old_claims().await;
             // One full batch after another until nothing is due.
             loop {
                 match self.round(&channel, topology).await {
@@ -303,6 +304,26 @@ impl Scheduler {
                     Err(SchedulerError::Broker(e)) => return Err(e),
                 }
             }
+        }
+    }
+
+    /// Claims of tokens woken by RFC 8599 parameters matter only within the window; older
+    /// ones are dropped so that the table holds one row per recently woken token.
+    async fn forget_old_claims(&self) {
+        let window = self.settings.wakeup.wakeup_min_interval_secs as f64;
+        let forgotten = match self.pool.get().await {
+            Ok(client) => client
+                .execute(
+                    "DELETE FROM wakeup_claims
+                      WHERE last_wakeup_at < now() - make_interval(secs => $1)",
+                    &[&window],
+                )
+                .await
+                .map_err(DbError::query("wakeup_claims")),
+            Err(e) => Err(DbError::from(e)),
+        };
+        if let Err(e) = forgotten {
+            warn!(error = %e, "old wake-up claims not removed; next round");
         }
     }
 
