@@ -246,19 +246,25 @@ impl Dispatcher {
                     outcome,
                     reply,
                 } => {
+                    // The ring's outcome first: should the next copy then fail to publish, the
+                    // job comes back and rings once more (its attempt recorded once), rather
+                    // than leaving two copies ringing side by side.
+                    let mut saved = match outcome {
+                        Some(outcome) => outcomes.save(&outcome).await,
+                        None => Ok(()),
+                    };
                     // A caller answered now waits no longer: the job goes on without it.
                     let keep_reply_to = reply.is_none();
-                    let mut saved = self
-                        .publish_retry(
-                            publisher,
-                            &next,
-                            tier_ms,
-                            &delivery.properties,
-                            keep_reply_to,
-                        )
-                        .await;
-                    if let (Ok(()), Some(outcome)) = (&saved, outcome) {
-                        saved = outcomes.save(&outcome).await;
+                    if saved.is_ok() {
+                        saved = self
+                            .publish_retry(
+                                publisher,
+                                &next,
+                                tier_ms,
+                                &delivery.properties,
+                                keep_reply_to,
+                            )
+                            .await;
                     }
                     if let (Ok(()), Some(reply), Some(reply_to)) =
                         (&saved, reply, delivery.properties.reply_to())

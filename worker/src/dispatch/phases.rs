@@ -204,17 +204,17 @@ impl Dispatcher {
                 .increment(1);
             return Err(Unsent::NothingRang);
         }
+        // A call that rang by repeated alerts is told how it ended; a single alert is not.
+        let repeating = rings > 0
+            && job
+                .handling
+                .ringing
+                .as_ref()
+                .is_some_and(|r| r.interval_ms > 0);
         let mut ended = None;
         match self.ledger.check(job, now) {
             Verdict::Send => {}
-            Verdict::Cancelled
-                if rings > 0
-                    && job
-                        .handling
-                        .ringing
-                        .as_ref()
-                        .is_some_and(|r| r.interval_ms > 0) =>
-            {
+            Verdict::Cancelled if repeating => {
                 let reason = self.ledger.cancel_reason(&job.push.call_id).flatten();
                 let end = CallEnd::from_reason(reason.as_deref());
                 info!(
