@@ -4,6 +4,7 @@
 //! alert and background payloads, which Linphone clients read.
 
 use bytes::Bytes;
+use pushfleet_core::config::{AppSettings, AppType};
 use pushfleet_core::job::{sylk_session_id, Job, Ringing};
 use serde_json::{json, Value};
 
@@ -12,30 +13,39 @@ use super::{bundle_id, encode, format_send_time, Android, ApnsRequest, FcmBody, 
 /// APNs refuses a longer `apns-collapse-id` (400 BadCollapseId).
 const MAX_COLLAPSE_ID_BYTES: usize = 64;
 
-/// The loc-key of a ringing alert when the contact registered none (Linphone's).
-const DEFAULT_CALL_STR: &str = "IC_MSG";
+/// The loc-key of a Linphone ringing alert when the contact registered none.
+const LINPHONE_CALL_STR: &str = "IC_MSG";
 
 /// One ringing alert, or the final one when `ringing.ended` is set. Alerts go to the plain
 /// topic (PushKit takes only VoIP pushes), with `apns-expiration` 0 so that a ring the device
 /// cannot take now is dropped rather than shown late, and the call-id as collapse id so that each
 /// replaces the previous one on the lock screen.
-pub(super) fn apns_ringing(app_id: &str, job: &Job, ringing: &Ringing, now_ms: u64) -> ApnsRequest {
+pub(super) fn apns_ringing(
+    app: &AppSettings,
+    job: &Job,
+    ringing: &Ringing,
+    now_ms: u64,
+) -> ApnsRequest {
     let p = &job.push;
-    let (loc_key, sound) = match ringing.ended {
-        Some(end) => (p.strings.final_str(end), "default"),
-        None => (
-            p.strings.call_str.as_deref().unwrap_or(DEFAULT_CALL_STR),
-            p.strings.call_snd.as_deref().unwrap_or("default"),
-        ),
-    };
     let caller = caller(job);
     let loc_args: Vec<&str> = caller.into_iter().collect();
+    let alert = match (ringing.ended, &p.strings.call_str, app.app_type) {
+        (Some(end), ..) => json!({"loc-key": p.strings.final_str(end), "loc-args": loc_args}),
+        (None, Some(call_str), _) => json!({"loc-key": call_str, "loc-args": loc_args}),
+        (None, None, AppType::Linphone) => {
+            json!({"loc-key": LINPHONE_CALL_STR, "loc-args": loc_args})
+        }
+        // Other apps localise no Linphone key: words they can show as they are.
+        (None, None, AppType::Sylk) => {
+            json!({"title": "Incoming call", "body": caller.unwrap_or_default()})
+        }
+    };
+    let sound = match ringing.ended {
+        Some(_) => "default",
+        None => p.strings.call_snd.as_deref().unwrap_or("default"),
+    };
     let mut payload = json!({
-        "aps": {
-            "alert": {"loc-key": loc_key, "loc-args": loc_args},
-            "badge": 1,
-            "sound": sound,
-        },
+        "aps": {"alert": alert, "badge": 1, "sound": sound},
         "call-id": p.call_id,
         "from-uri": p.from,
         "send-time": format_send_time(now_ms),
@@ -50,7 +60,7 @@ pub(super) fn apns_ringing(app_id: &str, job: &Job, ringing: &Ringing, now_ms: u
     ApnsRequest {
         push_type: "alert",
         priority: 10,
-        topic: plain_topic(app_id),
+        topic: plain_topic(&app.id),
         expiration: 0,
         collapse_id: Some(collapse_id(&p.call_id)),
         payload: encode(&payload),
@@ -151,6 +161,21 @@ mod tests {
     }
 
     #[test]
+    fn without_a_contact_string_each_app_type_gets_words_it_can_show() {
+        let mut job = job(Platform::Apple, Event::IncomingSession);
+        job.handling.ringing = Some(ringing(None));
+        let linphone = app("org.linphone.phone", Platform::Apple, AppType::Linphone);
+        let r = apns_request_at(&linphone, &job, &policy(Event::IncomingSession), NOW_MS);
+        assert_eq!(parsed(&r.payload)["aps"]["alert"]["loc-key"], "IC_MSG");
+        let sylk = app("com.agprojects.sylk", Platform::Apple, AppType::Sylk);
+        let r = apns_request_at(&sylk, &job, &policy(Event::IncomingSession), NOW_MS);
+        assert_eq!(
+            parsed(&r.payload)["aps"]["alert"],
+            json!({"title": "Incoming call", "body": "alice@example.com"})
+        );
+    }
+
+    #[test]
     fn the_final_alert_names_how_the_call_ended() {
         let app = app("com.agprojects.sylk", Platform::Apple, AppType::Sylk);
         let mut job = job(Platform::Apple, Event::IncomingSession);
@@ -177,6 +202,9 @@ mod tests {
         let r = apns_request_at(&app, &job, &policy(Event::IncomingSession), NOW_MS);
         let text = String::from_utf8(r.payload.to_vec()).unwrap();
         assert!(!text.contains("alice") && !text.contains("Alice"), "{text}");
+        assert_eq!(parsed(&r.payload)["aps"]["alert"]["body"], "");
+        job.push.strings.call_str = Some("CALL".into());
+        let r = apns_request_at(&app, &job, &policy(Event::IncomingSession), NOW_MS);
         assert_eq!(parsed(&r.payload)["aps"]["alert"]["loc-args"], json!([]));
         for event in [Event::IncomingSession, Event::Message, Event::Transfer] {
             job.handling.ringing = None;

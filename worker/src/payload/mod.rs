@@ -47,7 +47,7 @@ pub fn apns_request_at(
         return alerts::apns_wakeup(&app.id, job, now_ms);
     }
     if let Some(ringing) = &job.handling.ringing {
-        return alerts::apns_ringing(&app.id, job, ringing, now_ms);
+        return alerts::apns_ringing(app, job, ringing, now_ms);
     }
     match app.app_type {
         AppType::Sylk => sylk::apns_request(&app.id, job, policy),
