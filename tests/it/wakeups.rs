@@ -237,7 +237,7 @@ async fn two_schedulers_wake_exactly_the_devices_past_the_threshold_each_once() 
         &mut err,
     );
     // It runs until stopped: here, until the test has seen it work.
-    let stopped = tokio::time::timeout(Duration::from_millis(1500), run).await;
+    let stopped = tokio::time::timeout(Duration::from_millis(2500), run).await;
     assert!(stopped.is_err(), "{}", String::from_utf8_lossy(&err));
     assert!(String::from_utf8_lossy(&out).contains("wake-up scheduler running"));
     let sent = delivered(stack.fakes.apns.journal(), &background).await;
