@@ -3,7 +3,8 @@
 //! both keep the reference's options, output lines and exit codes. It adds
 //! `tokens list` against the API, `audit` (queries over the API or the database, summaries,
 //! erasure), `import` of existing tokens and `keys` (the tenants' API keys) straight into
-//! Postgres, and `reload` (SIGHUP to the running services).
+//! Postgres, `reload` (SIGHUP to the running services), and `wakeup-scheduler`, which wakes
+//! devices before their registration expires.
 //! Installed (or linked) under the name `sylk-pushclient` or `sylk-pushclient-v2`, it behaves as
 //! that client whatever the arguments.
 #![forbid(unsafe_code)]
@@ -14,6 +15,7 @@ pub mod import;
 pub mod inspect;
 pub mod keys;
 pub mod reload;
+pub mod scheduler;
 pub mod sylk;
 
 use std::io::Write;
@@ -50,7 +52,8 @@ usage: pushfleet --url URL --platform P --appid A --token T --deviceid D --calli
                  [--scope …] [--pushes-per-second N [--burst M]] (--config FILE | --database-url URL)
        pushfleet keys list [--json] (--config FILE | --database-url URL)
        pushfleet keys revoke ID (--config FILE | --database-url URL)
-       pushfleet reload [--service ingest|worker|all] [--config FILE] [--pid PID]";
+       pushfleet reload [--service ingest|worker|all] [--config FILE] [--pid PID]
+       pushfleet wakeup-scheduler --config FILE";
 
 /// Runs the client as `program` (its argv[0]) with `args`; returns the exit code.
 pub async fn run(
@@ -82,6 +85,7 @@ pub async fn run(
         (_, Some("import")) => import::run(&args, out).await,
         (_, Some("keys")) => keys::run(&args, out).await,
         (_, Some("reload")) => reload::run(&args, out),
+        (_, Some("wakeup-scheduler")) => scheduler::run(&args, out).await,
         (_, Some(other)) => Err(args::Error::Usage(format!("unknown command {other:?}"))),
     };
     match result {

@@ -96,6 +96,7 @@ pub struct Settings {
     pub log: LogSettings,
     #[serde(default)]
     pub audit: AuditSettings,
+    pub wakeup: WakeupSettings,
     /// Per-event overrides of the event policy, keyed by event name.
     #[serde(default)]
     pub events: BTreeMap<String, EventPolicyOverride>,
@@ -316,6 +317,11 @@ pub struct WorkerSettings {
     /// How often the apps' credential and CA files are checked for changes (a rotated key or
     /// certificate), which then take effect as on SIGHUP; 0 checks only on SIGHUP.
     pub credentials_check_secs: u64,
+    /// An HTTP proxy (`http://host:port`) through which every connection to APNs, FCM and the
+    /// OAuth endpoint is tunnelled with CONNECT.
+    pub https_proxy: Option<String>,
+    /// A file holding `user:password` for the proxy's Basic authentication.
+    pub https_proxy_credentials_file: Option<PathBuf>,
 }
 
 /// The audit trail's lifetime.
@@ -340,6 +346,90 @@ impl AuditSettings {
             "[audit] retention_days",
             "must be between 1 and 36500",
         )
+    }
+}
+
+/// Registration wake-ups: background pushes that make an app register again before its
+/// registration expires, asked for through the API or by `pushfleet wakeup-scheduler`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WakeupSettings {
+    /// A device is woken at most once in this window, however often a wake-up is asked for.
+    pub wakeup_min_interval_secs: u64,
+    /// The scheduler wakes a device once this fraction of its registration's lifetime passed.
+    pub register_wakeup_threshold: f64,
+    /// How often the scheduler looks for devices to wake.
+    pub scheduler_interval_secs: u64,
+    /// Devices one scheduler instance claims per round.
+    pub scheduler_batch_size: u32,
+}
+
+impl Default for WakeupSettings {
+    fn default() -> Self {
+        WakeupSettings {
+            wakeup_min_interval_secs: 600,
+            register_wakeup_threshold: 0.5,
+            scheduler_interval_secs: 60,
+            scheduler_batch_size: 500,
+        }
+    }
+}
+
+impl WakeupSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        ensure(
+            self.wakeup_min_interval_secs <= 7 * 24 * 3600,
+            "[wakeup] wakeup_min_interval_secs",
+            "must be between 0 and 604800 (a week)",
+        )?;
+        ensure(
+            self.register_wakeup_threshold > 0.0 && self.register_wakeup_threshold < 1.0,
+            "[wakeup] register_wakeup_threshold",
+            "must be above 0 and below 1 (a fraction of the registration's lifetime)",
+        )?;
+        ensure(
+            (1..=86_400).contains(&self.scheduler_interval_secs),
+            "[wakeup] scheduler_interval_secs",
+            "must be between 1 and 86400",
+        )?;
+        ensure(
+            (1..=100_000).contains(&self.scheduler_batch_size),
+            "[wakeup] scheduler_batch_size",
+            "must be between 1 and 100000",
+        )
+    }
+}
+
+/// The proxy's Basic credentials, from `https_proxy_credentials_file`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyCredentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl WorkerSettings {
+    /// Reads `https_proxy_credentials_file`: one `user:password` line.
+    pub fn proxy_credentials(&self) -> Result<Option<ProxyCredentials>, ConfigError> {
+        let Some(path) = &self.https_proxy_credentials_file else {
+            return Ok(None);
+        };
+        let key = "[worker] https_proxy_credentials_file";
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::UnreadableFile {
+            key: key.into(),
+            path: path.clone(),
+            source,
+        })?;
+        let line = text.lines().next().unwrap_or_default().trim();
+        match line.split_once(':') {
+            Some((user, password)) if !user.is_empty() => Ok(Some(ProxyCredentials {
+                user: user.to_string(),
+                password: password.to_string(),
+            })),
+            _ => Err(ConfigError::invalid(
+                key,
+                format!("{} must hold user:password", path.display()),
+            )),
+        }
     }
 }
 
@@ -383,6 +473,8 @@ impl Default for WorkerSettings {
             invalid_tokens_refresh_secs: 30,
             shutdown_timeout_ms: 10_000,
             credentials_check_secs: 10,
+            https_proxy: None,
+            https_proxy_credentials_file: None,
         }
     }
 }
@@ -494,6 +586,13 @@ pub struct AppSettings {
     /// Outcomes held for the log server while it is away; beyond it the oldest are dropped.
     #[serde(default = "default_log_buffer")]
     pub log_buffer: usize,
+    /// False blanks the caller's URI and display name in every payload of this app.
+    #[serde(default = "default_display_caller")]
+    pub display_caller: bool,
+}
+
+fn default_display_caller() -> bool {
+    true
 }
 
 /// One app's remote result logging, as the worker's remote-log consumer reads it at start-up.
@@ -737,6 +836,7 @@ impl Settings {
             ("[log]", self.log == new.log),
             ("[events]", self.events == new.events),
             ("[audit]", self.audit == new.audit),
+            ("[wakeup]", self.wakeup == new.wakeup),
             (
                 "[[apps]] log_url, log_auth, log_timeout_ms, log_key, log_buffer",
                 remote_logs(&self.apps) == remote_logs(&new.apps),
@@ -780,6 +880,7 @@ impl Settings {
             &mut self.ingest.tls_key_file,
             &mut self.rabbitmq.ca_file,
             &mut self.postgres.ca_file,
+            &mut self.worker.https_proxy_credentials_file,
         ]
         .into_iter()
         .flatten()
@@ -817,6 +918,7 @@ impl Settings {
         self.worker.validate()?;
         self.retry.validate()?;
         self.audit.validate()?;
+        self.wakeup.validate()?;
         self.validate_tls()?;
         EventPolicies::default().with_overrides(&self.events)?;
         let mut seen = HashMap::new();
@@ -1020,7 +1122,29 @@ impl WorkerSettings {
             self.credentials_check_secs <= 86_400,
             "[worker] credentials_check_secs",
             "must be at most 86400 (0: only on SIGHUP)",
-        )
+        )?;
+        if let Some(proxy) = &self.https_proxy {
+            let authority = proxy
+                .strip_prefix("http://")
+                .map(|rest| rest.trim_end_matches('/'))
+                .filter(|a| {
+                    !a.is_empty() && !a.contains(['@', '/', '?', '#']) && !a.starts_with(':')
+                });
+            ensure(
+                authority.is_some(),
+                "[worker] https_proxy",
+                &format!("{proxy:?}: expected http://host:port (credentials go in https_proxy_credentials_file)"),
+            )?;
+        }
+        if self.https_proxy_credentials_file.is_some() {
+            ensure(
+                self.https_proxy.is_some(),
+                "[worker] https_proxy_credentials_file",
+                "needs [worker] https_proxy",
+            )?;
+            self.proxy_credentials()?;
+        }
+        Ok(())
     }
 }
 
@@ -1503,6 +1627,98 @@ mod tests {
             s.apps[0].fcm.as_ref().unwrap().endpoint,
             "https://127.0.0.1:9999"
         );
+    }
+
+    #[test]
+    fn calls_wakeups_and_the_egress_proxy_are_validated() {
+        let settings = load(
+            "[events.incoming_session]\nremote_push_interval_secs = 30",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            settings
+                .event_policies()
+                .get(crate::Event::IncomingSession)
+                .remote_push_interval,
+            Duration::from_secs(30)
+        );
+        let e = load(
+            "[events.incoming_session]\nremote_push_interval_secs = 31",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.key(),
+            Some("[events.incoming_session] remote_push_interval_secs")
+        );
+        let e = load("[events.message]\nremote_push_interval_secs = 1", &[]).unwrap_err();
+        assert_eq!(e.key(), Some("[events.message] remote_push_interval_secs"));
+        assert!(load("[events.wakeup]\nttl_secs = 60", &[]).is_ok());
+        for threshold in ["0", "1", "1.5"] {
+            let e = load(
+                &format!("[wakeup]\nregister_wakeup_threshold = {threshold}"),
+                &[],
+            )
+            .unwrap_err();
+            assert_eq!(e.key(), Some("[wakeup] register_wakeup_threshold"));
+        }
+        let e = load("[wakeup]\nscheduler_interval_secs = 0", &[]).unwrap_err();
+        assert_eq!(e.key(), Some("[wakeup] scheduler_interval_secs"));
+        for bad in [
+            "https://proxy:3128",
+            "http://user:pw@proxy:3128",
+            "http://",
+            "proxy:3128",
+        ] {
+            let e = load(&format!("[worker]\nhttps_proxy = \"{bad}\""), &[]).unwrap_err();
+            assert_eq!(e.key(), Some("[worker] https_proxy"), "{bad}");
+        }
+        assert!(load(
+            "[worker]\nhttps_proxy = \"http://proxy.example.com:3128\"",
+            &[]
+        )
+        .is_ok());
+        let e = load(
+            "[worker]\nhttps_proxy_credentials_file = \"Cargo.toml\"",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(e.key(), Some("[worker] https_proxy_credentials_file"));
+        let dir = std::env::temp_dir().join(format!("pf-proxy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (good, bad) = (dir.join("good"), dir.join("bad"));
+        std::fs::write(&good, "user:p:w\n").unwrap();
+        std::fs::write(&bad, "no colon\n").unwrap();
+        let with_file = |file: &Path| {
+            load(
+                &format!(
+                    "[worker]\nhttps_proxy = \"http://proxy:3128\"\nhttps_proxy_credentials_file = \"{}\"",
+                    file.display()
+                ),
+                &[],
+            )
+        };
+        let credentials = with_file(&good)
+            .unwrap()
+            .worker
+            .proxy_credentials()
+            .unwrap();
+        assert_eq!(
+            credentials,
+            Some(ProxyCredentials {
+                user: "user".into(),
+                password: "p:w".into()
+            })
+        );
+        let e = with_file(&bad).unwrap_err();
+        assert_eq!(e.key(), Some("[worker] https_proxy_credentials_file"));
+        let e = with_file(&dir.join("missing")).unwrap_err();
+        assert!(matches!(e, ConfigError::UnreadableFile { .. }), "{e:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+        let app = "[[apps]]\nid = \"a\"\nplatform = \"firebase\"\ntype = \"sylk\"\n\
+                   display_caller = false\n[apps.fcm]\nservice_account_file = \"Cargo.toml\"";
+        assert!(!load(app, &[]).unwrap().apps[0].display_caller);
     }
 
     #[test]

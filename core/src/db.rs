@@ -24,6 +24,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../migrations/0003_api_keys.sql"),
     ),
     (4, "audit", include_str!("../../migrations/0004_audit.sql")),
+    (
+        5,
+        "call_options",
+        include_str!("../../migrations/0005_call_options.sql"),
+    ),
 ];
 
 /// A database problem, with what was being done when it happened.

@@ -34,6 +34,142 @@ pub struct Job {
     /// in jobs from before API keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_id: Option<String>,
+    /// When the job waits before being sent, and how a call rings a phone without VoIP push.
+    #[serde(default, skip_serializing_if = "Handling::is_plain")]
+    pub handling: Handling,
+}
+
+/// How a job is sent beyond "once, now": held back for a while (`pn-timeout`, the next ring),
+/// rung by repeated alerts, or sent as a registration wake-up.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Handling {
+    /// Not sent before this instant: the job waits in the broker's delay queues until then. A
+    /// cancel of the call meanwhile means it is never sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_until_ms: Option<u64>,
+    /// An incoming call to an iOS device without a VoIP token: rung by alert pushes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ringing: Option<Ringing>,
+    /// A background push that makes the app register again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub wakeup: bool,
+}
+
+impl Handling {
+    pub fn is_plain(&self) -> bool {
+        *self == Handling::default()
+    }
+}
+
+/// Ringing by alerts: one every `interval_ms` (0: a single alert) until the call is cancelled,
+/// then a final alert naming how it ended, and nothing past the job's deadline.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Ringing {
+    pub interval_ms: u64,
+    /// Alerts delivered so far.
+    #[serde(default)]
+    pub rings: u32,
+    /// Set on the copy that sends the final alert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<CallEnd>,
+}
+
+/// How a call rung by alerts ended, from the `reason` of its cancel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallEnd {
+    Missed,
+    AnsweredElsewhere,
+    DeclinedElsewhere,
+}
+
+impl CallEnd {
+    /// A cancel's `reason`: the three names, anything else (or none) is a missed call.
+    pub fn from_reason(reason: Option<&str>) -> CallEnd {
+        match reason {
+            Some("answered_elsewhere") => CallEnd::AnsweredElsewhere,
+            Some("declined_elsewhere") => CallEnd::DeclinedElsewhere,
+            _ => CallEnd::Missed,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallEnd::Missed => "missed",
+            CallEnd::AnsweredElsewhere => "answered_elsewhere",
+            CallEnd::DeclinedElsewhere => "declined_elsewhere",
+        }
+    }
+}
+
+/// Per-contact alert strings (APNs `loc-key`s) and sounds, as Linphone registers them in its
+/// Contact (`pn-call-str`, `pn-msg-snd`…). Absent ones take the defaults of the payload.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ContactStrings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_str: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msg_str: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groupchat_str: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing_call_str: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_accepted_elsewhere_str: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_declined_elsewhere_str: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_snd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msg_snd: Option<String>,
+}
+
+impl ContactStrings {
+    /// The RFC 8599 parameter names, in field order.
+    pub const PARAMS: [&'static str; 8] = [
+        "pn-call-str",
+        "pn-msg-str",
+        "pn-groupchat-str",
+        "pn-missing-call-str",
+        "pn-call-accepted-elsewhere-str",
+        "pn-call-declined-elsewhere-str",
+        "pn-call-snd",
+        "pn-msg-snd",
+    ];
+
+    pub fn is_empty(&self) -> bool {
+        *self == ContactStrings::default()
+    }
+
+    /// The field a parameter of [`ContactStrings::PARAMS`] fills.
+    pub fn slot(&mut self, param: &str) -> Option<&mut Option<String>> {
+        Some(match param {
+            "pn-call-str" => &mut self.call_str,
+            "pn-msg-str" => &mut self.msg_str,
+            "pn-groupchat-str" => &mut self.groupchat_str,
+            "pn-missing-call-str" => &mut self.missing_call_str,
+            "pn-call-accepted-elsewhere-str" => &mut self.call_accepted_elsewhere_str,
+            "pn-call-declined-elsewhere-str" => &mut self.call_declined_elsewhere_str,
+            "pn-call-snd" => &mut self.call_snd,
+            "pn-msg-snd" => &mut self.msg_snd,
+            _ => return None,
+        })
+    }
+
+    /// The final alert's string for a call that ended so.
+    pub fn final_str(&self, end: CallEnd) -> &str {
+        match end {
+            CallEnd::Missed => self.missing_call_str.as_deref().unwrap_or("Missing call"),
+            CallEnd::AnsweredElsewhere => self
+                .call_accepted_elsewhere_str
+                .as_deref()
+                .unwrap_or("Call accepted elsewhere"),
+            CallEnd::DeclinedElsewhere => self
+                .call_declined_elsewhere_str
+                .as_deref()
+                .unwrap_or("Call declined elsewhere"),
+        }
+    }
 }
 
 impl Job {
@@ -75,6 +211,11 @@ pub struct PushData {
     pub content: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_type: Option<String>,
+    /// A message to a group chat: alerts use the group-chat string.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub group_chat: bool,
+    #[serde(default, skip_serializing_if = "ContactStrings::is_empty")]
+    pub strings: ContactStrings,
 }
 
 fn default_true() -> bool {

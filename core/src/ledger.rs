@@ -12,6 +12,7 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::config::Platform;
 use crate::job::Job;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -19,7 +20,21 @@ use crate::job::Job;
 pub enum LedgerEntry {
     /// A cancel for `call_id` accepted at `at_ms`. It supersedes the incoming pushes of that
     /// call accepted before it, which all expire within one incoming-call TTL of it.
-    Cancel { call_id: String, at_ms: u64 },
+    Cancel {
+        call_id: String,
+        at_ms: u64,
+        /// The cancel's `reason`: how a call rung by alerts ended (see `job::CallEnd`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// A call's push to a device held back until `until_ms` (`pn-timeout`), accepted at
+    /// `from_ms`: a cancel for that device accepted in between finds nothing rung and is not
+    /// sent either. `key` is the [`cancel_key`] of the device's cancel.
+    Held {
+        key: u64,
+        from_ms: u64,
+        until_ms: u64,
+    },
     /// Jobs a worker has started sending, batched.
     Claims { claims: Vec<Claim> },
 }
@@ -35,14 +50,24 @@ pub struct Claim {
 /// The dedupe key of a job: (app, platform, token, event, call-id), hashed to 64 bits with
 /// SHA-256 so that every process computes the same key.
 pub fn dedupe_key(job: &Job) -> u64 {
-    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
-    for part in [
+    key_of([
         job.app_id.as_str(),
         job.platform.as_str(),
         job.push.token.as_str(),
         job.event.as_str(),
         job.push.call_id.as_str(),
-    ] {
+    ])
+}
+
+/// The key of the cancel a device would get for a call: (app, platform, the token a cancel goes
+/// to, call-id). Ingest writes it for a held push; a worker computes it from the cancel job.
+pub fn cancel_key(app_id: &str, platform: Platform, cancel_token: &str, call_id: &str) -> u64 {
+    key_of([app_id, platform.as_str(), cancel_token, "cancel", call_id])
+}
+
+fn key_of(parts: [&str; 5]) -> u64 {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in parts {
         context.update(part.as_bytes());
         // A separator that cannot occur in any part, so ("ab","c") and ("a","bc") differ.
         context.update(&[0]);
@@ -56,7 +81,6 @@ pub fn dedupe_key(job: &Job) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Platform;
     use crate::job::PushData;
     use crate::policy::{Event, Lane};
 
@@ -77,6 +101,7 @@ mod tests {
                 ..Default::default()
             },
             api_key_id: None,
+            handling: Default::default(),
         }
     }
 
@@ -105,6 +130,7 @@ mod tests {
         let entry = LedgerEntry::Cancel {
             call_id: "c".into(),
             at_ms: 1,
+            reason: None,
         };
         let text = serde_json::to_string(&entry).unwrap();
         assert_eq!(text, r#"{"kind":"cancel","call_id":"c","at_ms":1}"#);

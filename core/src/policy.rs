@@ -17,15 +17,18 @@ pub enum Event {
     Cancel,
     Message,
     Transfer,
+    /// A background push that makes the app register again; pushfleet's own, not a Sylk event.
+    Wakeup,
 }
 
 impl Event {
-    pub const ALL: [Event; 5] = [
+    pub const ALL: [Event; 6] = [
         Event::IncomingSession,
         Event::IncomingConferenceRequest,
         Event::Cancel,
         Event::Message,
         Event::Transfer,
+        Event::Wakeup,
     ];
 
     /// Parses the wire name. `incoming_conference` is what the reference's README documents;
@@ -43,6 +46,14 @@ impl Event {
         }
     }
 
+    /// Every event a configuration may name in `[events.<name>]`: the API's and `wakeup`.
+    pub fn parse_configured(name: &str) -> Option<Event> {
+        match name {
+            "wakeup" => Some(Event::Wakeup),
+            _ => Event::parse(name),
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Event::IncomingSession => "incoming_session",
@@ -50,6 +61,7 @@ impl Event {
             Event::Cancel => "cancel",
             Event::Message => "message",
             Event::Transfer => "transfer",
+            Event::Wakeup => "wakeup",
         }
     }
 
@@ -128,6 +140,9 @@ pub struct EventPolicy {
     /// The same (app, token, event, call-id) accepted again within this window is a duplicate:
     /// delivered once. Never longer than the TTL; zero turns duplicate suppression off.
     pub dedupe_window: Duration,
+    /// `incoming_session` only: an iOS device without a VoIP token is rung by an alert push
+    /// repeated this often until the call ends; zero sends a single alert.
+    pub remote_push_interval: Duration,
 }
 
 /// How long a duplicate is recognised by default: the whole TTL for calls, five minutes for
@@ -143,12 +158,16 @@ pub struct EventPolicyOverride {
     pub apns_push_type: Option<ApnsPushType>,
     pub apns_priority: Option<u8>,
     pub dedupe_secs: Option<u64>,
+    pub remote_push_interval_secs: Option<u64>,
 }
+
+/// The longest `remote_push_interval_secs`, as Flexisip bounds `call-remote-push-interval`.
+pub const MAX_REMOTE_PUSH_INTERVAL_SECS: u64 = 30;
 
 /// The policy for every event.
 #[derive(Debug, Clone)]
 pub struct EventPolicies {
-    table: [EventPolicy; 5],
+    table: [EventPolicy; 6],
 }
 
 impl Default for EventPolicies {
@@ -159,6 +178,7 @@ impl Default for EventPolicies {
             apns_push_type: push_type,
             apns_priority: priority,
             dedupe_window: Duration::from_secs(60),
+            remote_push_interval: Duration::ZERO,
         };
         let message = EventPolicy {
             lane: Lane::Messages,
@@ -166,6 +186,17 @@ impl Default for EventPolicies {
             apns_push_type: ApnsPushType::Alert,
             apns_priority: 5,
             dedupe_window: MAX_DEFAULT_DEDUPE,
+            remote_push_interval: Duration::ZERO,
+        };
+        // Housekeeping: never ahead of a message, worthless once the registration has expired;
+        // repeated wake-ups are held back by the device's last wake-up in Postgres instead.
+        let wakeup = EventPolicy {
+            lane: Lane::Messages,
+            ttl: Duration::from_secs(300),
+            apns_push_type: ApnsPushType::Background,
+            apns_priority: 5,
+            dedupe_window: Duration::ZERO,
+            remote_push_interval: Duration::ZERO,
         };
         // Indexed by `Event as usize`, in declaration order.
         EventPolicies {
@@ -175,6 +206,7 @@ impl Default for EventPolicies {
                 call(ApnsPushType::Background, 5),
                 message,
                 message,
+                wakeup,
             ],
         }
     }
@@ -192,10 +224,10 @@ impl EventPolicies {
     ) -> Result<Self, ConfigError> {
         for (name, o) in overrides {
             let key = |field: &str| format!("[events.{name}] {field}");
-            let event = Event::parse(name).ok_or_else(|| {
+            let event = Event::parse_configured(name).ok_or_else(|| {
                 ConfigError::invalid(
                     format!("[events.{name}]"),
-                    "unknown event (known: incoming_session, incoming_conference_request, cancel, message, transfer)",
+                    "unknown event (known: incoming_session, incoming_conference_request, cancel, message, transfer, wakeup)",
                 )
             })?;
             let policy = &mut self.table[event.index()];
@@ -236,6 +268,23 @@ impl EventPolicies {
                     ));
                 }
                 policy.dedupe_window = Duration::from_secs(secs);
+            }
+            if let Some(secs) = o.remote_push_interval_secs {
+                if event != Event::IncomingSession {
+                    return Err(ConfigError::invalid(
+                        key("remote_push_interval_secs"),
+                        "only [events.incoming_session] rings by repeated alerts",
+                    ));
+                }
+                if secs > MAX_REMOTE_PUSH_INTERVAL_SECS {
+                    return Err(ConfigError::invalid(
+                        key("remote_push_interval_secs"),
+                        format!(
+                            "{secs} must be between 0 (off) and {MAX_REMOTE_PUSH_INTERVAL_SECS}"
+                        ),
+                    ));
+                }
+                policy.remote_push_interval = Duration::from_secs(secs);
             }
         }
         Ok(self)

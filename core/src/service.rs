@@ -93,6 +93,22 @@ pub fn init_logging(settings: &LogSettings) {
     };
 }
 
+/// The help texts `/metrics` shows for the families that carry one.
+fn describe_metrics() {
+    metrics::describe_counter!(
+        "pushfleet_ringing_alerts_total",
+        "alert pushes that rang an iOS device without a VoIP token (alert=ring) or told it how the call ended (alert=final)"
+    );
+    metrics::describe_counter!(
+        "pushfleet_held_calls_ended_total",
+        "cancels not sent because the call's push to the device was still held back by pn-timeout"
+    );
+    metrics::describe_counter!(
+        "pushfleet_wakeups_total",
+        "registration wake-ups asked for, by source (api, scheduler) and outcome (queued, suppressed, not_queued)"
+    );
+}
+
 /// Installs the process-wide Prometheus recorder (once; later calls return the same handle).
 pub fn metrics_recorder() -> PrometheusHandle {
     static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
@@ -128,6 +144,7 @@ pub fn metrics_recorder() -> PrometheusHandle {
             let handle = recorder.handle();
             // A second recorder (several services in one test process) keeps the first.
             let _ = metrics::set_global_recorder(recorder);
+            describe_metrics();
             // Histogram samples pile up until folded into their buckets, which a scrape does;
             // without scrapes they would grow by every push.
             let upkeep = handle.clone();

@@ -67,6 +67,19 @@ pub struct NewToken {
     pub background_token: Option<String>,
     pub silent: bool,
     pub user_agent: Option<String>,
+    /// What a registration through RFC 8599 parameters adds.
+    pub extras: RegistrationExtras,
+}
+
+/// A device's registration beyond its tokens: whether it has a VoIP token at all, its
+/// per-contact push options, and when its SIP registration expires.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RegistrationExtras {
+    pub remote_only: bool,
+    /// `{"pn-call-str": "...", "pn-timeout": "5", ...}`, as the Contact gave them.
+    pub push_options: Option<Value>,
+    /// Epoch seconds.
+    pub registration_expires_at: Option<f64>,
 }
 
 impl NewToken {
@@ -107,6 +120,9 @@ pub struct StoredToken {
     pub updated_at: String,
     pub invalidated_at: Option<String>,
     pub invalid_reason: Option<String>,
+    pub remote_only: bool,
+    pub push_options: Option<Value>,
+    pub registration_expires_at: Option<String>,
 }
 
 impl StoredToken {
@@ -123,6 +139,9 @@ impl StoredToken {
             updated_at: row.get("updated_at"),
             invalidated_at: row.get("invalidated_at"),
             invalid_reason: row.get("invalid_reason"),
+            remote_only: row.get("remote_only"),
+            push_options: row.get("push_options"),
+            registration_expires_at: row.get("registration_expires_at"),
         }
     }
 
@@ -140,6 +159,9 @@ impl StoredToken {
             "updated_at": self.updated_at,
             "invalidated_at": self.invalidated_at,
             "invalid_reason": self.invalid_reason,
+            "remote_only": self.remote_only,
+            "push_options": self.push_options,
+            "registration_expires_at": self.registration_expires_at,
         })
     }
 }
@@ -147,7 +169,8 @@ impl StoredToken {
 const SELECT_TOKENS: &str =
     "SELECT app_id, platform, device_id, token, background_token, silent, user_agent,
         to_json(created_at) #>> '{}' AS created_at, to_json(updated_at) #>> '{}' AS updated_at,
-        to_json(invalidated_at) #>> '{}' AS invalidated_at, invalid_reason
+        to_json(invalidated_at) #>> '{}' AS invalidated_at, invalid_reason, remote_only,
+        push_options, to_json(registration_expires_at) #>> '{}' AS registration_expires_at
    FROM device_tokens WHERE account = $1 ORDER BY created_at, id";
 
 /// Upserts on (account, app_id, device_id). `force` rewrites the row even when nothing changed
@@ -162,16 +185,22 @@ pub async fn register(
         .query_opt(
             "WITH up AS (
                  INSERT INTO device_tokens AS d
-                        (account, app_id, device_id, platform, token, background_token, silent, user_agent)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                        (account, app_id, device_id, platform, token, background_token, silent,
+                         user_agent, remote_only, push_options, registration_expires_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $10, $11, to_timestamp($12::float8))
                  ON CONFLICT (account, app_id, device_id) DO UPDATE
                     SET platform = EXCLUDED.platform, token = EXCLUDED.token,
                         background_token = EXCLUDED.background_token, silent = EXCLUDED.silent,
-                        user_agent = EXCLUDED.user_agent, updated_at = now(),
-                        invalidated_at = NULL, invalid_reason = NULL
-                  WHERE $9 OR (d.platform, d.token, d.background_token, d.silent, d.user_agent)
+                        user_agent = EXCLUDED.user_agent, remote_only = EXCLUDED.remote_only,
+                        push_options = EXCLUDED.push_options,
+                        registration_expires_at = EXCLUDED.registration_expires_at,
+                        updated_at = now(), invalidated_at = NULL, invalid_reason = NULL
+                  WHERE $9 OR (d.platform, d.token, d.background_token, d.silent, d.user_agent,
+                               d.remote_only, d.push_options, d.registration_expires_at)
                         IS DISTINCT FROM (EXCLUDED.platform, EXCLUDED.token,
-                        EXCLUDED.background_token, EXCLUDED.silent, EXCLUDED.user_agent)
+                        EXCLUDED.background_token, EXCLUDED.silent, EXCLUDED.user_agent,
+                        EXCLUDED.remote_only, EXCLUDED.push_options,
+                        EXCLUDED.registration_expires_at)
                  RETURNING (xmax = 0) AS inserted
              ), revived AS (
                  DELETE FROM invalid_tokens
@@ -191,6 +220,9 @@ pub async fn register(
                 &token.silent,
                 &token.user_agent,
                 &force,
+                &token.extras.remote_only,
+                &token.extras.push_options,
+                &token.extras.registration_expires_at,
             ],
         )
         .await

@@ -39,7 +39,10 @@ fn scope_of(route: &str) -> Option<Scope> {
         "/push"
         | "/v2/tokens/{account}/push"
         | "/v2/tokens/{account}/push/{device}"
-        | "/rfc8599/push" => Some(Scope::Push),
+        | "/v2/tokens/{account}/wakeup"
+        | "/v2/tokens/{account}/wakeup/{device}"
+        | "/rfc8599/push"
+        | "/rfc8599/wakeup" => Some(Scope::Push),
         "/v2/tokens/{account}" => Some(Scope::Tokens),
         "/audit" | "/audit/summary" => Some(Scope::Audit),
         _ => None,

@@ -143,6 +143,7 @@ impl Broker {
             let entry = LedgerEntry::Cancel {
                 call_id: job.push.call_id.clone(),
                 at_ms: job.received_at_ms,
+                reason: job.push.reason.clone(),
             };
             self.publish_to_ledger(&channel, &entry).await?;
         }
@@ -180,6 +181,12 @@ impl Broker {
                 Err(e)
             }
         }
+    }
+
+    /// Writes `entry` to the ledger, returning once the broker has confirmed it.
+    pub async fn publish_ledger(&self, entry: &LedgerEntry) -> Result<(), BrokerError> {
+        let channel = self.channel()?;
+        self.publish_to_ledger(&channel, entry).await
     }
 
     async fn publish_to_ledger(

@@ -79,6 +79,11 @@ pub enum ApiError {
     UnknownType,
     #[error("no Firebase app is configured for pn-param '{pn_param}' (give its app-id)")]
     NoFirebaseApp { pn_param: String },
+    /// A wake-up for an iOS device registered with a VoIP token only.
+    #[error(
+        "pn-param names no remote service: a VoIP token cannot take a background push: pn-param"
+    )]
+    NoBackgroundToken,
 
     // The request as a whole.
     #[error("request body is empty")]
@@ -171,6 +176,7 @@ impl ApiError {
             | MalformedPnParam(_)
             | MalformedPnPrid(_)
             | UnknownType
+            | NoBackgroundToken
             | EmptyBody
             | NotAnObject
             | UnparsableBody
@@ -216,7 +222,8 @@ impl ApiError {
             | MalformedPnParam(_)
             | MalformedPnPrid(_)
             | UnknownType
-            | BadFilter(_) => "invalid_field",
+            | BadFilter(_)
+            | NoBackgroundToken => "invalid_field",
             OnlyIncomingSession => "unsupported_event",
             UnknownPlatform(_) | UnknownRegistrationPlatform(_) => "unknown_platform",
             UnknownApp { .. } | NoFirebaseApp { .. } => "unknown_app",

@@ -9,6 +9,7 @@ mod arbitrary;
 mod audit;
 mod auth;
 mod broker;
+mod call_options;
 mod describe;
 mod error;
 mod fcm_projects;
@@ -23,6 +24,7 @@ mod state;
 mod v1;
 mod v2;
 mod validate;
+mod wakeup;
 
 use std::net::SocketAddr;
 use std::path::Path;

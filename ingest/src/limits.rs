@@ -57,6 +57,13 @@ pub const PN_PARAM: Limit = line("pn-param", 256);
 /// One FCM token, or an APNs `<token>:remote&<token>:voip` pair.
 pub const PN_PRID: Limit = line("pn-prid", 4096);
 pub const PN_TOK: Limit = line("pn-tok", 4096);
+/// Each per-contact string and sound (`pn-call-str`, `pn-msg-snd`…).
+pub const PN_STRING_MAX_CHARS: usize = 256;
+
+/// The limit of one per-contact string or sound parameter.
+pub const fn pn_string(field: &'static str) -> Limit {
+    line(field, PN_STRING_MAX_CHARS)
+}
 
 /// Apple's device tokens are 32 bytes today; longer ones (up to 100 bytes) must still pass.
 pub const APNS_TOKEN_HEX_DIGITS: RangeInclusive<usize> = 64..=200;

@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use pushfleet_core::clock::now_ms;
 use pushfleet_core::job::{Job, SyncReply, JOB_VERSION};
+use pushfleet_core::ledger::LedgerEntry;
 use pushfleet_core::logged::{Escaped, Identity};
 use pushfleet_core::tokens::token_fingerprint;
 use pushfleet_core::{ResponseMode, Settings};
@@ -22,6 +23,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::auth::Caller;
+use crate::call_options::CallOptions;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::validate::{configured_app, validate, ValidPush};
@@ -52,6 +54,7 @@ pub fn new_job(state: &AppState, valid: ValidPush<'_>, caller: &Caller) -> (Job,
         attempt: 0,
         push: valid.push,
         api_key_id: caller.key_id().map(str::to_string),
+        handling: Default::default(),
     };
     (job, policy.ttl)
 }
@@ -63,6 +66,7 @@ pub async fn accept(
     peer: SocketAddr,
     caller: &Caller,
     body: &Map<String, Value>,
+    options: &CallOptions,
     route: &'static str,
 ) -> Result<Response, ApiError> {
     let live = state.live();
@@ -71,8 +75,10 @@ pub async fn accept(
         .inspect_err(|e| {
             info!(peer = %peer.ip(), status = e.status().as_u16(), error = %e.body(), "push request rejected");
         })?;
+    let (mut job, ttl) = new_job(state, valid, caller);
+    let held = options.apply(&mut job, &live.policies)?;
     state.api_keys.admit(caller, 1)?;
-    let (job, ttl) = new_job(state, valid, caller);
+    hold(state, held).await?;
     let reply = enqueue(state, &job, ttl, is_sync(state), RequestId(&job), peer).await?;
     let Some(reply) = reply else {
         return Ok(accepted(job.id));
@@ -83,6 +89,14 @@ pub async fn accept(
             None => accepted(job.id),
         },
     )
+}
+
+/// Tells every worker that a call's push is held back, before the push is queued.
+pub async fn hold(state: &AppState, held: Option<LedgerEntry>) -> Result<(), ApiError> {
+    if let Some(entry) = held {
+        state.broker.publish_ledger(&entry).await?;
+    }
+    Ok(())
 }
 
 /// A key for another app is refused before the rest of the body is looked at. A body whose app

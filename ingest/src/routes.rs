@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 use crate::acl::{self, AccessList};
 use crate::ops::{self, method_not_allowed};
 use crate::state::Shared;
-use crate::{audit, auth, rfc8599, v1, v2};
+use crate::{audit, auth, rfc8599, v1, v2, wakeup};
 
 pub fn router(state: Shared, acl: AccessList) -> Router {
     let in_flight = Arc::new(Semaphore::new(
@@ -40,8 +40,20 @@ pub fn router(state: Shared, acl: AccessList) -> Router {
             post(v2::push_device).fallback(method_not_allowed),
         )
         .route(
+            "/v2/tokens/{account}/wakeup",
+            post(wakeup::wake_account).fallback(method_not_allowed),
+        )
+        .route(
+            "/v2/tokens/{account}/wakeup/{device}",
+            post(wakeup::wake_device).fallback(method_not_allowed),
+        )
+        .route(
             "/rfc8599/push",
             post(rfc8599::push).fallback(method_not_allowed),
+        )
+        .route(
+            "/rfc8599/wakeup",
+            post(wakeup::wake_by_parameters).fallback(method_not_allowed),
         )
         .route("/audit", get(audit::audit).fallback(method_not_allowed))
         .route(

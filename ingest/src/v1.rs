@@ -8,6 +8,7 @@ use axum::response::Response;
 use axum::Extension;
 
 use crate::auth::Caller;
+use crate::call_options::CallOptions;
 use crate::error::ApiError;
 use crate::pipeline;
 use crate::request::json_object;
@@ -21,5 +22,13 @@ pub async fn push(
     body: Body,
 ) -> Result<Response, ApiError> {
     let body = json_object(body, state.body_limit()).await?;
-    pipeline::accept(&state, peer, &caller, &body, "/push").await
+    pipeline::accept(
+        &state,
+        peer,
+        &caller,
+        &body,
+        &CallOptions::default(),
+        "/push",
+    )
+    .await
 }

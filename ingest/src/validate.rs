@@ -139,6 +139,8 @@ fn push_data(body: &Map<String, Value>) -> Result<PushData, ApiError> {
         account: optional_str(body, "account")?,
         content: optional_str(body, "content")?,
         content_type: optional_str(body, "content-type")?,
+        group_chat: false,
+        strings: Default::default(),
     })
 }
 

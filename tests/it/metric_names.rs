@@ -159,6 +159,7 @@ async fn expire_a_call_in_the_lane(stack: &Stack) {
             ..Default::default()
         },
         api_key_id: None,
+        handling: Default::default(),
     };
     let connection = pushfleet_core::topology::connect(&stack.settings.rabbitmq, "it-dead")
         .await

@@ -31,6 +31,7 @@ fn job(call_id: &str) -> Job {
             ..Default::default()
         },
         api_key_id: None,
+        handling: Default::default(),
     }
 }
 

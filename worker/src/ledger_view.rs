@@ -12,7 +12,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 use pushfleet_core::clock::{now_ms, unix_secs};
 use pushfleet_core::job::Job;
-use pushfleet_core::ledger::{dedupe_key, Claim, LedgerEntry};
+use pushfleet_core::ledger::{cancel_key, dedupe_key, Claim, LedgerEntry};
 use pushfleet_core::topology::{BrokerError, PERSISTENT};
 use pushfleet_core::{Event, EventPolicies, Topology};
 use tokio::sync::watch;
@@ -49,8 +49,10 @@ pub struct LedgerView {
 
 #[derive(Default)]
 struct State {
-    /// call-id → the latest cancel's acceptance time.
-    cancels: HashMap<String, u64>,
+    /// call-id → the latest cancel's acceptance time and reason.
+    cancels: HashMap<String, (u64, Option<String>)>,
+    /// cancel key → (held from, held until): pushes held back by `pn-timeout`.
+    held: HashMap<u64, (u64, u64)>,
     /// dedupe key → (claiming job, claim expiry).
     claims: HashMap<u64, (Uuid, u64)>,
     /// Our claims not yet published.
@@ -84,7 +86,7 @@ impl LedgerView {
     pub fn check(&self, job: &Job, now: u64) -> Verdict {
         let mut state = self.state.lock().expect("ledger lock");
         if job.event.is_incoming_call() {
-            if let Some(&cancelled_at) = state.cancels.get(&job.push.call_id) {
+            if let Some(&(cancelled_at, _)) = state.cancels.get(&job.push.call_id) {
                 if cancelled_at >= job.received_at_ms {
                     return Verdict::Cancelled;
                 }
@@ -110,13 +112,51 @@ impl LedgerView {
         Verdict::Send
     }
 
+    /// The reason of the latest cancel of `call_id`, when one was accepted.
+    pub fn cancel_reason(&self, call_id: &str) -> Option<Option<String>> {
+        let state = self.state.lock().expect("ledger lock");
+        state.cancels.get(call_id).map(|(_, reason)| reason.clone())
+    }
+
+    /// Whether `cancel` ends a call whose push to this device was still held back when the
+    /// cancel came: the device never rang, so it needs no cancel either.
+    pub fn ends_a_held_call(&self, cancel: &Job) -> bool {
+        let key = cancel_key(
+            &cancel.app_id,
+            cancel.platform,
+            &cancel.push.token,
+            &cancel.push.call_id,
+        );
+        let state = self.state.lock().expect("ledger lock");
+        state
+            .held
+            .get(&key)
+            .is_some_and(|&(from, until)| (from..until).contains(&cancel.received_at_ms))
+    }
+
     fn apply(&self, entry: LedgerEntry) {
         let mut state = self.state.lock().expect("ledger lock");
         let now = now_ms();
         match entry {
-            LedgerEntry::Cancel { call_id, at_ms } => {
-                let latest = state.cancels.entry(call_id).or_insert(at_ms);
-                *latest = (*latest).max(at_ms);
+            LedgerEntry::Cancel {
+                call_id,
+                at_ms,
+                reason,
+            } => {
+                let latest = state
+                    .cancels
+                    .entry(call_id)
+                    .or_insert((at_ms, reason.clone()));
+                if at_ms >= latest.0 {
+                    *latest = (at_ms, reason);
+                }
+            }
+            LedgerEntry::Held {
+                key,
+                from_ms,
+                until_ms,
+            } => {
+                state.held.insert(key, (from_ms, until_ms));
             }
             LedgerEntry::Claims { claims } => {
                 for claim in claims {
@@ -136,7 +176,8 @@ impl LedgerView {
         }
         if now >= state.pruned_at_ms + 1000 {
             let window = self.cancel_window_ms;
-            state.cancels.retain(|_, at| *at + window > now);
+            state.cancels.retain(|_, (at, _)| *at + window > now);
+            state.held.retain(|_, (_, until)| *until + window > now);
             state.claims.retain(|_, (_, until)| *until > now);
             state.pruned_at_ms = now;
         }
@@ -250,6 +291,7 @@ mod tests {
                 ..Default::default()
             },
             api_key_id: None,
+            handling: Default::default(),
         }
     }
 
@@ -260,7 +302,12 @@ mod tests {
         l.apply(LedgerEntry::Cancel {
             call_id: "c1".into(),
             at_ms: now,
+            reason: Some("answered_elsewhere".into()),
         });
+        assert_eq!(
+            l.cancel_reason("c1"),
+            Some(Some("answered_elsewhere".to_string()))
+        );
         assert_eq!(
             l.check(&job(Event::IncomingSession, "c1", now - 10), now),
             Verdict::Cancelled

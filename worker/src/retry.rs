@@ -108,6 +108,7 @@ mod tests {
             attempt: 0,
             push: PushData::default(),
             api_key_id: None,
+            handling: Default::default(),
         }
     }
 

@@ -66,6 +66,7 @@ fn job_message() -> Job {
             ..Default::default()
         },
         api_key_id: None,
+        handling: Default::default(),
     }
 }
 

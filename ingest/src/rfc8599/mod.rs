@@ -6,25 +6,32 @@
 mod params;
 mod resolve;
 
+pub use self::resolve::Target;
+
 use std::net::SocketAddr;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
-use axum::response::Response;
-use axum::Extension;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use pushfleet_core::clock::now_ms;
 use pushfleet_core::config::Settings;
+use pushfleet_core::ledger::LedgerEntry;
+use pushfleet_core::logged::Escaped;
 use serde_json::{json, Map, Value};
+use tracing::info;
 
 use self::params::parameters;
 use self::resolve::resolve;
 use crate::auth::Caller;
+use crate::call_options::CallOptions;
 use crate::error::ApiError;
 use crate::fcm_projects::FcmProjects;
-use crate::fields::{field, python_str};
+use crate::fields::{field, optional_str, python_str, required_str};
 use crate::limits;
 use crate::pipeline;
 use crate::request::json_object;
-use crate::state::Shared;
+use crate::state::{AppState, Shared};
 
 /// `POST /rfc8599/push`.
 pub async fn push(
@@ -35,8 +42,57 @@ pub async fn push(
 ) -> Result<Response, ApiError> {
     let body = json_object(body, state.body_limit()).await?;
     let live = state.live();
-    let v1 = v1_body(&body, &live.settings, &live.fcm_projects)?;
-    pipeline::accept(&state, peer, &caller, &v1, "/rfc8599/push").await
+    let (v1, options) = v1_body(&body, &live.settings, &live.fcm_projects)?;
+    if let Some(app) = linphone_call_end(&v1, &live.settings) {
+        return call_ended(&state, peer, &caller, app, &v1).await;
+    }
+    pipeline::accept(&state, peer, &caller, &v1, &options, "/rfc8599/push").await
+}
+
+/// A `cancel` for a Linphone app: Linphone clients take no cancel push (their VoIP push would
+/// ring again), but the call's end still matters to a phone rung by alerts.
+fn linphone_call_end<'a>(
+    v1: &Map<String, Value>,
+    settings: &'a Settings,
+) -> Option<&'a pushfleet_core::AppSettings> {
+    if v1.get("event").and_then(Value::as_str) != Some("cancel") {
+        return None;
+    }
+    let app_id = v1.get("app-id")?.as_str()?;
+    let platform = pushfleet_core::Platform::from_alias(v1.get("platform")?.as_str()?)?;
+    settings
+        .app(app_id, platform)
+        .filter(|app| app.app_type == pushfleet_core::AppType::Linphone)
+}
+
+/// Records the end of a Linphone call in the ledger, as a cancel's would be, without a push:
+/// its alerts stop and the final one says how it ended. Answered 200 at once.
+async fn call_ended(
+    state: &AppState,
+    peer: SocketAddr,
+    caller: &Caller,
+    app: &pushfleet_core::AppSettings,
+    v1: &Map<String, Value>,
+) -> Result<Response, ApiError> {
+    caller.check_app(&app.id)?;
+    let call_id = required_str(v1, "call-id")?;
+    let reason = optional_str(v1, "reason")?;
+    limits::check(&limits::CALL_ID, &call_id)?;
+    limits::check_optional(&limits::REASON, reason.as_deref())?;
+    state.api_keys.admit(caller, 1)?;
+    let entry = LedgerEntry::Cancel {
+        call_id: call_id.clone(),
+        at_ms: now_ms(),
+        reason: reason.clone(),
+    };
+    state.broker.publish_ledger(&entry).await?;
+    info!(call_id = %Escaped(&call_id), app = %app.id, peer = %peer.ip(), "Linphone call ended");
+    Ok(Json(json!({
+        "code": 200,
+        "description": "call ended: Linphone apps take no cancel push",
+        "data": {"call_id": call_id, "reason": reason},
+    }))
+    .into_response())
 }
 
 /// The keys that address the device, replaced in the v1 request by its app, platform and token.
@@ -50,23 +106,29 @@ const ADDRESS_KEYS: [&str; 7] = [
     "type",
 ];
 
-/// The v1 request that the RFC 8599 push stands for.
+/// The v1 request that the RFC 8599 push stands for, and the device's per-contact options.
 fn v1_body(
     body: &Map<String, Value>,
     settings: &Settings,
     fcm_projects: &FcmProjects,
-) -> Result<Map<String, Value>, ApiError> {
+) -> Result<(Map<String, Value>, CallOptions), ApiError> {
     let params = parameters(body)?;
     let event = event(body)?;
     let hint = field(body, "app-id").and_then(Value::as_str);
     let target = resolve(&params, &event, hint, settings, fcm_projects)?;
+    let mut options = CallOptions::from_params(&params)?;
+    options.remote_only = target.remote_only();
+    options.cancel_token = Some(target.cancel_token().to_string());
     // The v1 validation checks it again as `token`; here the caller reads the name it gave.
     limits::check_token(target.platform, target.token_param, &target.token)?;
     let mut v1 = body.clone();
-    for key in ADDRESS_KEYS {
-        v1.remove(key);
+    for key in ADDRESS_KEYS.iter().chain(&CallOptions::PARAMS) {
+        v1.remove(*key);
         v1.remove(&key.replace('-', "_"));
     }
+    let group_chat = field(body, "group-chat").filter(|v| !v.is_null());
+    v1.remove("group-chat");
+    v1.remove("group_chat");
     v1.insert("app-id".into(), json!(target.app_id));
     v1.insert("platform".into(), json!(target.platform));
     v1.insert("token".into(), json!(target.token));
@@ -79,7 +141,79 @@ fn v1_body(
         let media = if event == "message" { "chat" } else { "audio" };
         v1.insert("media-type".into(), json!(media));
     }
-    Ok(v1)
+    if let Some(flag) = group_chat {
+        options.group_chat = flag.as_bool().ok_or(ApiError::InvalidField {
+            field: "group-chat",
+            problem: "value could not be parsed to a boolean",
+        })?;
+    }
+    Ok((v1, options))
+}
+
+/// A device as a v2 registration addresses it by RFC 8599 parameters: its app and tokens (the
+/// VoIP token first, the remote one as the background token), and its per-contact options
+/// as they are stored: by parameter name.
+pub struct Registration {
+    pub app_id: String,
+    pub platform: pushfleet_core::Platform,
+    pub token: String,
+    pub background_token: Option<String>,
+    pub remote_only: bool,
+    pub push_options: Option<Value>,
+}
+
+/// Whether a v2 registration names its device by RFC 8599 parameters instead of app-id,
+/// platform and token.
+pub fn addresses_by_parameters(body: &Map<String, Value>) -> bool {
+    ["contact", "pn-provider", "pn-type"]
+        .iter()
+        .any(|key| field(body, key).is_some_and(|v| !v.is_null()))
+}
+
+pub fn registration(
+    body: &Map<String, Value>,
+    settings: &Settings,
+    fcm_projects: &FcmProjects,
+) -> Result<Registration, ApiError> {
+    let params = parameters(body)?;
+    let hint = field(body, "app-id").and_then(Value::as_str);
+    let target = resolve(&params, "incoming_session", hint, settings, fcm_projects)?;
+    limits::check_token(target.platform, target.token_param, &target.token)?;
+    let background_token = match (&target.voip_token, &target.remote_token) {
+        (Some(_), Some(remote)) => {
+            limits::check_token(target.platform, target.token_param, remote)?;
+            Some(remote.clone())
+        }
+        _ => None,
+    };
+    // Checked now, so that a bad option is refused at registration rather than at a push.
+    CallOptions::from_params(&params)?;
+    let options: Map<String, Value> = CallOptions::PARAMS
+        .iter()
+        .filter_map(|name| {
+            let value = params.get(*name).filter(|v| !v.is_empty())?;
+            Some((name.to_string(), json!(value)))
+        })
+        .collect();
+    Ok(Registration {
+        app_id: target.app_id.clone(),
+        platform: target.platform,
+        remote_only: target.remote_only(),
+        token: target.token,
+        background_token,
+        push_options: (!options.is_empty()).then_some(Value::Object(options)),
+    })
+}
+
+/// The device a wake-up by RFC 8599 parameters is for.
+pub fn wake_target(
+    body: &Map<String, Value>,
+    settings: &Settings,
+    fcm_projects: &FcmProjects,
+) -> Result<Target, ApiError> {
+    let params = parameters(body)?;
+    let hint = field(body, "app-id").and_then(Value::as_str);
+    resolve(&params, "cancel", hint, settings, fcm_projects)
 }
 
 /// The event of the push: a Sylk event name, or Flexisip's `type` (call, message, background).
@@ -251,7 +385,9 @@ mod tests {
         let settings = settings();
         let projects = FcmProjects::load(&settings);
         let v1 = |body: Value| {
-            v1_body(body.as_object().unwrap(), &settings, &projects).map_err(|e| e.to_string())
+            v1_body(body.as_object().unwrap(), &settings, &projects)
+                .map(|(v1, _)| v1)
+                .map_err(|e| e.to_string())
         };
         let hex = "ab".repeat(32);
         assert_eq!(
@@ -295,7 +431,7 @@ mod tests {
         fn any_body_becomes_a_push_within_the_limits_or_a_4xx(body in arbitrary::rfc8599_body()) {
             let settings = arbitrary::settings();
             let accepted = v1_body(&body, settings, arbitrary::fcm_projects())
-                .and_then(|v1| validate(&v1, settings));
+                .and_then(|(v1, _)| validate(&v1, settings));
             match accepted {
                 Ok(valid) => arbitrary::assert_push_clean(valid.app.platform, &valid.push),
                 Err(error) => arbitrary::assert_refused(&error),
@@ -309,7 +445,7 @@ mod tests {
         let projects = FcmProjects::load(&settings);
         let body = json!({"pn-provider": "fcm", "pn-param": "linphone-1234", "pn-prid": "tok",
                           "call-id": "c", "from": "a", "to": "b", "type": "message"});
-        let v1 = v1_body(body.as_object().unwrap(), &settings, &projects).unwrap();
+        let (v1, _) = v1_body(body.as_object().unwrap(), &settings, &projects).unwrap();
         assert_eq!(
             Value::Object(v1),
             json!({"app-id": "org.linphone.phone", "platform": "firebase", "token": "tok",

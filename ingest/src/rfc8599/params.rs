@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
+use crate::call_options::CallOptions;
 use crate::error::ApiError;
 use crate::fields::field;
 use crate::limits::{self, Limit};
@@ -39,6 +40,25 @@ pub fn parameters(body: &Map<String, Value>) -> Result<Params, ApiError> {
                 problem: "str type expected",
             })?;
             params.insert(key.to_string(), value.trim().to_string());
+        }
+    }
+    // The per-contact options may be given as keys too (numbers as numbers); checked where
+    // they are read (`crate::call_options`).
+    for key in CallOptions::PARAMS {
+        match field(body, key) {
+            None | Some(Value::Null) => {}
+            Some(Value::String(text)) => {
+                params.insert(key.to_string(), text.trim().to_string());
+            }
+            Some(Value::Number(number)) => {
+                params.insert(key.to_string(), number.to_string());
+            }
+            Some(_) => {
+                return Err(ApiError::InvalidField {
+                    field: key,
+                    problem: "str type expected",
+                })
+            }
         }
     }
     for limit in &KEYS {

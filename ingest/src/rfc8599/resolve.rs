@@ -16,6 +16,21 @@ pub struct Target {
     pub token: String,
     /// The parameter the token came from (`pn-prid`, or the legacy `pn-tok`), for messages.
     pub token_param: &'static str,
+    /// APNs: the device's VoIP (PushKit) token and its remote (alert/background) token.
+    pub voip_token: Option<String>,
+    pub remote_token: Option<String>,
+}
+
+impl Target {
+    /// An iOS device without a VoIP token: calls ring it by alerts.
+    pub fn remote_only(&self) -> bool {
+        self.platform == Platform::Apple && self.voip_token.is_none()
+    }
+
+    /// The token a cancel of a call goes to.
+    pub fn cancel_token(&self) -> &str {
+        self.remote_token.as_deref().unwrap_or(&self.token)
+    }
 }
 
 /// Resolves the parameters to a configured app and a token for `event`. `app_hint` is the
@@ -111,11 +126,19 @@ fn resolve_apple(
             platform: Platform::Apple,
             app_id: address.bundle,
         })?;
+    let of = |wanted: Service| {
+        tokens
+            .iter()
+            .find(|(s, _)| *s == wanted)
+            .map(|(_, t)| t.clone())
+    };
     Ok(Target {
         platform: Platform::Apple,
         app_id: app.id.clone(),
         token: apple_token(&tokens, app, event),
         token_param: token_param(provider.legacy),
+        voip_token: of(Service::Voip),
+        remote_token: of(Service::Remote),
     })
 }
 
@@ -248,6 +271,8 @@ fn resolve_firebase(
         app_id: app.id.clone(),
         token: token.to_string(),
         token_param: token_param(legacy),
+        voip_token: None,
+        remote_token: None,
     })
 }
 

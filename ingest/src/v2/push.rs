@@ -2,6 +2,7 @@
 //! built as a v1 request from the call data in the request and the device's stored token, and
 //! its own item in the answer.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use axum::{Extension, Json};
 use deadpool_postgres::tokio_postgres::Client;
 use futures_util::future::join_all;
 use pushfleet_core::clock::system_time;
+use pushfleet_core::ledger::LedgerEntry;
 use pushfleet_core::logged::{Escaped, Identity};
 use pushfleet_core::tokens::{self, Invalidation, StoredToken};
 use pushfleet_core::{DeliveryStatus, Job, SyncReply};
@@ -22,11 +24,12 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::auth::Caller;
+use crate::call_options::CallOptions;
 use crate::error::ApiError;
 use crate::fields::{field, python_str, required_str};
 use crate::limits;
 use crate::pipeline::{
-    await_reply, enqueue, is_sync, new_job, push_result, put_token, sync_deadline,
+    await_reply, enqueue, hold, is_sync, new_job, push_result, put_token, sync_deadline,
 };
 use crate::request::{account, account_and_device, json_object};
 use crate::state::{AppState, Shared};
@@ -135,7 +138,8 @@ async fn devices(
 
 /// A device's push, merged from its stored record and the request, before it is queued.
 enum Planned {
-    Send(Box<Job>, Duration),
+    /// With the ledger entry of a push held back by the device's `pn-timeout`.
+    Send(Box<Job>, Duration, Option<LedgerEntry>),
     Skip(Skipped),
 }
 
@@ -169,6 +173,25 @@ impl Skipped {
             reason: error.to_string(),
         }
     }
+}
+
+/// The options a device registered through RFC 8599 parameters stored with its tokens.
+fn stored_options(device: &StoredToken) -> Result<CallOptions, ApiError> {
+    let params: HashMap<String, String> = device
+        .push_options
+        .as_ref()
+        .and_then(Value::as_object)
+        .map(|options| {
+            options
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut options = CallOptions::from_params(&params)?;
+    options.remote_only = device.remote_only;
+    options.cancel_token = device.background_token.clone();
+    Ok(options)
 }
 
 /// The v1 body for one stored device: the request's call data plus the stored token, app and
@@ -225,7 +248,14 @@ impl Fanout<'_> {
                 continue;
             }
             match validate(&device_body(request, &device), &live.settings) {
-                Ok(valid) => planned.push(self.job(valid, device)),
+                Ok(valid) => match self.job(valid, device) {
+                    Ok(plan) => planned.push(plan),
+                    Err(refused) => {
+                        let (device, e) = *refused;
+                        planned.push(Planned::Skip(Skipped::refused(device, &e)));
+                        first_refusal.get_or_insert(e);
+                    }
+                },
                 Err(e) => {
                     info!(account = %Identity(self.account), device_id = %Escaped(&device.device_id),
                           peer = %self.peer.ip(), error = %e.body(),
@@ -246,11 +276,23 @@ impl Fanout<'_> {
         }
     }
 
-    fn job(&self, valid: ValidPush<'_>, device: StoredToken) -> Planned {
+    /// The device's job, shaped by the options it registered; a device whose stored options
+    /// do not fit this push (a `pn-timeout` beyond a shortened TTL) comes back with the reason.
+    fn job(
+        &self,
+        valid: ValidPush<'_>,
+        device: StoredToken,
+    ) -> Result<Planned, Box<(StoredToken, ApiError)>> {
         let (mut job, ttl) = new_job(self.state, valid, self.caller);
         job.push.account = Some(self.account.to_string());
+        let held = match stored_options(&device)
+            .and_then(|options| options.apply(&mut job, &self.state.live().policies))
+        {
+            Ok(held) => held,
+            Err(e) => return Err(Box::new((device, e))),
+        };
         job.push.device_id = Some(device.device_id);
-        Planned::Send(Box::new(job), ttl)
+        Ok(Planned::Send(Box::new(job), ttl, held))
     }
 
     /// Queues every planned job at once and, in sync mode, waits for their answers until one
@@ -260,7 +302,12 @@ impl Fanout<'_> {
         join_all(planned.into_iter().map(|plan| async move {
             match plan {
                 Planned::Skip(skipped) => DeviceResult::Skipped(skipped),
-                Planned::Send(job, ttl) => self.send_one(job, ttl, deadline).await,
+                Planned::Send(job, ttl, held) => {
+                    if let Err(error) = hold(self.state, held).await {
+                        return DeviceResult::NotQueued(job, error);
+                    }
+                    self.send_one(job, ttl, deadline).await
+                }
             }
         }))
         .await
@@ -476,6 +523,9 @@ mod tests {
             updated_at: String::new(),
             invalidated_at: None,
             invalid_reason: None,
+            remote_only: false,
+            push_options: None,
+            registration_expires_at: None,
         }
     }
 

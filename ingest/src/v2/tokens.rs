@@ -8,18 +8,21 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::{Extension, Json};
 use deadpool_postgres::tokio_postgres::Client;
+use pushfleet_core::clock::now_ms;
 use pushfleet_core::config::Settings;
 use pushfleet_core::logged::{Escaped, Identity};
-use pushfleet_core::tokens::{self, token_fingerprint, NewToken, StoredToken};
+use pushfleet_core::tokens::{self, token_fingerprint, NewToken, RegistrationExtras, StoredToken};
 use serde_json::{json, Map, Value};
 use tracing::info;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::fields::{bool_or, non_empty_str, optional_str, required_str};
+use crate::fcm_projects::FcmProjects;
+use crate::fields::{bool_or, field, non_empty_str, optional_str, required_str};
 use crate::limits::{self, check, check_optional};
 use crate::pipeline::put_token;
 use crate::request::{account, json_object};
+use crate::rfc8599;
 use crate::state::Shared;
 use crate::validate::configured_app;
 
@@ -34,7 +37,7 @@ pub async fn add_token(
     let account = account(path)?;
     let body = json_object(body, state.body_limit()).await?;
     let live = state.live();
-    let new = new_token(account, &body, &live.settings, &caller)?;
+    let new = new_token(account, &body, &live.settings, &live.fcm_projects, &caller)?;
     let max_devices = live.settings.ingest.max_devices_per_account;
     let mut client = state.db_client().await?;
     tokens::register_within(&mut **client, &new, max_devices, caller.apps()).await?;
@@ -51,6 +54,11 @@ pub async fn add_token(
         "silent": new.silent,
         "user-agent": new.user_agent,
     });
+    if new.extras != RegistrationExtras::default() {
+        echo["remote_only"] = json!(new.extras.remote_only);
+        echo["push_options"] = json!(new.extras.push_options);
+        echo["registration_expires_at"] = json!(new.extras.registration_expires_at);
+    }
     put_token(
         &mut echo,
         &new.token,
@@ -65,8 +73,12 @@ fn new_token(
     account: String,
     body: &Map<String, Value>,
     settings: &Settings,
+    fcm_projects: &FcmProjects,
     caller: &Caller,
 ) -> Result<NewToken, ApiError> {
+    if rfc8599::addresses_by_parameters(body) {
+        return new_token_by_parameters(account, body, settings, fcm_projects, caller);
+    }
     let app = configured_app(body, settings, ApiError::UnknownRegistrationPlatform)?;
     caller.check_app(&app.id)?;
     let raw_token = non_empty_str(body, "token")?;
@@ -87,7 +99,78 @@ fn new_token(
         background_token,
         silent,
         user_agent,
+        extras: RegistrationExtras {
+            registration_expires_at: registration_expiry(body)?,
+            ..Default::default()
+        },
     })
+}
+
+/// A registration whose device is named by RFC 8599 parameters (a `contact`, or `pn-provider`,
+/// `pn-param` and `pn-prid`), with the contact's per-contact options.
+fn new_token_by_parameters(
+    account: String,
+    body: &Map<String, Value>,
+    settings: &Settings,
+    fcm_projects: &FcmProjects,
+    caller: &Caller,
+) -> Result<NewToken, ApiError> {
+    let device = rfc8599::registration(body, settings, fcm_projects)?;
+    caller.check_app(&device.app_id)?;
+    let device_id = non_empty_str(body, "device-id")?;
+    let silent = bool_or(body, "silent", true)?;
+    let user_agent = optional_str(body, "user-agent")?;
+    check(&limits::DEVICE_ID, &device_id)?;
+    check_optional(&limits::USER_AGENT, user_agent.as_deref())?;
+    Ok(NewToken {
+        account,
+        app_id: device.app_id,
+        platform: device.platform,
+        device_id,
+        token: device.token,
+        background_token: device.background_token,
+        silent,
+        user_agent,
+        extras: RegistrationExtras {
+            remote_only: device.remote_only,
+            push_options: device.push_options,
+            registration_expires_at: registration_expiry(body)?,
+        },
+    })
+}
+
+/// The longest registration pushfleet takes (a year), as SIP registrars cap `Expires` too.
+const MAX_EXPIRES_SECS: u64 = 365 * 24 * 3600;
+
+/// When the device's SIP registration expires, in epoch seconds: `expires` (seconds from now,
+/// as the REGISTER's Expires) or `registration-expires-at` (epoch seconds).
+fn registration_expiry(body: &Map<String, Value>) -> Result<Option<f64>, ApiError> {
+    let now_secs = now_ms() as f64 / 1000.0;
+    let number = |name: &'static str| -> Result<Option<u64>, ApiError> {
+        match field(body, name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(value) => value.as_u64().map(Some).ok_or(ApiError::InvalidField {
+                field: name,
+                problem: "value is not a valid non-negative integer",
+            }),
+        }
+    };
+    let longest = MAX_EXPIRES_SECS as f64;
+    match (number("expires")?, number("registration-expires-at")?) {
+        (Some(secs), _) if secs <= MAX_EXPIRES_SECS => Ok(Some(now_secs + secs as f64)),
+        (Some(_), _) => Err(ApiError::InvalidField {
+            field: "expires",
+            problem: "must be at most 31536000 seconds (a year)",
+        }),
+        (None, Some(at)) if (at as f64) > now_secs && (at as f64) - now_secs <= longest => {
+            Ok(Some(at as f64))
+        }
+        (None, Some(_)) => Err(ApiError::InvalidField {
+            field: "registration-expires-at",
+            problem: "must be epoch seconds in the coming year",
+        }),
+        (None, None) => Ok(None),
+    }
 }
 
 /// `DELETE /v2/tokens/{account}` with a JSON body `{"app-id", "device-id"}`. Without a
@@ -166,6 +249,7 @@ mod tests {
             "bob@example.com".into(),
             body.as_object().unwrap(),
             arbitrary::settings(),
+            arbitrary::fcm_projects(),
             &Caller::Anonymous,
         )
         .map_err(|e| e.to_string())
@@ -204,6 +288,39 @@ mod tests {
         );
     }
 
+    #[test]
+    fn registration_expiries_are_checked() {
+        let expiry = |extra: Value| {
+            let mut body = json!({"app-id": "com.example.sylk", "platform": "firebase",
+                                  "token": "tok", "device-id": "d1"});
+            for (k, v) in extra.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            registration_expiry(body.as_object().unwrap()).map_err(|e| e.to_string())
+        };
+        let now = now_ms() as f64 / 1000.0;
+        let at = expiry(json!({"expires": 3600})).unwrap().unwrap();
+        assert!((at - now - 3600.0).abs() < 5.0, "{at} {now}");
+        assert_eq!(expiry(json!({})), Ok(None));
+        assert_eq!(
+            expiry(json!({"expires": -1})),
+            Err("value is not a valid non-negative integer: expires".into())
+        );
+        assert_eq!(
+            expiry(json!({"expires": 31_536_001})),
+            Err("must be at most 31536000 seconds (a year): expires".into())
+        );
+        assert_eq!(
+            expiry(json!({"registration-expires-at": 1000})),
+            Err("must be epoch seconds in the coming year: registration-expires-at".into())
+        );
+        let later = now as u64 + 600;
+        assert_eq!(
+            expiry(json!({"registration-expires-at": later})),
+            Ok(Some(later as f64))
+        );
+    }
+
     proptest::proptest! {
         #![proptest_config(arbitrary::config())]
 
@@ -216,7 +333,7 @@ mod tests {
         ) {
             let parsed = request::account(Ok(Path(account)))
                 .and_then(|account| {
-                    new_token(account, &body, arbitrary::settings(), &Caller::Anonymous)
+                    new_token(account, &body, arbitrary::settings(), arbitrary::fcm_projects(), &Caller::Anonymous)
                 });
             match parsed {
                 Ok(new) => {

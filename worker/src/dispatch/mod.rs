@@ -361,12 +361,45 @@ impl Dispatcher {
                     let mut next = job.clone();
                     next.attempt += 1;
                     match self
-                        .publish_retry(publisher, &next, tier_ms, &delivery.properties)
+                        .publish_retry(publisher, &next, tier_ms, &delivery.properties, true)
                         .await
                     {
                         Ok(()) => outcomes.save(&outcome).await,
                         Err(e) => Err(e),
                     }
+                }
+                Step::Later {
+                    next,
+                    tier_ms,
+                    outcome,
+                    reply,
+                } => {
+                    // The ring's outcome first: should the next copy then fail to publish, the
+                    // job comes back and rings once more (its attempt recorded once), rather
+                    // than leaving two copies ringing side by side.
+                    let mut saved = match outcome {
+                        Some(outcome) => outcomes.save(&outcome).await,
+                        None => Ok(()),
+                    };
+                    // A caller answered now waits no longer: the job goes on without it.
+                    let keep_reply_to = reply.is_none();
+                    if saved.is_ok() {
+                        saved = self
+                            .publish_retry(
+                                publisher,
+                                &next,
+                                tier_ms,
+                                &delivery.properties,
+                                keep_reply_to,
+                            )
+                            .await;
+                    }
+                    if let (Ok(()), Some(reply), Some(reply_to)) =
+                        (&saved, reply, delivery.properties.reply_to())
+                    {
+                        replies.send(reply_to, &reply);
+                    }
+                    saved
                 }
             };
             match saved {
@@ -389,11 +422,12 @@ impl Dispatcher {
         job: &Job,
         tier_ms: u64,
         original: &BasicProperties,
+        keep_reply_to: bool,
     ) -> Result<(), BrokerError> {
         let body = serde_json::to_vec(job)?;
         let mut properties = topology::job_properties(job.id);
         // A sync caller still waiting gets the answer of the attempt that ends the job.
-        if let Some(reply_to) = original.reply_to() {
+        if let Some(reply_to) = original.reply_to().as_ref().filter(|_| keep_reply_to) {
             properties = properties.with_reply_to(reply_to.clone());
         }
         let published = publisher

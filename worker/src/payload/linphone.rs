@@ -47,7 +47,7 @@ struct AudibleCall<'a> {
 struct AudibleAps<'a> {
     alert: Alert<'a>,
     badge: u8,
-    sound: &'static str,
+    sound: &'a str,
 }
 
 #[derive(Serialize)]
@@ -56,7 +56,7 @@ struct Alert<'a> {
     #[serde(rename = "loc-args")]
     loc_args: &'a str,
     #[serde(rename = "loc-key")]
-    loc_key: &'static str,
+    loc_key: &'a str,
 }
 
 #[derive(Serialize)]
@@ -66,7 +66,7 @@ struct FcmData<'a> {
     #[serde(rename = "loc-args")]
     loc_args: &'a str,
     #[serde(rename = "loc-key")]
-    loc_key: &'static str,
+    loc_key: &'a str,
     #[serde(rename = "send-time")]
     send_time: &'a str,
     #[serde(rename = "sip-from")]
@@ -98,10 +98,10 @@ pub(super) fn apns_request(app_id: &str, job: &Job, now_ms: u64) -> ApnsRequest 
             aps: AudibleAps {
                 alert: Alert {
                     loc_args: &p.from,
-                    loc_key: "IC_MSG",
+                    loc_key: p.strings.call_str.as_deref().unwrap_or("IC_MSG"),
                 },
                 badge: 1,
-                sound: "msg.caf",
+                sound: p.strings.call_snd.as_deref().unwrap_or("msg.caf"),
             },
             call_id: &p.call_id,
             pn_ttl: PN_TTL_SECS,
@@ -114,6 +114,7 @@ pub(super) fn apns_request(app_id: &str, job: &Job, now_ms: u64) -> ApnsRequest 
         topic,
         expiration: apns_expiration(job),
         payload,
+        collapse_id: None,
     }
 }
 
@@ -127,7 +128,7 @@ pub(super) fn fcm_message(job: &Job, now_ms: u64) -> Bytes {
             data: FcmData {
                 call_id: &p.call_id,
                 loc_args: &p.from,
-                loc_key: "",
+                loc_key: p.strings.call_str.as_deref().unwrap_or_default(),
                 send_time: &send_time,
                 sip_from: &p.from,
             },

@@ -3,14 +3,17 @@
 //! mistakes (expiry headers, FCM `ttl`, non-string FCM data, a bogus `content-available` header).
 //! Pure functions: no clock reads except where a wrapper says so, no I/O.
 
+mod alerts;
 mod linphone;
 mod sylk;
+
+use std::borrow::Cow;
 
 use bytes::Bytes;
 use pushfleet_core::clock::now_ms;
 use pushfleet_core::config::{AppSettings, AppType};
 use pushfleet_core::job::Job;
-use pushfleet_core::policy::EventPolicy;
+use pushfleet_core::policy::{Event, EventPolicy};
 use serde::Serialize;
 
 /// The headers and body of one APNs request (the device token goes into the URL).
@@ -19,8 +22,10 @@ pub struct ApnsRequest {
     pub push_type: &'static str,
     pub priority: u8,
     pub topic: String,
-    /// `apns-expiration`, absolute epoch seconds.
+    /// `apns-expiration`, absolute epoch seconds; 0: deliver now or never.
     pub expiration: u64,
+    /// `apns-collapse-id`: alerts of one ringing call replace each other on the device.
+    pub collapse_id: Option<String>,
     /// The JSON body, encoded once: a resend shares these bytes.
     pub payload: Bytes,
 }
@@ -37,10 +42,29 @@ pub fn apns_request_at(
     policy: &EventPolicy,
     now_ms: u64,
 ) -> ApnsRequest {
+    let job = &shown(app, job);
+    if job.event == Event::Wakeup {
+        return alerts::apns_wakeup(&app.id, job, now_ms);
+    }
+    if let Some(ringing) = &job.handling.ringing {
+        return alerts::apns_ringing(app, job, ringing, now_ms);
+    }
     match app.app_type {
         AppType::Sylk => sylk::apns_request(&app.id, job, policy),
         AppType::Linphone => linphone::apns_request(&app.id, job, now_ms),
     }
+}
+
+/// The job as the app's payloads may show it: with `display_caller = false` the caller's URI
+/// and display name are blanked, whatever the layout.
+fn shown<'a>(app: &AppSettings, job: &'a Job) -> Cow<'a, Job> {
+    if app.display_caller {
+        return Cow::Borrowed(job);
+    }
+    let mut hidden = job.clone();
+    hidden.push.from = String::new();
+    hidden.push.from_display_name = None;
+    Cow::Owned(hidden)
 }
 
 /// The full FCM v1 body, `{"message": {...}}`, encoded.
@@ -48,6 +72,10 @@ pub fn apns_request_at(
 /// The policy is not consulted: it only shapes APNs requests, and on FCM every event is a
 /// high-priority message whose lifetime comes from the job's deadline.
 pub fn fcm_message(app: &AppSettings, job: &Job, _policy: &EventPolicy, now_ms: u64) -> Bytes {
+    let job = &shown(app, job);
+    if job.event == Event::Wakeup {
+        return alerts::fcm_wakeup(job, now_ms);
+    }
     match app.app_type {
         AppType::Sylk => sylk::fcm_message(job, now_ms),
         AppType::Linphone => linphone::fcm_message(job, now_ms),
@@ -97,6 +125,15 @@ impl Android {
             notification: None,
             priority: "high",
             ttl: fcm_ttl(job, now_ms),
+        }
+    }
+
+    /// Housekeeping: Android delivers it when the device is awake anyway or at its next
+    /// maintenance window, without spending the app's high-priority budget.
+    fn normal_priority(job: &Job, now_ms: u64) -> Android {
+        Android {
+            priority: "normal",
+            ..Android::high_priority(job, now_ms)
         }
     }
 }
@@ -210,6 +247,7 @@ pub(crate) mod test_support {
             log_timeout_ms: 5000,
             log_key: None,
             log_buffer: 10_000,
+            display_caller: true,
         }
     }
 
@@ -236,6 +274,7 @@ pub(crate) mod test_support {
                 ..Default::default()
             },
             api_key_id: None,
+            handling: Default::default(),
         }
     }
 

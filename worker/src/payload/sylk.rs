@@ -28,6 +28,7 @@ pub(super) fn apns_request(app_id: &str, job: &Job, policy: &EventPolicy) -> Apn
         topic,
         expiration: apns_expiration(job),
         payload: apns_payload(job),
+        collapse_id: None,
     }
 }
 
@@ -81,12 +82,15 @@ struct Aps<'a> {
     message_id: Option<&'a str>,
     #[serde(rename = "mutable-content")]
     mutable_content: u8,
-    sound: &'static str,
+    sound: &'a str,
 }
 
 #[derive(Serialize)]
 struct Alert<'a> {
     body: String,
+    /// The contact's own string (`pn-msg-str`, `pn-groupchat-str`): the app localises it.
+    #[serde(rename = "loc-key", skip_serializing_if = "Option::is_none")]
+    loc_key: Option<&'a str>,
     title: &'a str,
 }
 
@@ -135,7 +139,7 @@ fn apns_payload(job: &Job) -> Bytes {
             session_id: &sylk_session_id(&p.call_id),
             to_uri: &p.to,
         }),
-        Event::Cancel => encode(&ApnsCancel {
+        Event::Cancel | Event::Wakeup => encode(&ApnsCancel {
             call_id: &p.call_id,
             event,
             reason: p.reason.as_deref(),
@@ -144,14 +148,15 @@ fn apns_payload(job: &Job) -> Bytes {
         Event::Message => encode(&ApnsAlertPush {
             aps: Aps {
                 alert: Alert {
-                    body: format!("From {}", p.from),
+                    body: from_line(job),
+                    loc_key: message_loc_key(job),
                     title: message_title(job),
                 },
                 badge: p.badge,
                 content_available: Some(1),
                 message_id: Some(&p.call_id),
                 mutable_content: 1,
-                sound: "default",
+                sound: p.strings.msg_snd.as_deref().unwrap_or("default"),
             },
             data: MessageData {
                 content: p.content.as_deref(),
@@ -166,7 +171,8 @@ fn apns_payload(job: &Job) -> Bytes {
         Event::Transfer => encode(&ApnsAlertPush {
             aps: Aps {
                 alert: Alert {
-                    body: format!("From {}", p.from),
+                    body: from_line(job),
+                    loc_key: None,
                     title: transfer_title(job),
                 },
                 badge: p.badge,
@@ -240,7 +246,7 @@ pub(super) fn fcm_message(job: &Job, now_ms: u64) -> Bytes {
             to_uri: Some(&p.to),
             ..FcmData::default()
         },
-        Event::Cancel => FcmData {
+        Event::Cancel | Event::Wakeup => FcmData {
             call_id: Some(&p.call_id),
             event,
             reason: p.reason.as_deref(),
@@ -281,7 +287,7 @@ pub(super) fn fcm_message(job: &Job, now_ms: u64) -> Bytes {
                 sound: "default",
             });
             let notification = FcmNotification {
-                body: format!("From {}", p.from),
+                body: from_line(job),
                 image: NOTIFICATION_IMAGE,
                 title: transfer_title(job),
             };
@@ -298,6 +304,25 @@ pub(super) fn fcm_message(job: &Job, now_ms: u64) -> Bytes {
             token: &p.token,
         },
     })
+}
+
+/// "From <caller>", or nothing to say when the app hides callers.
+fn from_line(job: &Job) -> String {
+    if job.push.from.is_empty() {
+        String::new()
+    } else {
+        format!("From {}", job.push.from)
+    }
+}
+
+/// The contact's own string for a message, when it registered one.
+fn message_loc_key(job: &Job) -> Option<&str> {
+    let strings = &job.push.strings;
+    if job.push.group_chat {
+        strings.groupchat_str.as_deref()
+    } else {
+        strings.msg_str.as_deref()
+    }
 }
 
 /// The reference tests Python truthiness, so an empty display name counts as absent.

@@ -22,6 +22,7 @@ use uuid::Uuid;
 use super::{
     classify, client_builder, error_chain, header_str, read_file, reason_phrase, retry_after,
     send_error, ConnectionLimits, Connections, ProviderError, ProviderResponse, RawAnswer,
+    Transport,
 };
 use crate::payload::ApnsRequest;
 
@@ -31,6 +32,7 @@ const APNS_EXPIRATION: HeaderName = HeaderName::from_static("apns-expiration");
 const APNS_PRIORITY: HeaderName = HeaderName::from_static("apns-priority");
 const APNS_TOPIC: HeaderName = HeaderName::from_static("apns-topic");
 const APNS_ID: HeaderName = HeaderName::from_static("apns-id");
+const APNS_COLLAPSE_ID: HeaderName = HeaderName::from_static("apns-collapse-id");
 const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
 
 /// A client for one APNs app (one endpoint, one credential).
@@ -48,6 +50,13 @@ impl ApnsClient {
     pub fn new(
         settings: &ApnsSettings,
         request_timeout: Duration,
+    ) -> Result<ApnsClient, ProviderError> {
+        ApnsClient::with_transport(settings, &Transport::direct(request_timeout))
+    }
+
+    pub fn with_transport(
+        settings: &ApnsSettings,
+        transport: &Transport,
     ) -> Result<ApnsClient, ProviderError> {
         let (token, identity) = match settings.auth() {
             ApnsAuth::Token {
@@ -86,10 +95,11 @@ impl ApnsClient {
             }
         };
         let ca_file = settings.ca_file.clone();
+        let transport = transport.clone();
         let build = move || {
             // APNs speaks nothing but HTTP/2.
             let mut builder =
-                client_builder(ca_file.as_deref(), request_timeout)?.http2_prior_knowledge();
+                client_builder(ca_file.as_deref(), &transport)?.http2_prior_knowledge();
             if let Some(pem) = &identity {
                 let identity = reqwest::Identity::from_pem(pem).map_err(http_client_error)?;
                 builder = builder.identity(identity);
@@ -170,6 +180,10 @@ impl ApnsClient {
                     .header(CONTENT_TYPE, APPLICATION_JSON)
                     // Bytes: a resend shares the body instead of copying it.
                     .body(request.payload.clone());
+                let builder = match &request.collapse_id {
+                    Some(collapse_id) => builder.header(APNS_COLLAPSE_ID, collapse_id.as_str()),
+                    None => builder,
+                };
                 match &minted {
                     Some(minted) => builder.header(AUTHORIZATION, minted.authorization.clone()),
                     None => builder,

@@ -29,6 +29,8 @@ pub enum ProviderError {
         what: &'static str,
         source: jsonwebtoken::errors::Error,
     },
+    #[error("[worker] https_proxy {url}: {problem}")]
+    BadProxy { url: String, problem: String },
     #[error("no [apps.{0}] section")]
     MissingSection(&'static str),
     /// The OAuth token endpoint did not hand out an access token.

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use super::oauth::{AccessTokens, ServiceAccount};
 use super::{
     classify, client_builder, error_chain, reason_phrase, retry_after, send_error,
-    ConnectionLimits, Connections, ProviderError, ProviderResponse, RawAnswer,
+    ConnectionLimits, Connections, ProviderError, ProviderResponse, RawAnswer, Transport,
 };
 
 const FCM_ERROR_TYPE: &str = "type.googleapis.com/google.firebase.fcm.v1.FcmError";
@@ -33,6 +33,13 @@ impl FcmClient {
         settings: &FcmSettings,
         request_timeout: Duration,
     ) -> Result<FcmClient, ProviderError> {
+        FcmClient::with_transport(settings, &Transport::direct(request_timeout))
+    }
+
+    pub fn with_transport(
+        settings: &FcmSettings,
+        transport: &Transport,
+    ) -> Result<FcmClient, ProviderError> {
         let account = ServiceAccount::load(&settings.service_account_file)?;
         let project = settings
             .project_id
@@ -45,9 +52,10 @@ impl FcmClient {
                 )
             })?;
         let ca_file = settings.ca_file.clone();
+        let transport = transport.clone();
         // HTTP/2 is negotiated by ALPN where the server offers it (fcm.googleapis.com does).
         let build = move || {
-            client_builder(ca_file.as_deref(), request_timeout)?
+            client_builder(ca_file.as_deref(), &transport)?
                 .build()
                 .map_err(|e| ProviderError::HttpClient {
                     provider: "FCM",

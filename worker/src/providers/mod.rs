@@ -80,7 +80,7 @@ pub enum Provider {
 impl Provider {
     /// Loads credentials and builds the client; errors name the app and the file.
     pub fn for_app(app: &AppSettings, worker: &WorkerSettings) -> Result<Provider, ProviderError> {
-        let request_timeout = worker.request_timeout();
+        let transport = Transport::for_worker(worker)?;
         let limits = ConnectionLimits {
             connections: worker.max_connections_per_app,
             streams_per_connection: worker.max_streams_per_connection,
@@ -88,11 +88,11 @@ impl Provider {
         // Validation guarantees the section of the app's platform.
         let built = match (app.platform, &app.apns, &app.fcm) {
             (Platform::Apple, Some(settings), _) => {
-                apns::ApnsClient::new(settings, request_timeout)
+                apns::ApnsClient::with_transport(settings, &transport)
                     .map(|client| Provider::Apns(client.with_limits(limits)))
             }
             (Platform::Firebase, _, Some(settings)) => {
-                fcm::FcmClient::new(settings, request_timeout)
+                fcm::FcmClient::with_transport(settings, &transport)
                     .map(|client| Provider::Fcm(client.with_limits(limits)))
             }
             (Platform::Apple, ..) => Err(ProviderError::MissingSection("apns")),
@@ -378,12 +378,49 @@ fn unprocessed(error: &reqwest::Error) -> bool {
     false
 }
 
+/// How a worker reaches the providers: its request timeout and, with `[worker] https_proxy`, the
+/// HTTP proxy every connection (APNs, FCM, OAuth) is tunnelled through with CONNECT.
+#[derive(Clone)]
+pub struct Transport {
+    pub request_timeout: Duration,
+    pub proxy: Option<reqwest::Proxy>,
+}
+
+impl Transport {
+    /// Straight to the providers.
+    pub fn direct(request_timeout: Duration) -> Transport {
+        Transport {
+            request_timeout,
+            proxy: None,
+        }
+    }
+
+    pub fn for_worker(worker: &WorkerSettings) -> Result<Transport, ProviderError> {
+        let mut transport = Transport::direct(worker.request_timeout());
+        let Some(url) = &worker.https_proxy else {
+            return Ok(transport);
+        };
+        let bad = |problem: String| ProviderError::BadProxy {
+            url: url.clone(),
+            problem,
+        };
+        let mut proxy = reqwest::Proxy::all(url.as_str()).map_err(|e| bad(error_chain(&e)))?;
+        let credentials = worker.proxy_credentials().map_err(|e| bad(e.to_string()))?;
+        if let Some(credentials) = credentials {
+            proxy = proxy.basic_auth(&credentials.user, &credentials.password);
+        }
+        transport.proxy = Some(proxy);
+        Ok(transport)
+    }
+}
+
 /// An HTTP client trusting the system's usual roots plus, when configured, `ca_file` (a sandbox,
-/// a fake provider or an intercepting proxy).
+/// a fake provider or an intercepting proxy), going through the transport's proxy if any.
 fn client_builder(
     ca_file: Option<&Path>,
-    request_timeout: Duration,
+    transport: &Transport,
 ) -> Result<reqwest::ClientBuilder, ProviderError> {
+    let request_timeout = transport.request_timeout;
     let mut builder = reqwest::Client::builder()
         .use_rustls_tls()
         .timeout(request_timeout)
@@ -394,6 +431,11 @@ fn client_builder(
         .http2_keep_alive_interval(Duration::from_secs(30))
         .http2_keep_alive_timeout(Duration::from_secs(10))
         .http2_keep_alive_while_idle(true);
+    builder = match &transport.proxy {
+        Some(proxy) => builder.proxy(proxy.clone()),
+        // Only the configured proxy: an HTTPS_PROXY in the worker's environment is not ours.
+        None => builder.no_proxy(),
+    };
     if let Some(path) = ca_file {
         let pem = read_file(path)?;
         let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
