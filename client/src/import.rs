@@ -194,6 +194,7 @@ fn token(
         background_token,
         silent,
         user_agent: user_agent.filter(|u| !u.is_empty() && u != "None"),
+        webpush_keys: None,
     })
 }
 

@@ -396,6 +396,9 @@ impl Default for LogSettings {
 pub enum Platform {
     Apple,
     Firebase,
+    /// WebPush (RFC 8030) endpoints, UnifiedPush distributors among them.
+    #[serde(rename = "unifiedpush", alias = "webpush")]
+    UnifiedPush,
 }
 
 impl Platform {
@@ -403,6 +406,7 @@ impl Platform {
         match self {
             Platform::Apple => "apple",
             Platform::Firebase => "firebase",
+            Platform::UnifiedPush => "unifiedpush",
         }
     }
 
@@ -411,6 +415,7 @@ impl Platform {
         match name {
             "apple" | "ios" | "apns" => Some(Platform::Apple),
             "firebase" | "android" | "fcm" => Some(Platform::Firebase),
+            "unifiedpush" | "webpush" => Some(Platform::UnifiedPush),
             _ => None,
         }
     }
@@ -420,6 +425,7 @@ impl Platform {
         match self {
             Platform::Apple => "Apple",
             Platform::Firebase => "Firebase",
+            Platform::UnifiedPush => "UnifiedPush",
         }
     }
 }
@@ -447,6 +453,7 @@ pub struct AppSettings {
     pub app_type: AppType,
     pub apns: Option<ApnsSettings>,
     pub fcm: Option<FcmSettings>,
+    pub webpush: Option<WebPushSettings>,
 }
 
 pub const APNS_PRODUCTION: &str = "https://api.push.apple.com";
@@ -526,6 +533,34 @@ pub struct FcmSettings {
 
 fn default_fcm_endpoint() -> String {
     FCM_PRODUCTION.into()
+}
+
+/// A UnifiedPush/WebPush app: the endpoints come with each device, so only the application
+/// server's own identity (VAPID, RFC 8292) and the hosts exempt from the public-address rule are
+/// configured.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebPushSettings {
+    /// The application server's P-256 private key (PEM, PKCS#8) that signs VAPID tokens.
+    pub vapid_key_file: PathBuf,
+    /// The contact push services see in each VAPID token: `mailto:` or `https:`.
+    pub vapid_subject: String,
+    /// Endpoint hosts (names or addresses, compared without case) that may resolve to
+    /// loopback, private or otherwise non-public addresses: an on-premises distributor.
+    #[serde(default)]
+    pub allowed_endpoint_hosts: Vec<String>,
+    /// Extra trust roots (PEM) for the endpoints' certificates, next to Mozilla's.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl WebPushSettings {
+    /// Whether `host` is exempt from the public-address rule.
+    pub fn allows_host(&self, host: &str) -> bool {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        self.allowed_endpoint_hosts
+            .iter()
+            .any(|allowed| allowed.eq_ignore_ascii_case(host))
+    }
 }
 
 impl Settings {
@@ -615,6 +650,12 @@ impl Settings {
             if let Some(fcm) = &mut app.fcm {
                 resolve(&mut fcm.service_account_file);
                 if let Some(ca) = &mut fcm.ca_file {
+                    resolve(ca);
+                }
+            }
+            if let Some(webpush) = &mut app.webpush {
+                resolve(&mut webpush.vapid_key_file);
+                if let Some(ca) = &mut webpush.ca_file {
                     resolve(ca);
                 }
             }
@@ -873,6 +914,13 @@ impl AppSettings {
                     "a firebase app needs this section",
                 )),
             },
+            Platform::UnifiedPush => match &self.webpush {
+                Some(webpush) => webpush.validate(label),
+                None => Err(ConfigError::invalid(
+                    format!("{label} [apps.webpush]"),
+                    "a unifiedpush app needs this section",
+                )),
+            },
         }
     }
 }
@@ -932,6 +980,33 @@ impl FcmSettings {
         )?;
         if let Some(ca) = &self.ca_file {
             readable(label, "fcm.ca_file", ca)?;
+        }
+        Ok(())
+    }
+}
+
+impl WebPushSettings {
+    fn validate(&self, label: &str) -> Result<(), ConfigError> {
+        let subject = self.vapid_subject.as_str();
+        let contact = subject
+            .strip_prefix("mailto:")
+            .or_else(|| subject.strip_prefix("https://"));
+        ensure(
+            contact.is_some_and(|rest| !rest.is_empty() && !rest.chars().any(char::is_whitespace)),
+            &format!("{label} webpush.vapid_subject"),
+            "must be a mailto: or https:// contact, such as \"mailto:push@example.org\"",
+        )?;
+        readable(label, "webpush.vapid_key_file", &self.vapid_key_file)?;
+        if let Some(ca) = &self.ca_file {
+            readable(label, "webpush.ca_file", ca)?;
+        }
+        for host in &self.allowed_endpoint_hosts {
+            ensure(
+                !host.is_empty() && !host.contains(['/', ' ', ':'])
+                    || host.parse::<std::net::IpAddr>().is_ok(),
+                &format!("{label} webpush.allowed_endpoint_hosts"),
+                &format!("{host:?} must be a host name or an address, without scheme or port"),
+            )?;
         }
         Ok(())
     }
@@ -1345,6 +1420,67 @@ mod tests {
 }
 
 #[cfg(test)]
+mod webpush_settings {
+    use std::path::Path;
+
+    use super::{ConfigError, Platform, Settings};
+
+    fn load(section: &str) -> Result<Settings, ConfigError> {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        let text = format!(
+            "[[apps]]\nid = \"up\"\nplatform = \"webpush\"\ntype = \"sylk\"\n[apps.webpush]\nvapid_key_file = \"{}\"\n{section}",
+            file.display()
+        );
+        Settings::from_toml(&text, Vec::new(), Path::new("."))
+    }
+
+    #[test]
+    fn a_webpush_app_names_its_vapid_key_and_contact() {
+        let s = load("vapid_subject = \"mailto:ops@example.org\"\nallowed_endpoint_hosts = [\"Push.Internal\", \"10.1.2.3\", \"::1\"]").unwrap();
+        assert_eq!(s.apps[0].platform, Platform::UnifiedPush);
+        let webpush = s.apps[0].webpush.as_ref().unwrap();
+        assert!(webpush.allows_host("push.internal"));
+        assert!(webpush.allows_host("10.1.2.3"));
+        assert!(webpush.allows_host("[::1]"));
+        assert!(!webpush.allows_host("push.example.org"));
+        assert!(load("vapid_subject = \"https://example.org/contact\"").is_ok());
+    }
+
+    #[test]
+    fn mistakes_name_the_key() {
+        for (section, key) in [
+            (
+                "vapid_subject = \"ops@example.org\"",
+                "webpush.vapid_subject",
+            ),
+            ("vapid_subject = \"mailto:\"", "webpush.vapid_subject"),
+            (
+                "vapid_subject = \"mailto:a@b\"\nallowed_endpoint_hosts = [\"https://x\"]",
+                "webpush.allowed_endpoint_hosts",
+            ),
+            (
+                "vapid_subject = \"mailto:a@b\"\nca_file = \"/nonexistent.pem\"",
+                "webpush.ca_file",
+            ),
+        ] {
+            let e = load(section).unwrap_err();
+            assert_eq!(
+                e.key(),
+                Some(format!("[[apps]] #1 (unifiedpush up) {key}").as_str()),
+                "{section}: {e}"
+            );
+        }
+        let e = Settings::from_toml(
+            "[[apps]]\nid = \"up\"\nplatform = \"unifiedpush\"\ntype = \"sylk\"",
+            Vec::new(),
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert_eq!(e.key(), Some("[[apps]] #1 (unifiedpush up) [apps.webpush]"));
+    }
+}
+
+#[cfg(test)]
 mod http_settings {
     use std::path::Path;
 
@@ -1413,6 +1549,6 @@ mod example_file {
     fn example_config_has_only_known_keys() {
         let text = include_str!("../../config/example.toml");
         let settings: Settings = toml::from_str(text).expect("config/example.toml parses");
-        assert_eq!(settings.apps.len(), 2);
+        assert_eq!(settings.apps.len(), 3);
     }
 }

@@ -23,6 +23,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "api_keys",
         include_str!("../../migrations/0003_api_keys.sql"),
     ),
+    (
+        8,
+        "unifiedpush",
+        include_str!("../../migrations/0008_unifiedpush.sql"),
+    ),
 ];
 
 /// A database problem, with what was being done when it happened.

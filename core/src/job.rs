@@ -75,6 +75,16 @@ pub struct PushData {
     pub content: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_type: Option<String>,
+    /// A WebPush subscription's keys (RFC 8291, base64url): with them the push is encrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webpush_keys: Option<WebPushKeys>,
+}
+
+/// The public key and authentication secret of a WebPush subscription, base64url.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WebPushKeys {
+    pub p256dh: String,
+    pub auth: String,
 }
 
 fn default_true() -> bool {

@@ -16,6 +16,7 @@ pub mod service;
 pub mod tls;
 pub mod tokens;
 pub mod topology;
+pub mod webpush;
 
 pub use config::{AppSettings, AppType, Platform, ResponseMode, Settings};
 pub use job::{DeliveryStatus, Job, OutcomeEvent, PushData, SyncReply};

@@ -14,6 +14,7 @@ use tokio_postgres::{GenericClient, Row};
 
 use crate::config::Platform;
 use crate::db::DbError;
+use crate::job::WebPushKeys;
 
 /// The SHA-256 of a token.
 pub fn token_digest(token: &str) -> [u8; 32] {
@@ -66,6 +67,8 @@ pub struct NewToken {
     pub background_token: Option<String>,
     pub silent: bool,
     pub user_agent: Option<String>,
+    /// unifiedpush: the subscription's encryption keys, when it has them.
+    pub webpush_keys: Option<WebPushKeys>,
 }
 
 impl NewToken {
@@ -106,6 +109,7 @@ pub struct StoredToken {
     pub updated_at: String,
     pub invalidated_at: Option<String>,
     pub invalid_reason: Option<String>,
+    pub webpush_keys: Option<WebPushKeys>,
 }
 
 impl StoredToken {
@@ -122,6 +126,10 @@ impl StoredToken {
             updated_at: row.get("updated_at"),
             invalidated_at: row.get("invalidated_at"),
             invalid_reason: row.get("invalid_reason"),
+            webpush_keys: match (row.get("p256dh"), row.get("auth")) {
+                (Some(p256dh), Some(auth)) => Some(WebPushKeys { p256dh, auth }),
+                _ => None,
+            },
         }
     }
 
@@ -146,7 +154,7 @@ impl StoredToken {
 const SELECT_TOKENS: &str =
     "SELECT app_id, platform, device_id, token, background_token, silent, user_agent,
         to_json(created_at) #>> '{}' AS created_at, to_json(updated_at) #>> '{}' AS updated_at,
-        to_json(invalidated_at) #>> '{}' AS invalidated_at, invalid_reason
+        to_json(invalidated_at) #>> '{}' AS invalidated_at, invalid_reason, p256dh, auth
    FROM device_tokens WHERE account = $1 ORDER BY created_at, id";
 
 /// Upserts on (account, app_id, device_id). `force` rewrites the row even when nothing changed
@@ -161,16 +169,20 @@ pub async fn register(
         .query_opt(
             "WITH up AS (
                  INSERT INTO device_tokens AS d
-                        (account, app_id, device_id, platform, token, background_token, silent, user_agent)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                        (account, app_id, device_id, platform, token, background_token, silent, user_agent,
+                         p256dh, auth)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $10, $11)
                  ON CONFLICT (account, app_id, device_id) DO UPDATE
                     SET platform = EXCLUDED.platform, token = EXCLUDED.token,
                         background_token = EXCLUDED.background_token, silent = EXCLUDED.silent,
-                        user_agent = EXCLUDED.user_agent, updated_at = now(),
+                        user_agent = EXCLUDED.user_agent, p256dh = EXCLUDED.p256dh,
+                        auth = EXCLUDED.auth, updated_at = now(),
                         invalidated_at = NULL, invalid_reason = NULL
-                  WHERE $9 OR (d.platform, d.token, d.background_token, d.silent, d.user_agent)
+                  WHERE $9 OR (d.platform, d.token, d.background_token, d.silent, d.user_agent,
+                               d.p256dh, d.auth)
                         IS DISTINCT FROM (EXCLUDED.platform, EXCLUDED.token,
-                        EXCLUDED.background_token, EXCLUDED.silent, EXCLUDED.user_agent)
+                        EXCLUDED.background_token, EXCLUDED.silent, EXCLUDED.user_agent,
+                        EXCLUDED.p256dh, EXCLUDED.auth)
                  RETURNING (xmax = 0) AS inserted
              ), revived AS (
                  DELETE FROM invalid_tokens
@@ -189,6 +201,8 @@ pub async fn register(
                 &token.silent,
                 &token.user_agent,
                 &force,
+                &token.webpush_keys.as_ref().map(|k| k.p256dh.as_str()),
+                &token.webpush_keys.as_ref().map(|k| k.auth.as_str()),
             ],
         )
         .await

@@ -9,6 +9,7 @@ mod arbitrary;
 mod audit;
 mod auth;
 mod broker;
+mod endpoint;
 mod error;
 mod fcm_projects;
 mod fields;

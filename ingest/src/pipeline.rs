@@ -69,6 +69,7 @@ pub async fn accept(
         .inspect_err(|e| {
             info!(peer = %peer.ip(), status = e.status().as_u16(), error = %e.body(), "push request rejected");
         })?;
+    crate::endpoint::check_reachable(valid.app, &valid.push.token).await?;
     state.api_keys.admit(caller, 1)?;
     let (job, ttl) = new_job(state, valid, caller);
     let reply = enqueue(state, &job, ttl, is_sync(state), RequestId(&job), peer).await?;

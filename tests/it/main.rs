@@ -21,3 +21,4 @@ mod support;
 mod tls;
 mod v1_push;
 mod v2_tokens;
+mod webpush;

@@ -8,7 +8,7 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::{Extension, Json};
 use deadpool_postgres::tokio_postgres::Client;
-use pushfleet_core::config::Settings;
+use pushfleet_core::config::{Platform, Settings};
 use pushfleet_core::logged::{Escaped, Identity};
 use pushfleet_core::tokens::{self, token_fingerprint, NewToken, StoredToken};
 use serde_json::{json, Map, Value};
@@ -21,7 +21,7 @@ use crate::limits::{self, check, check_optional};
 use crate::pipeline::put_token;
 use crate::request::{account, json_object};
 use crate::state::Shared;
-use crate::validate::configured_app;
+use crate::validate::{configured_app, webpush_keys};
 
 /// `POST /v2/tokens/{account}`: stores (or replaces) a device's token.
 pub async fn add_token(
@@ -34,6 +34,9 @@ pub async fn add_token(
     let account = account(path)?;
     let body = json_object(body, state.body_limit()).await?;
     let new = new_token(account, &body, &state.settings, &caller)?;
+    if let Some(app) = state.settings.app(&new.app_id, new.platform) {
+        crate::endpoint::check_reachable(app, &new.token).await?;
+    }
     let max_devices = state.settings.ingest.max_devices_per_account;
     let mut client = state.db_client().await?;
     tokens::register_within(&mut **client, &new, max_devices, caller.apps()).await?;
@@ -76,6 +79,10 @@ fn new_token(
     limits::check_registered_token(app.platform, &raw_token)?;
     check(&limits::DEVICE_ID, &device_id)?;
     check_optional(&limits::USER_AGENT, user_agent.as_deref())?;
+    let webpush_keys = match app.platform {
+        Platform::UnifiedPush => webpush_keys(body)?,
+        _ => None,
+    };
     let (token, background_token) = NewToken::split_token(app.platform, &raw_token);
     Ok(NewToken {
         account,
@@ -86,6 +93,7 @@ fn new_token(
         background_token,
         silent,
         user_agent,
+        webpush_keys,
     })
 }
 
