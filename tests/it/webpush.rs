@@ -234,6 +234,14 @@ async fn a_cancel_carries_the_topic_of_its_ring() {
     );
     assert_ne!(topic_of("incoming_session", &other), ring);
     assert!(seen.iter().all(|r| r.header("urgency") == Some("high")));
+    // One connection to the push service, one VAPID token for its origin.
+    assert!(seen
+        .iter()
+        .all(|r| r.connection_id == seen[0].connection_id));
+    let authorization = seen[0].header("authorization");
+    assert!(seen
+        .iter()
+        .all(|r| r.header("authorization") == authorization));
     stack.stop().await;
 }
 

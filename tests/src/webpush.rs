@@ -96,6 +96,8 @@ pub struct VapidSeen {
 #[derive(Clone, Debug)]
 pub struct WebPushRequest {
     pub subscription: String,
+    /// Which TCP connection carried it; ids are unique across all fakes.
+    pub connection_id: u64,
     /// `HTTP/2.0` or `HTTP/1.1`.
     pub version: String,
     pub headers: Vec<(String, String)>,
@@ -353,7 +355,7 @@ async fn control_mode(
 
 async fn push(
     State(st): State<Arc<WebPushState>>,
-    Extension(_conn): Extension<Arc<ConnInfo>>,
+    Extension(conn): Extension<Arc<ConnInfo>>,
     Path(id): Path<String>,
     version: axum::http::Version,
     headers: HeaderMap,
@@ -446,6 +448,7 @@ async fn push(
     }
     st.record(WebPushRequest {
         subscription: id,
+        connection_id: conn.id,
         version: format!("{version:?}"),
         headers: headers
             .iter()
