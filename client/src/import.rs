@@ -195,6 +195,7 @@ fn token(
         silent,
         user_agent: user_agent.filter(|u| !u.is_empty() && u != "None"),
         extras: Default::default(),
+        webpush_keys: None,
     })
 }
 

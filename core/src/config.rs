@@ -519,6 +519,9 @@ impl Default for LogSettings {
 pub enum Platform {
     Apple,
     Firebase,
+    /// WebPush (RFC 8030) endpoints, UnifiedPush distributors among them.
+    #[serde(rename = "unifiedpush", alias = "webpush")]
+    UnifiedPush,
 }
 
 impl Platform {
@@ -526,6 +529,7 @@ impl Platform {
         match self {
             Platform::Apple => "apple",
             Platform::Firebase => "firebase",
+            Platform::UnifiedPush => "unifiedpush",
         }
     }
 
@@ -534,6 +538,7 @@ impl Platform {
         match name {
             "apple" | "ios" | "apns" => Some(Platform::Apple),
             "firebase" | "android" | "fcm" => Some(Platform::Firebase),
+            "unifiedpush" | "webpush" => Some(Platform::UnifiedPush),
             _ => None,
         }
     }
@@ -543,6 +548,7 @@ impl Platform {
         match self {
             Platform::Apple => "Apple",
             Platform::Firebase => "Firebase",
+            Platform::UnifiedPush => "UnifiedPush",
         }
     }
 }
@@ -589,6 +595,7 @@ pub struct AppSettings {
     /// False blanks the caller's URI and display name in every payload of this app.
     #[serde(default = "default_display_caller")]
     pub display_caller: bool,
+    pub webpush: Option<WebPushSettings>,
 }
 
 fn default_display_caller() -> bool {
@@ -652,6 +659,12 @@ impl AppSettings {
             ));
             if let Some(ca) = &fcm.ca_file {
                 files.push(("fcm.ca_file", ca.as_path()));
+            }
+        }
+        if let Some(webpush) = &self.webpush {
+            files.push(("webpush.vapid_key_file", webpush.vapid_key_file.as_path()));
+            if let Some(ca) = &webpush.ca_file {
+                files.push(("webpush.ca_file", ca.as_path()));
             }
         }
         files
@@ -735,6 +748,34 @@ pub struct FcmSettings {
 
 fn default_fcm_endpoint() -> String {
     FCM_PRODUCTION.into()
+}
+
+/// A UnifiedPush/WebPush app: the endpoints come with each device, so only the application
+/// server's own identity (VAPID, RFC 8292) and the hosts exempt from the public-address rule are
+/// configured.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebPushSettings {
+    /// The application server's P-256 private key (PEM, PKCS#8) that signs VAPID tokens.
+    pub vapid_key_file: PathBuf,
+    /// The contact push services see in each VAPID token: `mailto:` or `https:`.
+    pub vapid_subject: String,
+    /// Endpoint hosts (names or addresses, compared without case) that may resolve to
+    /// loopback, private or otherwise non-public addresses: an on-premises distributor.
+    #[serde(default)]
+    pub allowed_endpoint_hosts: Vec<String>,
+    /// Extra trust roots (PEM) for the endpoints' certificates, next to Mozilla's.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl WebPushSettings {
+    /// Whether `host` is exempt from the public-address rule.
+    pub fn allows_host(&self, host: &str) -> bool {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        self.allowed_endpoint_hosts
+            .iter()
+            .any(|allowed| allowed.eq_ignore_ascii_case(host))
+    }
 }
 
 impl Settings {
@@ -904,6 +945,12 @@ impl Settings {
             if let Some(fcm) = &mut app.fcm {
                 resolve(&mut fcm.service_account_file);
                 if let Some(ca) = &mut fcm.ca_file {
+                    resolve(ca);
+                }
+            }
+            if let Some(webpush) = &mut app.webpush {
+                resolve(&mut webpush.vapid_key_file);
+                if let Some(ca) = &mut webpush.ca_file {
                     resolve(ca);
                 }
             }
@@ -1215,6 +1262,13 @@ impl AppSettings {
                     "a firebase app needs this section",
                 )),
             },
+            Platform::UnifiedPush => match &self.webpush {
+                Some(webpush) => webpush.validate(label),
+                None => Err(ConfigError::invalid(
+                    format!("{label} [apps.webpush]"),
+                    "a unifiedpush app needs this section",
+                )),
+            },
         }
     }
 }
@@ -1274,6 +1328,33 @@ impl FcmSettings {
         )?;
         if let Some(ca) = &self.ca_file {
             readable(label, "fcm.ca_file", ca)?;
+        }
+        Ok(())
+    }
+}
+
+impl WebPushSettings {
+    fn validate(&self, label: &str) -> Result<(), ConfigError> {
+        let subject = self.vapid_subject.as_str();
+        let contact = subject
+            .strip_prefix("mailto:")
+            .or_else(|| subject.strip_prefix("https://"));
+        ensure(
+            contact.is_some_and(|rest| !rest.is_empty() && !rest.chars().any(char::is_whitespace)),
+            &format!("{label} webpush.vapid_subject"),
+            "must be a mailto: or https:// contact, such as \"mailto:push@example.org\"",
+        )?;
+        readable(label, "webpush.vapid_key_file", &self.vapid_key_file)?;
+        if let Some(ca) = &self.ca_file {
+            readable(label, "webpush.ca_file", ca)?;
+        }
+        for host in &self.allowed_endpoint_hosts {
+            ensure(
+                !host.is_empty() && !host.contains(['/', ' ', ':'])
+                    || host.parse::<std::net::IpAddr>().is_ok(),
+                &format!("{label} webpush.allowed_endpoint_hosts"),
+                &format!("{host:?} must be a host name or an address, without scheme or port"),
+            )?;
         }
         Ok(())
     }
@@ -1859,6 +1940,67 @@ mod tests {
 }
 
 #[cfg(test)]
+mod webpush_settings {
+    use std::path::Path;
+
+    use super::{ConfigError, Platform, Settings};
+
+    fn load(section: &str) -> Result<Settings, ConfigError> {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        let text = format!(
+            "[[apps]]\nid = \"up\"\nplatform = \"webpush\"\ntype = \"sylk\"\n[apps.webpush]\nvapid_key_file = \"{}\"\n{section}",
+            file.display()
+        );
+        Settings::from_toml(&text, Vec::new(), Path::new("."))
+    }
+
+    #[test]
+    fn a_webpush_app_names_its_vapid_key_and_contact() {
+        let s = load("vapid_subject = \"mailto:ops@example.org\"\nallowed_endpoint_hosts = [\"Push.Internal\", \"10.1.2.3\", \"::1\"]").unwrap();
+        assert_eq!(s.apps[0].platform, Platform::UnifiedPush);
+        let webpush = s.apps[0].webpush.as_ref().unwrap();
+        assert!(webpush.allows_host("push.internal"));
+        assert!(webpush.allows_host("10.1.2.3"));
+        assert!(webpush.allows_host("[::1]"));
+        assert!(!webpush.allows_host("push.example.org"));
+        assert!(load("vapid_subject = \"https://example.org/contact\"").is_ok());
+    }
+
+    #[test]
+    fn mistakes_name_the_key() {
+        for (section, key) in [
+            (
+                "vapid_subject = \"ops@example.org\"",
+                "webpush.vapid_subject",
+            ),
+            ("vapid_subject = \"mailto:\"", "webpush.vapid_subject"),
+            (
+                "vapid_subject = \"mailto:a@b\"\nallowed_endpoint_hosts = [\"https://x\"]",
+                "webpush.allowed_endpoint_hosts",
+            ),
+            (
+                "vapid_subject = \"mailto:a@b\"\nca_file = \"/nonexistent.pem\"",
+                "webpush.ca_file",
+            ),
+        ] {
+            let e = load(section).unwrap_err();
+            assert_eq!(
+                e.key(),
+                Some(format!("[[apps]] #1 (unifiedpush up) {key}").as_str()),
+                "{section}: {e}"
+            );
+        }
+        let e = Settings::from_toml(
+            "[[apps]]\nid = \"up\"\nplatform = \"unifiedpush\"\ntype = \"sylk\"",
+            Vec::new(),
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert_eq!(e.key(), Some("[[apps]] #1 (unifiedpush up) [apps.webpush]"));
+    }
+}
+
+#[cfg(test)]
 mod http_settings {
     use std::path::Path;
 
@@ -1927,6 +2069,6 @@ mod example_file {
     fn example_config_has_only_known_keys() {
         let text = include_str!("../../config/example.toml");
         let settings: Settings = toml::from_str(text).expect("config/example.toml parses");
-        assert_eq!(settings.apps.len(), 2);
+        assert_eq!(settings.apps.len(), 3);
     }
 }

@@ -29,6 +29,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "call_options",
         include_str!("../../migrations/0005_call_options.sql"),
     ),
+    (
+        6,
+        "unifiedpush",
+        include_str!("../../migrations/0006_unifiedpush.sql"),
+    ),
 ];
 
 /// A database problem, with what was being done when it happened.

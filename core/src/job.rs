@@ -216,6 +216,16 @@ pub struct PushData {
     pub group_chat: bool,
     #[serde(default, skip_serializing_if = "ContactStrings::is_empty")]
     pub strings: ContactStrings,
+    /// A WebPush subscription's keys (RFC 8291, base64url): with them the push is encrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webpush_keys: Option<WebPushKeys>,
+}
+
+/// The public key and authentication secret of a WebPush subscription, base64url.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WebPushKeys {
+    pub p256dh: String,
+    pub auth: String,
 }
 
 fn default_true() -> bool {

@@ -19,6 +19,7 @@ pub mod tls;
 pub mod tokens;
 pub mod topology;
 pub mod wakeup;
+pub mod webpush;
 
 pub use config::{AppSettings, AppType, Platform, ResponseMode, Settings};
 pub use job::{DeliveryStatus, Job, OutcomeEvent, PushData, SyncReply};

@@ -145,6 +145,7 @@ pub fn metrics_recorder() -> PrometheusHandle {
             // A second recorder (several services in one test process) keeps the first.
             let _ = metrics::set_global_recorder(recorder);
             describe_metrics();
+            crate::webpush::describe_metrics();
             // Histogram samples pile up until folded into their buckets, which a scrape does;
             // without scrapes they would grow by every push.
             let upkeep = handle.clone();

@@ -14,6 +14,7 @@ use tokio_postgres::{GenericClient, Row};
 
 use crate::config::Platform;
 use crate::db::DbError;
+use crate::job::WebPushKeys;
 
 /// The bytes a token's fingerprint is made of: the first 8 bytes of its SHA-256.
 pub type FingerprintBytes = [u8; 8];
@@ -69,6 +70,8 @@ pub struct NewToken {
     pub user_agent: Option<String>,
     /// What a registration through RFC 8599 parameters adds.
     pub extras: RegistrationExtras,
+    /// unifiedpush: the subscription's encryption keys, when it has them.
+    pub webpush_keys: Option<WebPushKeys>,
 }
 
 /// A device's registration beyond its tokens: whether it has a VoIP token at all, its
@@ -123,6 +126,7 @@ pub struct StoredToken {
     pub remote_only: bool,
     pub push_options: Option<Value>,
     pub registration_expires_at: Option<String>,
+    pub webpush_keys: Option<WebPushKeys>,
 }
 
 impl StoredToken {
@@ -142,6 +146,10 @@ impl StoredToken {
             remote_only: row.get("remote_only"),
             push_options: row.get("push_options"),
             registration_expires_at: row.get("registration_expires_at"),
+            webpush_keys: match (row.get("p256dh"), row.get("auth")) {
+                (Some(p256dh), Some(auth)) => Some(WebPushKeys { p256dh, auth }),
+                _ => None,
+            },
         }
     }
 
@@ -170,7 +178,7 @@ const SELECT_TOKENS: &str =
     "SELECT app_id, platform, device_id, token, background_token, silent, user_agent,
         to_json(created_at) #>> '{}' AS created_at, to_json(updated_at) #>> '{}' AS updated_at,
         to_json(invalidated_at) #>> '{}' AS invalidated_at, invalid_reason, remote_only,
-        push_options, to_json(registration_expires_at) #>> '{}' AS registration_expires_at
+        push_options, to_json(registration_expires_at) #>> '{}' AS registration_expires_at, p256dh, auth
    FROM device_tokens WHERE account = $1 ORDER BY created_at, id";
 
 /// Upserts on (account, app_id, device_id). `force` rewrites the row even when nothing changed
@@ -186,21 +194,24 @@ pub async fn register(
             "WITH up AS (
                  INSERT INTO device_tokens AS d
                         (account, app_id, device_id, platform, token, background_token, silent,
-                         user_agent, remote_only, push_options, registration_expires_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $10, $11, to_timestamp($12::float8))
+                         user_agent, remote_only, push_options, registration_expires_at, p256dh, auth)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $10, $11, to_timestamp($12::float8),
+                         $13, $14)
                  ON CONFLICT (account, app_id, device_id) DO UPDATE
                     SET platform = EXCLUDED.platform, token = EXCLUDED.token,
                         background_token = EXCLUDED.background_token, silent = EXCLUDED.silent,
                         user_agent = EXCLUDED.user_agent, remote_only = EXCLUDED.remote_only,
                         push_options = EXCLUDED.push_options,
                         registration_expires_at = EXCLUDED.registration_expires_at,
+                        p256dh = EXCLUDED.p256dh, auth = EXCLUDED.auth,
                         updated_at = now(), invalidated_at = NULL, invalid_reason = NULL
                   WHERE $9 OR (d.platform, d.token, d.background_token, d.silent, d.user_agent,
-                               d.remote_only, d.push_options, d.registration_expires_at)
+                               d.remote_only, d.push_options, d.registration_expires_at,
+                               d.p256dh, d.auth)
                         IS DISTINCT FROM (EXCLUDED.platform, EXCLUDED.token,
                         EXCLUDED.background_token, EXCLUDED.silent, EXCLUDED.user_agent,
                         EXCLUDED.remote_only, EXCLUDED.push_options,
-                        EXCLUDED.registration_expires_at)
+                        EXCLUDED.registration_expires_at, EXCLUDED.p256dh, EXCLUDED.auth)
                  RETURNING (xmax = 0) AS inserted
              ), revived AS (
                  DELETE FROM invalid_tokens
@@ -223,6 +234,8 @@ pub async fn register(
                 &token.extras.remote_only,
                 &token.extras.push_options,
                 &token.extras.registration_expires_at,
+                &token.webpush_keys.as_ref().map(|k| k.p256dh.as_str()),
+                &token.webpush_keys.as_ref().map(|k| k.auth.as_str()),
             ],
         )
         .await

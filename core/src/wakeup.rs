@@ -43,7 +43,7 @@ impl WakeTarget {
         // The remote token of a VoIP + remote pair; else the device's only token.
         let token = match platform {
             Platform::Apple => background.unwrap_or(token),
-            Platform::Firebase => token,
+            Platform::Firebase | Platform::UnifiedPush => token,
         };
         Some(WakeTarget {
             account: row.get("account"),

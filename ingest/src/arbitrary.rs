@@ -342,6 +342,7 @@ pub fn assert_token(platform: Platform, token: &str) {
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || "_:.-".contains(c))
         }
+        Platform::UnifiedPush => token.len() <= 1000 && token.starts_with("https://"),
     };
     assert!(shaped, "not a {platform} token: {token:?}");
 }

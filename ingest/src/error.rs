@@ -19,6 +19,7 @@ use pushfleet_core::db::DbError;
 use pushfleet_core::keys::Scope;
 use pushfleet_core::tokens::RegisterError;
 use pushfleet_core::topology::BrokerError;
+use pushfleet_core::webpush::{EndpointError, KeyError, MAX_CLEARTEXT_BYTES};
 use serde_json::{json, Value};
 use tracing::warn;
 
@@ -65,6 +66,18 @@ pub enum ApiError {
         field: &'static str,
         max_chars: usize,
     },
+
+    // UnifiedPush / WebPush.
+    /// An endpoint the worker must not or cannot call; it is never contacted.
+    #[error("not a usable UnifiedPush endpoint: {0}: token")]
+    BadEndpoint(EndpointError),
+    #[error("{problem}: {field}")]
+    BadWebPushKey {
+        field: &'static str,
+        problem: KeyError,
+    },
+    #[error("the push is too large for UnifiedPush: its payload may reach {bytes} bytes, and an encrypted push carries at most {MAX_CLEARTEXT_BYTES}: shorten content")]
+    WebPushTooLarge { bytes: usize },
 
     // RFC 8599 push parameters.
     #[error("pn-provider '{0}' is not supported (apns, apns.dev, fcm)")]
@@ -182,7 +195,10 @@ impl ApiError {
             | UnparsableBody
             | InvalidPath { .. }
             | InvalidQuery(_)
+            | BadEndpoint(_)
+            | BadWebPushKey { .. }
             | BadFilter(_) => StatusCode::BAD_REQUEST,
+            WebPushTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             AccessDenied | MissingScope { .. } | AppNotAllowed { .. } => StatusCode::FORBIDDEN,
             Unauthorized(_) => StatusCode::UNAUTHORIZED,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -223,7 +239,10 @@ impl ApiError {
             | MalformedPnPrid(_)
             | UnknownType
             | BadFilter(_)
+            | BadWebPushKey { .. }
             | NoBackgroundToken => "invalid_field",
+            BadEndpoint(_) => "invalid_endpoint",
+            WebPushTooLarge { .. } => "too_large",
             OnlyIncomingSession => "unsupported_event",
             UnknownPlatform(_) | UnknownRegistrationPlatform(_) => "unknown_platform",
             UnknownApp { .. } | NoFirebaseApp { .. } => "unknown_app",
@@ -257,7 +276,9 @@ impl ApiError {
             ApiError::MissingField(field)
             | ApiError::EmptyField(field)
             | ApiError::InvalidField { field, .. }
-            | ApiError::TooLong { field, .. } => Some(field),
+            | ApiError::TooLong { field, .. }
+            | ApiError::BadWebPushKey { field, .. } => Some(field),
+            ApiError::BadEndpoint(_) => Some("token"),
             _ => None,
         }
     }

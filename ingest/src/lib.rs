@@ -11,6 +11,7 @@ mod auth;
 mod broker;
 mod call_options;
 mod describe;
+mod endpoint;
 mod error;
 mod fcm_projects;
 mod fields;

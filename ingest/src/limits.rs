@@ -129,6 +129,12 @@ pub fn check_token(platform: Platform, field: &'static str, token: &str) -> Resu
     let (valid, problem) = match platform {
         Platform::Apple => (is_apns_token(token), APNS_SHAPE),
         Platform::Firebase => (is_fcm_token(token), FCM_SHAPE),
+        // Whether the endpoint may be called is [`crate::endpoint`]'s to say.
+        Platform::UnifiedPush => {
+            return pushfleet_core::webpush::parse_endpoint(token)
+                .map(drop)
+                .map_err(ApiError::BadEndpoint)
+        }
     };
     if valid {
         Ok(())
@@ -140,7 +146,7 @@ pub fn check_token(platform: Platform, field: &'static str, token: &str) -> Resu
 /// A token as a v2 registration gives it: for Apple also Sylk's `<voip>-<background>` pair,
 /// each part of which must be a token (split as the token store splits it).
 pub fn check_registered_token(platform: Platform, raw: &str) -> Result<(), ApiError> {
-    if platform == Platform::Firebase || !raw.contains('-') {
+    if platform != Platform::Apple || !raw.contains('-') {
         return check_token(platform, TOKEN.field, raw);
     }
     check(&TOKEN, raw)?;

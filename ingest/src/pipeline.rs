@@ -75,6 +75,7 @@ pub async fn accept(
         .inspect_err(|e| {
             info!(peer = %peer.ip(), status = e.status().as_u16(), error = %e.body(), "push request rejected");
         })?;
+    crate::endpoint::check_reachable(valid.app, &valid.push.token).await?;
     let (mut job, ttl) = new_job(state, valid, caller);
     let held = options.apply(&mut job, &live.policies)?;
     state.api_keys.admit(caller, 1)?;

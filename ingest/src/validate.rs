@@ -4,8 +4,9 @@
 //! pass through here too.
 
 use pushfleet_core::config::{AppSettings, AppType, Platform, Settings};
-use pushfleet_core::job::PushData;
+use pushfleet_core::job::{PushData, WebPushKeys};
 use pushfleet_core::policy::Event;
+use pushfleet_core::webpush::{self, KeyError};
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
@@ -33,12 +34,19 @@ pub fn validate<'a>(
     require_keys(body, app.app_type)?;
     check_media_type(body)?;
     let event = event(body, app.app_type)?;
-    let push = push_data(body)?;
+    let mut push = push_data(body)?;
     if push.token.is_empty() {
         // An empty token cannot address a device; the reference would send it and fail.
         return Err(ApiError::EmptyField("token"));
     }
     check_limits(app.platform, &push)?;
+    if app.platform == Platform::UnifiedPush {
+        push.webpush_keys = webpush_keys(body)?;
+        let bytes = webpush::cleartext_bound(&push);
+        if bytes > webpush::MAX_CLEARTEXT_BYTES {
+            return Err(ApiError::WebPushTooLarge { bytes });
+        }
+    }
     Ok(ValidPush { app, event, push })
 }
 
@@ -141,7 +149,31 @@ fn push_data(body: &Map<String, Value>) -> Result<PushData, ApiError> {
         content_type: optional_str(body, "content-type")?,
         group_chat: false,
         strings: Default::default(),
+        webpush_keys: None,
     })
+}
+
+/// A WebPush subscription's `p256dh` and `auth`: both or neither, each of its size.
+pub fn webpush_keys(body: &Map<String, Value>) -> Result<Option<WebPushKeys>, ApiError> {
+    let keys = match (optional_str(body, "p256dh")?, optional_str(body, "auth")?) {
+        (None, None) => return Ok(None),
+        (Some(p256dh), Some(auth)) => WebPushKeys { p256dh, auth },
+        (Some(_), None) => {
+            return Err(ApiError::BadWebPushKey {
+                field: "p256dh",
+                problem: KeyError::Incomplete("auth"),
+            })
+        }
+        (None, Some(_)) => {
+            return Err(ApiError::BadWebPushKey {
+                field: "auth",
+                problem: KeyError::Incomplete("p256dh"),
+            })
+        }
+    };
+    webpush::decode_keys(&keys)
+        .map_err(|(field, problem)| ApiError::BadWebPushKey { field, problem })?;
+    Ok(Some(keys))
 }
 
 /// Check 9, pushfleet's own: every text within its limits, the token of its platform's shape

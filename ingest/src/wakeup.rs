@@ -159,7 +159,7 @@ pub async fn wake_by_parameters(
     let device = rfc8599::wake_target(&body, &live.settings, &live.fcm_projects)?;
     caller.check_app(&device.app_id)?;
     let token = match (device.platform, device.remote_token) {
-        (Platform::Firebase, _) => device.token,
+        (Platform::Firebase | Platform::UnifiedPush, _) => device.token,
         (Platform::Apple, Some(remote)) => remote,
         (Platform::Apple, None) => return Err(ApiError::NoBackgroundToken),
     };

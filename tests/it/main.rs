@@ -29,3 +29,4 @@ mod tls;
 mod v1_push;
 mod v2_tokens;
 mod wakeups;
+mod webpush;

@@ -56,6 +56,7 @@ pub mod oauth;
 pub mod script;
 mod server;
 pub mod tls;
+pub mod webpush;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -70,12 +71,16 @@ pub use journal::{AuthKind, Journal, RecordedRequest, DEFAULT_JOURNAL_CAPACITY};
 pub use oauth::FakeOAuth;
 pub use script::{FakeClock, ScriptAction, Scripted};
 pub use tls::TestCa;
+pub use webpush::{
+    FakeWebPush, VapidSeen, WebPushMode, WebPushOptions, WebPushRequest, WebPushSubscription,
+};
 
 /// Settings for [`FakeProviders::start`]. Ports 0 pick free ports.
 #[derive(Clone, Debug)]
 pub struct FakeOptions {
     pub apns: ApnsOptions,
     pub fcm: FcmOptions,
+    pub webpush: WebPushOptions,
     pub oauth_port: u16,
     /// `expires_in` of issued access tokens (Google: 3599).
     pub oauth_expires_in: u64,
@@ -90,6 +95,7 @@ impl Default for FakeOptions {
         Self {
             apns: ApnsOptions::default(),
             fcm: FcmOptions::default(),
+            webpush: WebPushOptions::default(),
             oauth_port: 0,
             oauth_expires_in: 3599,
             journal: true,
@@ -114,6 +120,7 @@ pub struct FakeProviders {
     pub apns: FakeApns,
     pub fcm: FakeFcm,
     pub oauth: FakeOAuth,
+    pub webpush: FakeWebPush,
 }
 
 /// What [`FakeProviders::write_sandbox_files`] wrote, and what a client needs besides.
@@ -131,6 +138,14 @@ pub struct SandboxFiles {
     pub apns_client_key_pem: PathBuf,
     pub fcm_project_id: String,
     pub fcm_service_account_json: PathBuf,
+    pub webpush_url: String,
+    /// The application server's VAPID key (PKCS#8 PEM) and its public key.
+    pub vapid_key_pem: PathBuf,
+    pub vapid_public_key: String,
+    /// A subscription on the fake push service, made for that VAPID key.
+    pub webpush_endpoint: String,
+    pub webpush_p256dh: String,
+    pub webpush_auth: String,
 }
 
 /// Identities used by [`FakeProviders::write_sandbox_files_with`].
@@ -172,12 +187,16 @@ impl FakeProviders {
         let fcm = FakeFcm::start(ca.clone(), oauth.clone(), journal, options.fcm.clone())
             .await
             .context("starting fake FCM")?;
+        let webpush = FakeWebPush::start(ca.clone(), options.webpush.clone())
+            .await
+            .context("starting the fake push service")?;
         Ok(Self {
             ca,
             clock,
             apns,
             fcm,
             oauth,
+            webpush,
         })
     }
 
@@ -215,6 +234,8 @@ impl FakeProviders {
         };
         let key = self.apns.create_token_key(&spec.team_id);
         let (cert_pem, key_pem) = self.apns.issue_client_certificate(&spec.bundle);
+        let (vapid_pem, vapid_public_key) = webpush::vapid_key();
+        let subscription = self.webpush.subscribe_for_key(&vapid_public_key);
         Ok(SandboxFiles {
             apns_url: self.apns.url(),
             fcm_url: self.fcm.url(),
@@ -231,6 +252,12 @@ impl FakeProviders {
                 "service-account.json",
                 &self.fcm.service_account_json(&spec.project_id),
             )?,
+            webpush_url: self.webpush.url(),
+            vapid_key_pem: write("vapid-key.pem", &vapid_pem)?,
+            vapid_public_key,
+            webpush_endpoint: subscription.endpoint,
+            webpush_p256dh: subscription.p256dh,
+            webpush_auth: subscription.auth,
         })
     }
 }

@@ -48,6 +48,8 @@ pub fn resolve(
         Platform::Firebase => {
             resolve_firebase(params, provider.legacy, app_hint, settings, fcm_projects)
         }
+        // RFC 8599's `webpush` provider carries the subscription in `pn-prid`; not taken yet.
+        Platform::UnifiedPush => Err(ApiError::UnsupportedProvider(provider.name)),
     }
 }
 

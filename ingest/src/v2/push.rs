@@ -199,7 +199,15 @@ fn stored_options(device: &StoredToken) -> Result<CallOptions, ApiError> {
 /// device has one.
 fn device_body(request: &Map<String, Value>, device: &StoredToken) -> Map<String, Value> {
     let mut body = request.clone();
-    for key in ["app-id", "platform", "token", "device-id", "silent"] {
+    for key in [
+        "app-id",
+        "platform",
+        "token",
+        "device-id",
+        "silent",
+        "p256dh",
+        "auth",
+    ] {
         body.remove(key);
         body.remove(&key.replace('-', "_"));
     }
@@ -213,6 +221,10 @@ fn device_body(request: &Map<String, Value>, device: &StoredToken) -> Map<String
     body.insert("token".into(), json!(token));
     body.insert("device-id".into(), json!(device.device_id));
     body.insert("silent".into(), json!(device.silent));
+    if let Some(keys) = &device.webpush_keys {
+        body.insert("p256dh".into(), json!(keys.p256dh));
+        body.insert("auth".into(), json!(keys.auth));
+    }
     body
 }
 
@@ -526,6 +538,7 @@ mod tests {
             remote_only: false,
             push_options: None,
             registration_expires_at: None,
+            webpush_keys: None,
         }
     }
 

@@ -9,7 +9,7 @@ use axum::extract::{ConnectInfo, Path, State};
 use axum::{Extension, Json};
 use deadpool_postgres::tokio_postgres::Client;
 use pushfleet_core::clock::now_ms;
-use pushfleet_core::config::Settings;
+use pushfleet_core::config::{Platform, Settings};
 use pushfleet_core::logged::{Escaped, Identity};
 use pushfleet_core::tokens::{self, token_fingerprint, NewToken, RegistrationExtras, StoredToken};
 use serde_json::{json, Map, Value};
@@ -24,7 +24,7 @@ use crate::pipeline::put_token;
 use crate::request::{account, json_object};
 use crate::rfc8599;
 use crate::state::Shared;
-use crate::validate::configured_app;
+use crate::validate::{configured_app, webpush_keys};
 
 /// `POST /v2/tokens/{account}`: stores (or replaces) a device's token.
 pub async fn add_token(
@@ -38,6 +38,9 @@ pub async fn add_token(
     let body = json_object(body, state.body_limit()).await?;
     let live = state.live();
     let new = new_token(account, &body, &live.settings, &live.fcm_projects, &caller)?;
+    if let Some(app) = live.settings.app(&new.app_id, new.platform) {
+        crate::endpoint::check_reachable(app, &new.token).await?;
+    }
     let max_devices = live.settings.ingest.max_devices_per_account;
     let mut client = state.db_client().await?;
     tokens::register_within(&mut **client, &new, max_devices, caller.apps()).await?;
@@ -89,6 +92,10 @@ fn new_token(
     limits::check_registered_token(app.platform, &raw_token)?;
     check(&limits::DEVICE_ID, &device_id)?;
     check_optional(&limits::USER_AGENT, user_agent.as_deref())?;
+    let webpush_keys = match app.platform {
+        Platform::UnifiedPush => webpush_keys(body)?,
+        _ => None,
+    };
     let (token, background_token) = NewToken::split_token(app.platform, &raw_token);
     Ok(NewToken {
         account,
@@ -103,6 +110,7 @@ fn new_token(
             registration_expires_at: registration_expiry(body)?,
             ..Default::default()
         },
+        webpush_keys,
     })
 }
 
@@ -136,6 +144,7 @@ fn new_token_by_parameters(
             push_options: device.push_options,
             registration_expires_at: registration_expiry(body)?,
         },
+        webpush_keys: None,
     })
 }
 

@@ -1,8 +1,8 @@
-//! Runs the fake APNs, FCM and OAuth servers for a sandbox or a benchmark.
+//! Runs the fake APNs, FCM, OAuth and WebPush servers for a sandbox or a benchmark.
 //!
 //! ```text
 //! pushfleet-fakes --dir <dir> [--apns-port N] [--fcm-port N] [--oauth-port N]
-//!                 [--delay-ms N] [--max-streams N] [--no-journal]
+//!                 [--webpush-port N] [--webpush-mode MODE] [--delay-ms N] [--max-streams N] [--no-journal]
 //!                 [--team-id ID] [--bundle ID] [--project ID]
 //! ```
 //! Writes the credentials and `fakes.json` into `<dir>`, prints one line per server and
@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use pushfleet_fakes::{FakeOptions, FakeProviders, SandboxSpec};
 
 const USAGE: &str = "usage: pushfleet-fakes --dir <dir> [--apns-port N] [--fcm-port N] \
-[--oauth-port N] [--delay-ms N] [--max-streams N] [--no-journal] [--team-id ID] \
+[--oauth-port N] [--webpush-port N] [--webpush-mode autopush|ntfy|next_push|xmpp_gateway] [--delay-ms N] [--max-streams N] [--no-journal] [--team-id ID] \
 [--bundle ID] [--project ID]";
 
 struct Args {
@@ -44,6 +44,13 @@ fn parse_args() -> Result<Args> {
             "--apns-port" => options.apns.port = number(value()?)?.try_into()?,
             "--fcm-port" => options.fcm.port = number(value()?)?.try_into()?,
             "--oauth-port" => options.oauth_port = number(value()?)?.try_into()?,
+            "--webpush-port" => options.webpush.port = number(value()?)?.try_into()?,
+            "--webpush-mode" => {
+                let mode = value()?;
+                options.webpush.mode =
+                    serde_json::from_value(serde_json::Value::String(mode.clone()))
+                        .with_context(|| format!("--webpush-mode: unknown mode {mode}\n{USAGE}"))?;
+            }
             "--delay-ms" => {
                 options = options.with_response_delay(Duration::from_millis(number(value()?)?))
             }
@@ -81,6 +88,10 @@ async fn run(args: Args) -> Result<()> {
     );
     println!("fcm   {} project={}", files.fcm_url, files.fcm_project_id);
     println!("oauth {}/token", files.oauth_url);
+    println!(
+        "webpush {} subscription={}",
+        files.webpush_url, files.webpush_endpoint
+    );
     println!("files {}", manifest.display());
 
     shutdown_signal().await;

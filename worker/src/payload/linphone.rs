@@ -118,24 +118,33 @@ pub(super) fn apns_request(app_id: &str, job: &Job, now_ms: u64) -> ApnsRequest 
     }
 }
 
-pub(super) fn fcm_message(job: &Job, now_ms: u64) -> Bytes {
+fn fcm_data<'a>(job: &'a Job, send_time: &'a str) -> FcmData<'a> {
     let p = &job.push;
+    FcmData {
+        call_id: &p.call_id,
+        loc_args: &p.from,
+        loc_key: p.strings.call_str.as_deref().unwrap_or_default(),
+        send_time,
+        sip_from: &p.from,
+    }
+}
+
+pub(super) fn fcm_message(job: &Job, now_ms: u64) -> Bytes {
     let send_time = format_send_time(now_ms);
     encode(&FcmBody {
         message: FcmMessage {
             android: Android::high_priority(job, now_ms),
             apns: None,
-            data: FcmData {
-                call_id: &p.call_id,
-                loc_args: &p.from,
-                loc_key: p.strings.call_str.as_deref().unwrap_or_default(),
-                send_time: &send_time,
-                sip_from: &p.from,
-            },
+            data: fcm_data(job, &send_time),
             notification: None,
-            token: &p.token,
+            token: &job.push.token,
         },
     })
+}
+
+/// The WebPush body: the FCM data, as JSON.
+pub(super) fn webpush_body(job: &Job, now_ms: u64) -> Bytes {
+    encode(&fcm_data(job, &format_send_time(now_ms)))
 }
 
 #[cfg(test)]

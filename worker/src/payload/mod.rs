@@ -82,6 +82,17 @@ pub fn fcm_message(app: &AppSettings, job: &Job, _policy: &EventPolicy, now_ms: 
     }
 }
 
+/// The JSON body of a WebPush message (encrypted by the provider when the subscription has
+/// keys): what the app type's FCM message carries as `data`, so one app reads the same keys
+/// whichever way it was woken.
+pub fn webpush_body(app: &AppSettings, job: &Job, now_ms: u64) -> Bytes {
+    let job = &shown(app, job);
+    match app.app_type {
+        AppType::Sylk => sylk::webpush_body(job),
+        AppType::Linphone => linphone::webpush_body(job, now_ms),
+    }
+}
+
 /// Encodes a payload. The payload structs declare their fields in byte order of the JSON names,
 /// so the keys go out sorted: one stable byte form for equal payloads.
 fn encode(payload: &impl Serialize) -> Bytes {
@@ -248,6 +259,7 @@ pub(crate) mod test_support {
             log_key: None,
             log_buffer: 10_000,
             display_caller: true,
+            webpush: None,
         }
     }
 
@@ -300,7 +312,7 @@ pub(crate) mod test_support {
 mod tests {
     use super::test_support::*;
     use super::*;
-    use pushfleet_core::config::Platform;
+    use pushfleet_core::config::{AppType, Platform};
     use pushfleet_core::policy::Event;
 
     #[test]
@@ -331,6 +343,50 @@ mod tests {
         assert_eq!(fcm_ttl(&job, job.deadline_ms + 5_000), "0s");
         job.deadline_ms = NOW_MS + 40 * 86_400_000;
         assert_eq!(fcm_ttl(&job, NOW_MS), "2419200s");
+    }
+
+    /// Ingest refuses pushes by an upper bound of the body's size: no body may exceed it,
+    /// whatever the event, app type or text.
+    #[test]
+    fn webpush_bodies_stay_within_ingests_bound() {
+        let nasty = "\"\\\u{1}é🎧<>&".repeat(40);
+        for app_type in [AppType::Sylk, AppType::Linphone] {
+            let app = app("a", Platform::UnifiedPush, app_type);
+            for event in [
+                Event::IncomingSession,
+                Event::IncomingConferenceRequest,
+                Event::Cancel,
+                Event::Message,
+                Event::Transfer,
+            ] {
+                for text in ["", "plain", nasty.as_str()] {
+                    let mut job = job(Platform::UnifiedPush, event);
+                    let p = &mut job.push;
+                    p.call_id = format!("{text}call");
+                    p.from = format!("{text}from");
+                    p.to = format!("{text}to");
+                    for field in [
+                        &mut p.from_display_name,
+                        &mut p.reason,
+                        &mut p.account,
+                        &mut p.content,
+                        &mut p.content_type,
+                        &mut p.filename,
+                        &mut p.filetype,
+                        &mut p.media_type,
+                    ] {
+                        *field = Some(text.to_string());
+                    }
+                    let body = webpush_body(&app, &job, NOW_MS);
+                    let bound = pushfleet_core::webpush::cleartext_bound(&job.push);
+                    assert!(
+                        body.len() <= bound,
+                        "{app_type:?} {event:?}: {} > {bound}",
+                        body.len()
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -227,11 +227,12 @@ struct FcmData<'a> {
     to_uri: Option<&'a str>,
 }
 
-pub(super) fn fcm_message(job: &Job, now_ms: u64) -> Bytes {
+/// The data a Sylk app reads from each event: FCM's `data`, and the whole body of a WebPush
+/// message.
+fn fcm_data<'a>(job: &'a Job, session_id: &'a str) -> FcmData<'a> {
     let p = &job.push;
     let event = job.event.as_str();
-    let session_id = sylk_session_id(&p.call_id);
-    let data = match job.event {
+    match job.event {
         Event::IncomingSession | Event::IncomingConferenceRequest => FcmData {
             account: match job.event {
                 Event::IncomingConferenceRequest => p.account.as_deref(),
@@ -242,7 +243,7 @@ pub(super) fn fcm_message(job: &Job, now_ms: u64) -> Bytes {
             from_display_name: Some(display_name(job).unwrap_or(&p.from)),
             from_uri: Some(&p.from),
             media_type: p.media_type.as_deref(),
-            session_id: Some(&session_id),
+            session_id: Some(session_id),
             to_uri: Some(&p.to),
             ..FcmData::default()
         },
@@ -250,7 +251,7 @@ pub(super) fn fcm_message(job: &Job, now_ms: u64) -> Bytes {
             call_id: Some(&p.call_id),
             event,
             reason: p.reason.as_deref(),
-            session_id: Some(&session_id),
+            session_id: Some(session_id),
             ..FcmData::default()
         },
         Event::Message => FcmData {
@@ -274,7 +275,18 @@ pub(super) fn fcm_message(job: &Job, now_ms: u64) -> Bytes {
             to_uri: Some(&p.to),
             ..FcmData::default()
         },
-    };
+    }
+}
+
+/// The WebPush body: the FCM data, as JSON.
+pub(super) fn webpush_body(job: &Job) -> Bytes {
+    encode(&fcm_data(job, &sylk_session_id(&job.push.call_id)))
+}
+
+pub(super) fn fcm_message(job: &Job, now_ms: u64) -> Bytes {
+    let p = &job.push;
+    let session_id = sylk_session_id(&p.call_id);
+    let data = fcm_data(job, &session_id);
 
     let mut android = Android::high_priority(job, now_ms);
     let (apns, notification) = match job.event {

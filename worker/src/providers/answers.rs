@@ -106,6 +106,8 @@ enum Sylk {
     Gone,
     /// 502: the gateway got no answer (the reference crashed with a 500).
     BadGateway,
+    /// A fixed code: a push the worker refused to send itself.
+    Code(u16),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -200,6 +202,52 @@ const FCM: &[Row] = &[
     row(Any, Anything, Rejected, Sylk::Status),
 ];
 
+/// Reasons of WebPush pushes the worker refused to send: nothing went out, so no status came.
+pub const ENDPOINT_NOT_ALLOWED: &str = "EndpointNotAllowed";
+pub const PAYLOAD_TOO_LARGE: &str = "PayloadTooLarge";
+pub const BAD_SUBSCRIPTION_KEY: &str = "BadSubscriptionKey";
+/// NextPush answers an unknown or deleted endpoint token 401 `{"success":false}`.
+pub const NEXTPUSH_UNKNOWN: &str = "success=false";
+
+/// WebPush and UnifiedPush push services (RFC 8030, autopush, ntfy, NextPush, the XMPP
+/// gateway), first matching row wins.
+const WEBPUSH: &[Row] = &[
+    row(
+        Status::None,
+        Reason(ENDPOINT_NOT_ALLOWED),
+        Rejected,
+        Sylk::Code(400),
+    ),
+    row(
+        Status::None,
+        Reason(BAD_SUBSCRIPTION_KEY),
+        Rejected,
+        Sylk::Code(400),
+    ),
+    row(
+        Status::None,
+        Reason(PAYLOAD_TOO_LARGE),
+        Rejected,
+        Sylk::Code(413),
+    ),
+    // 201 (RFC 8030, autopush), 200 (ntfy, NextPush), 202 (the XMPP gateway).
+    row(Between(200, 299), Anything, Delivered, Sylk::Status),
+    // The subscription is gone.
+    row(Is(404), Anything, TokenGone, Sylk::Gone),
+    row(Is(410), Anything, TokenGone, Sylk::Status),
+    row(Is(401), Reason(NEXTPUSH_UNKNOWN), TokenGone, Sylk::Gone),
+    // Our VAPID token refused: the key or subject is not what the subscription expects.
+    row(Is(401), Anything, CredentialRejected, Sylk::Status),
+    row(Is(403), Anything, CredentialRejected, Sylk::Status),
+    // Slow down for this endpoint, honouring Retry-After.
+    row(Is(429), Anything, Retryable, Sylk::Status),
+    // 500, 502, 503, and ntfy's 507 (no subscriber yet).
+    row(Between(500, 599), Anything, Retryable, Sylk::Status),
+    row(Status::None, Anything, Retryable, Sylk::BadGateway),
+    // 400 (bad headers or encryption), 413 (too large), 3xx (never followed), anything else.
+    row(Any, Anything, Rejected, Sylk::Status),
+];
+
 /// What the provider's answer means. `status` is `None` when no HTTP answer came; `reason` is
 /// the APNs reason or the FCM error code; `message` is FCM's error message.
 pub fn classify(
@@ -211,6 +259,7 @@ pub fn classify(
     let table = match platform {
         Platform::Apple => APNS,
         Platform::Firebase => FCM,
+        Platform::UnifiedPush => WEBPUSH,
     };
     let row = table
         .iter()
@@ -220,6 +269,7 @@ pub fn classify(
         class: row.class,
         sylk_code: match (row.sylk, status) {
             (Sylk::Gone, _) => 410,
+            (Sylk::Code(code), _) => code,
             (Sylk::Status, Some(status)) => status,
             (Sylk::Status | Sylk::BadGateway, _) => 502,
         },
@@ -458,8 +508,44 @@ mod tests {
     }
 
     #[test]
+    fn webpush_rows() {
+        check(
+            Platform::UnifiedPush,
+            &[
+                (Some(201), None, None, Delivered, 201, false),
+                (Some(200), None, None, Delivered, 200, false),
+                (Some(202), None, None, Delivered, 202, false),
+                (Some(404), None, None, TokenGone, 410, false),
+                (Some(410), None, None, TokenGone, 410, false),
+                (
+                    Some(401),
+                    Some(NEXTPUSH_UNKNOWN),
+                    None,
+                    TokenGone,
+                    410,
+                    false,
+                ),
+                (Some(401), None, None, CredentialRejected, 401, false),
+                (Some(403), None, None, CredentialRejected, 403, false),
+                (Some(400), None, None, Rejected, 400, false),
+                (Some(413), None, None, Rejected, 413, false),
+                (Some(301), None, None, Rejected, 301, false),
+                (Some(307), None, None, Rejected, 307, false),
+                (Some(429), None, None, Retryable, 429, false),
+                (Some(500), None, None, Retryable, 500, false),
+                (Some(503), None, None, Retryable, 503, false),
+                (Some(507), None, None, Retryable, 507, false),
+                (None, None, None, Retryable, 502, false),
+                (None, Some(ENDPOINT_NOT_ALLOWED), None, Rejected, 400, false),
+                (None, Some(BAD_SUBSCRIPTION_KEY), None, Rejected, 400, false),
+                (None, Some(PAYLOAD_TOO_LARGE), None, Rejected, 413, false),
+            ],
+        );
+    }
+
+    #[test]
     fn every_answer_has_a_row() {
-        for platform in [Platform::Apple, Platform::Firebase] {
+        for platform in [Platform::Apple, Platform::Firebase, Platform::UnifiedPush] {
             for status in (100..600).map(Some).chain([None]) {
                 let answer = classify(platform, status, Some("SomethingNew"), None);
                 assert_eq!(answer.retry_after, None);

@@ -218,19 +218,7 @@ mod tests {
     const URL: &str = "https://fcm.googleapis.com/v1/projects/p/messages:send";
 
     fn answer(status: u16, headers: &[(&str, &str)], body: Value) -> ProviderResponse {
-        let mut map = reqwest::header::HeaderMap::new();
-        for (name, value) in headers {
-            map.insert(
-                reqwest::header::HeaderName::from_bytes(name.as_bytes()).expect("header name"),
-                value.parse().expect("header value"),
-            );
-        }
-        let raw = RawAnswer {
-            status,
-            headers: map,
-            body,
-            body_error: None,
-        };
+        let raw = RawAnswer::for_test(status, headers, body);
         parse_answer(URL.into(), raw, Instant::now())
     }
 

@@ -7,6 +7,7 @@ pub mod apns;
 mod error;
 pub mod fcm;
 pub mod oauth;
+pub mod webpush;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -75,6 +76,7 @@ impl ProviderResponse {
 pub enum Provider {
     Apns(apns::ApnsClient),
     Fcm(fcm::FcmClient),
+    WebPush(webpush::WebPushClient),
 }
 
 impl Provider {
@@ -87,6 +89,11 @@ impl Provider {
         };
         // Validation guarantees the section of the app's platform.
         let built = match (app.platform, &app.apns, &app.fcm) {
+            (Platform::UnifiedPush, ..) => match &app.webpush {
+                Some(settings) => webpush::WebPushClient::new(settings, worker.request_timeout())
+                    .map(Provider::WebPush),
+                None => Err(ProviderError::MissingSection("webpush")),
+            },
             (Platform::Apple, Some(settings), _) => {
                 apns::ApnsClient::with_transport(settings, &transport)
                     .map(|client| Provider::Apns(client.with_limits(limits)))
@@ -135,6 +142,8 @@ impl Provider {
         let replaceable = match self {
             Provider::Apns(client) => client.uses_token_auth(),
             Provider::Fcm(_) => true,
+            // A VAPID token is the key's own signature: a new one would be refused alike.
+            Provider::WebPush(_) => false,
         };
         replaceable && response.answer.refresh_credential
     }
@@ -154,6 +163,11 @@ impl Provider {
                 let message = payload::fcm_message(app, job, policy, now_ms());
                 client.send(&message).await
             }
+            Provider::WebPush(client) => {
+                client
+                    .send(job, payload::webpush_body(app, job, now_ms()))
+                    .await
+            }
         }
     }
 
@@ -161,6 +175,7 @@ impl Provider {
         match self {
             Provider::Apns(_) => Platform::Apple,
             Provider::Fcm(_) => Platform::Firebase,
+            Provider::WebPush(_) => Platform::UnifiedPush,
         }
     }
 }
@@ -179,6 +194,7 @@ pub fn sylk_result(platform: Platform, response: &ProviderResponse) -> (u16, Str
     let (text, body) = match platform {
         Platform::Apple => apns::sylk_result(status, response),
         Platform::Firebase => fcm::sylk_result(status, response),
+        Platform::UnifiedPush => webpush::sylk_result(status, response),
     };
     (code, text, body)
 }
@@ -480,6 +496,26 @@ struct RawAnswer {
     body: Value,
     /// Set when the status arrived but the body could not be read.
     body_error: Option<String>,
+}
+
+#[cfg(test)]
+impl RawAnswer {
+    /// An answer as a provider would send it, for the parsers' tests.
+    fn for_test(status: u16, headers: &[(&str, &str)], body: Value) -> RawAnswer {
+        let mut map = reqwest::header::HeaderMap::new();
+        for (name, value) in headers {
+            map.insert(
+                reqwest::header::HeaderName::from_bytes(name.as_bytes()).expect("header name"),
+                value.parse().expect("header value"),
+            );
+        }
+        RawAnswer {
+            status,
+            headers: map,
+            body,
+            body_error: None,
+        }
+    }
 }
 
 async fn read_answer(response: reqwest::Response) -> RawAnswer {
