@@ -96,6 +96,7 @@ pub struct Settings {
     pub log: LogSettings,
     #[serde(default)]
     pub audit: AuditSettings,
+    #[serde(default)]
     pub wakeup: WakeupSettings,
     /// Per-event overrides of the event policy, keyed by event name.
     #[serde(default)]
