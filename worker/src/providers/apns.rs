@@ -626,19 +626,7 @@ mod tests {
     }
 
     fn answer(status: u16, headers: &[(&str, &str)], body: Value) -> RawAnswer {
-        let mut map = reqwest::header::HeaderMap::new();
-        for (name, value) in headers {
-            map.insert(
-                reqwest::header::HeaderName::from_bytes(name.as_bytes()).expect("header name"),
-                value.parse().expect("header value"),
-            );
-        }
-        RawAnswer {
-            status,
-            headers: map,
-            body,
-            body_error: None,
-        }
+        RawAnswer::for_test(status, headers, body)
     }
 
     #[test]
