@@ -525,8 +525,9 @@ mod tests {
         Dispatcher::new(&settings, "test".into()).expect("no apps to load")
     }
 
-    fn ringing_job(deadline_in_ms: u64, interval_ms: u64) -> Job {
-        let now = now_ms();
+    /// A ringing call accepted at `now` (one clock reading for the whole test: the deadline
+    /// checks are exact to the millisecond).
+    fn ringing_job(now: u64, deadline_in_ms: u64, interval_ms: u64) -> Job {
         Job {
             v: 1,
             id: Uuid::new_v4(),
@@ -567,21 +568,21 @@ mod tests {
     fn a_ring_is_followed_by_the_next_until_the_deadline() {
         let d = dispatcher();
         let now = now_ms();
-        let job = ringing_job(10_000, 3_000);
+        let job = ringing_job(now, 10_000, 3_000);
         let (next, tier) = d.next_ring(&job, now).expect("rings again");
         assert_eq!(next.attempt, 1);
         assert_eq!(next.handling.ringing.as_ref().unwrap().rings, 1);
         assert_eq!(next.handling.hold_until_ms, Some(now + 3_000));
         assert_eq!(tier, 2_000);
         // The next ring would fall on or after the deadline: done.
-        assert!(d.next_ring(&ringing_job(3_000, 3_000), now).is_none());
+        assert!(d.next_ring(&ringing_job(now, 3_000, 3_000), now).is_none());
         // A single alert, and a final alert, are never repeated.
-        assert!(d.next_ring(&ringing_job(10_000, 0), now).is_none());
-        let mut last = ringing_job(10_000, 1_000);
+        assert!(d.next_ring(&ringing_job(now, 10_000, 0), now).is_none());
+        let mut last = ringing_job(now, 10_000, 1_000);
         last.handling.ringing.as_mut().unwrap().ended = Some(CallEnd::Missed);
         assert!(d.next_ring(&last, now).is_none());
         // A job held until later goes back to wait; a due one does not.
-        let mut held = ringing_job(10_000, 1_000);
+        let mut held = ringing_job(now, 10_000, 1_000);
         held.handling.hold_until_ms = Some(now_ms() + 2_500);
         assert!(matches!(
             d.hold(&held),
