@@ -775,22 +775,6 @@ async fn every_audit_row_names_the_key_that_sent_the_push() {
     stack.stop().await;
 }
 
-async fn pushfleet(args: &[&str]) -> (i32, String, String) {
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let code = pushfleet_client::run(
-        "pushfleet",
-        args.iter().map(|a| a.to_string()).collect(),
-        &mut out,
-        &mut err,
-    )
-    .await;
-    (
-        code,
-        String::from_utf8(out).unwrap(),
-        String::from_utf8(err).unwrap(),
-    )
-}
-
 #[tokio::test]
 async fn the_keys_cli_creates_lists_and_revokes() {
     let stack = Stack::start_with(StackOptions {

@@ -692,22 +692,6 @@ fn partitions_read(plan: &str) -> Vec<String> {
     names
 }
 
-async fn pushfleet(args: &[&str]) -> (i32, String, String) {
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let code = pushfleet_client::run(
-        "pushfleet",
-        args.iter().map(|a| a.to_string()).collect(),
-        &mut out,
-        &mut err,
-    )
-    .await;
-    (
-        code,
-        String::from_utf8(out).unwrap(),
-        String::from_utf8(err).unwrap(),
-    )
-}
-
 #[tokio::test]
 async fn the_command_line_reads_the_database_or_the_api_page_by_page() {
     let people = Population::new();

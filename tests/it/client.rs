@@ -11,26 +11,6 @@ use uuid::Uuid;
 use crate::support::*;
 
 /// Runs the client in-process: (exit code, stdout, stderr).
-async fn client(program: &str, args: &[&str]) -> (i32, String, String) {
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let code = pushfleet_client::run(
-        program,
-        args.iter().map(|a| a.to_string()).collect(),
-        &mut out,
-        &mut err,
-    )
-    .await;
-    (
-        code,
-        String::from_utf8(out).unwrap(),
-        String::from_utf8(err).unwrap(),
-    )
-}
-
-async fn pushfleet(args: &[&str]) -> (i32, String, String) {
-    client("pushfleet", args).await
-}
-
 /// The options OpenSIPS's script passes to sylk-pushclient.
 fn v1_args(url: &str, token: &str, call: &str, event: &str) -> Vec<String> {
     [

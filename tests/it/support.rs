@@ -692,3 +692,25 @@ pub async fn message_count(channel: &lapin::Channel, queue: &str) -> u32 {
         .expect("queue exists")
         .message_count()
 }
+
+/// Runs the `pushfleet` client in process as `program` (its argv[0]): exit code, stdout, stderr.
+pub async fn client(program: &str, args: &[&str]) -> (i32, String, String) {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = pushfleet_client::run(
+        program,
+        args.iter().map(|a| a.to_string()).collect(),
+        &mut out,
+        &mut err,
+    )
+    .await;
+    (
+        code,
+        String::from_utf8(out).unwrap(),
+        String::from_utf8(err).unwrap(),
+    )
+}
+
+/// [`client`] as `pushfleet`.
+pub async fn pushfleet(args: &[&str]) -> (i32, String, String) {
+    client("pushfleet", args).await
+}
