@@ -69,6 +69,13 @@ ensure_postgres() {
   wait_for_port 5432 PostgreSQL
 }
 
+# Prosody, for the UnifiedPush-over-XMPP gateway's tests: each test starts a private instance
+# of its own (own config, data and ports), so only the program is needed here. A system service
+# the package may start on install is left as it is.
+ensure_prosody() {
+  command -v prosody >/dev/null || apt_install prosody
+}
+
 ensure_services() {
   ensure_rabbitmq
   ensure_postgres

@@ -98,6 +98,9 @@ pub struct Settings {
     pub audit: AuditSettings,
     #[serde(default)]
     pub wakeup: WakeupSettings,
+    /// The UnifiedPush-over-XMPP gateway; absent, `/UP` answers 404 and no worker connects.
+    #[serde(default)]
+    pub xmpp: Option<XmppSettings>,
     /// Per-event overrides of the event policy, keyed by event name.
     #[serde(default)]
     pub events: BTreeMap<String, EventPolicyOverride>,
@@ -398,6 +401,78 @@ impl WakeupSettings {
             "[wakeup] scheduler_batch_size",
             "must be between 1 and 100000",
         )
+    }
+}
+
+/// The UnifiedPush-over-XMPP gateway: an XEP-0114 component on an XMPP server that hands out
+/// endpoints under `endpoint_base` to distributors and forwards what is POSTed to them.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XmppSettings {
+    /// The component's domain, as the XMPP server knows it (`up.example.org`).
+    pub component: String,
+    /// The XMPP server's component port (`host:port`).
+    pub server: String,
+    /// The shared secret of the component, on the first line of this file.
+    pub secret_file: PathBuf,
+    /// The public URL of ingest's `/UP`: endpoints are `{endpoint_base}?token=…`.
+    pub endpoint_base: String,
+}
+
+impl XmppSettings {
+    /// Reads the component secret: the first line of `secret_file`, not empty.
+    pub fn secret(&self) -> Result<String, ConfigError> {
+        let key = "[xmpp] secret_file";
+        let text = std::fs::read_to_string(&self.secret_file).map_err(|source| {
+            ConfigError::UnreadableFile {
+                key: key.into(),
+                path: self.secret_file.clone(),
+                source,
+            }
+        })?;
+        let secret = text.lines().next().unwrap_or_default().trim();
+        if secret.is_empty() {
+            return Err(ConfigError::invalid(
+                key,
+                format!("{} holds no secret", self.secret_file.display()),
+            ));
+        }
+        Ok(secret.to_string())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let domain_char = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '.';
+        ensure(
+            !self.component.is_empty()
+                && self.component.len() <= 253
+                && self.component.chars().all(domain_char)
+                && !self.component.starts_with('.')
+                && !self.component.ends_with('.'),
+            "[xmpp] component",
+            "must be a domain name such as up.example.org",
+        )?;
+        let port = self
+            .server
+            .rsplit_once(':')
+            .filter(|(host, _)| !host.is_empty())
+            .and_then(|(_, port)| port.parse::<u16>().ok());
+        ensure(
+            port.is_some_and(|p| p > 0),
+            "[xmpp] server",
+            "must be host:port of the XMPP server's component port, e.g. 127.0.0.1:5347",
+        )?;
+        let base = url::Url::parse(&self.endpoint_base).ok();
+        ensure(
+            base.as_ref().is_some_and(|u| {
+                matches!(u.scheme(), "https" | "http")
+                    && u.host_str().is_some()
+                    && u.query().is_none()
+                    && u.fragment().is_none()
+            }),
+            "[xmpp] endpoint_base",
+            "must be an http(s) URL without query, e.g. https://push.example.org/UP",
+        )?;
+        self.secret().map(|_| ())
     }
 }
 
@@ -879,6 +954,7 @@ impl Settings {
             ("[events]", self.events == new.events),
             ("[audit]", self.audit == new.audit),
             ("[wakeup]", self.wakeup == new.wakeup),
+            ("[xmpp]", self.xmpp == new.xmpp),
             (
                 "[[apps]] log_url, log_auth, log_timeout_ms, log_key, log_buffer",
                 remote_logs(&self.apps) == remote_logs(&new.apps),
@@ -929,6 +1005,9 @@ impl Settings {
         {
             resolve(p);
         }
+        if let Some(xmpp) = &mut self.xmpp {
+            resolve(&mut xmpp.secret_file);
+        }
         for app in &mut self.apps {
             if let Some(apns) = &mut app.apns {
                 for p in [
@@ -967,6 +1046,9 @@ impl Settings {
         self.retry.validate()?;
         self.audit.validate()?;
         self.wakeup.validate()?;
+        if let Some(xmpp) = &self.xmpp {
+            xmpp.validate()?;
+        }
         self.validate_tls()?;
         EventPolicies::default().with_overrides(&self.events)?;
         let mut seen = HashMap::new();
@@ -2071,5 +2153,100 @@ mod example_file {
         let text = include_str!("../../config/example.toml");
         let settings: Settings = toml::from_str(text).expect("config/example.toml parses");
         assert_eq!(settings.apps.len(), 3);
+    }
+}
+
+#[cfg(test)]
+mod xmpp_tests {
+    use super::*;
+
+    fn load(secret_file: &Path, keys: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let mut section = vec![
+            ("component", "\"up.example.org\"".to_string()),
+            ("server", "\"127.0.0.1:5347\"".to_string()),
+            (
+                "secret_file",
+                format!("{:?}", secret_file.display().to_string()),
+            ),
+            (
+                "endpoint_base",
+                "\"https://push.example.org/UP\"".to_string(),
+            ),
+        ];
+        for (key, value) in keys {
+            section.retain(|(k, _)| k != key);
+            section.push((key, value.to_string()));
+        }
+        let text = section
+            .iter()
+            .map(|(k, v)| format!("{k} = {v}\n"))
+            .collect::<String>();
+        Settings::from_toml(&format!("[xmpp]\n{text}"), Vec::new(), Path::new("."))
+    }
+
+    fn secret(text: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("pushfleet-xmpp-{}", uuid::Uuid::new_v4()));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_gateway_is_off_without_the_section_and_read_with_it() {
+        assert_eq!(
+            Settings::from_toml("", Vec::new(), Path::new("."))
+                .unwrap()
+                .xmpp,
+            None
+        );
+        let file = secret("s3cret\nignored\n");
+        let s = load(&file, &[]).unwrap();
+        let xmpp = s.xmpp.unwrap();
+        assert_eq!(xmpp.component, "up.example.org");
+        assert_eq!(xmpp.secret().unwrap(), "s3cret");
+        std::fs::remove_file(file).unwrap();
+    }
+
+    #[test]
+    fn mistakes_name_the_xmpp_key() {
+        let file = secret("s3cret\n");
+        for (key, value, named) in [
+            ("component", "\"\"", "[xmpp] component"),
+            ("component", "\"up example\"", "[xmpp] component"),
+            ("server", "\"127.0.0.1\"", "[xmpp] server"),
+            ("server", "\":5347\"", "[xmpp] server"),
+            ("server", "\"host:0\"", "[xmpp] server"),
+            (
+                "endpoint_base",
+                "\"ftp://push.example.org/UP\"",
+                "[xmpp] endpoint_base",
+            ),
+            (
+                "endpoint_base",
+                "\"https://push.example.org/UP?x=1\"",
+                "[xmpp] endpoint_base",
+            ),
+            ("endpoint_base", "\"not a url\"", "[xmpp] endpoint_base"),
+            (
+                "secret_file",
+                "\"/nonexistent/secret\"",
+                "[xmpp] secret_file",
+            ),
+        ] {
+            let e = load(&file, &[(key, value)]).unwrap_err();
+            assert_eq!(e.key(), Some(named), "{key} = {value}: {e}");
+        }
+        let empty = secret("\n");
+        let e = load(&empty, &[]).unwrap_err();
+        assert_eq!(e.key(), Some("[xmpp] secret_file"));
+        assert!(e.to_string().contains("no secret"), "{e}");
+        let e = Settings::from_toml(
+            "[xmpp]\ncomponent = \"up.example.org\"",
+            Vec::new(),
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("server"), "{e}");
+        std::fs::remove_file(file).unwrap();
+        std::fs::remove_file(empty).unwrap();
     }
 }

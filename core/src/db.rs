@@ -34,6 +34,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "unifiedpush",
         include_str!("../../migrations/0006_unifiedpush.sql"),
     ),
+    (
+        7,
+        "xmpp_gateway",
+        include_str!("../../migrations/0007_xmpp_gateway.sql"),
+    ),
 ];
 
 /// A database problem, with what was being done when it happened.

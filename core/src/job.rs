@@ -53,6 +53,18 @@ pub struct Handling {
     /// A background push that makes the app register again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub wakeup: bool,
+    /// A UnifiedPush push to a distributor over XMPP: sent by the worker holding the component,
+    /// as a `<message>` with the content (`push.content`) as its body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xmpp: Option<XmppTarget>,
+}
+
+/// Where the XMPP gateway sends a push: the distributor's full JID and its public token (the
+/// message's `<subject>`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct XmppTarget {
+    pub jid: String,
+    pub public_token: String,
 }
 
 impl Handling {

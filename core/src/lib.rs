@@ -20,6 +20,7 @@ pub mod tokens;
 pub mod topology;
 pub mod wakeup;
 pub mod webpush;
+pub mod xmpp;
 
 pub use config::{AppSettings, AppType, Platform, ResponseMode, Settings};
 pub use job::{DeliveryStatus, Job, OutcomeEvent, PushData, SyncReply};

@@ -5,6 +5,7 @@
 //! ```text
 //! <ns>.jobs (direct) ──calls──► <ns>.calls      (quorum)  ──dead-letter──► <ns>.dead (fanout) ──► <ns>.dead
 //!                    ──messages──► <ns>.messages (quorum)                                      └─► <ns>.dead.audit
+//!                    ──xmpp──► <ns>.xmpp (quorum; consumed only by the worker holding the XMPP component)
 //! <ns>.retry.<lane>.<delay> (quorum, per-queue TTL) ──dead-letter──► <ns>.jobs, routing key <lane>
 //! <ns>.outcomes (fanout) ──► <ns>.audit (quorum)
 //!                        └─► <ns>.remote_log (quorum, bounded; only where an app has a log_url)
@@ -170,6 +171,15 @@ impl Topology {
         format!("{}.{}", self.namespace, lane.as_str())
     }
 
+    /// UnifiedPush-over-XMPP deliveries: consumed only by the worker that holds the XMPP
+    /// component, so that the others never take one they could not send.
+    pub fn xmpp_queue(&self) -> String {
+        format!("{}.xmpp", self.namespace)
+    }
+
+    /// The routing key of XMPP deliveries on the jobs exchange.
+    pub const XMPP_KEY: &'static str = "xmpp";
+
     /// The routing key of a lane on the jobs exchange.
     pub fn lane_key(lane: Lane) -> &'static str {
         lane.as_str()
@@ -210,6 +220,7 @@ impl Topology {
         let mut queues = vec![
             self.lane_queue(Lane::Calls),
             self.lane_queue(Lane::Messages),
+            self.xmpp_queue(),
             self.audit_queue(),
             self.dead_queue(),
             self.dead_audit_queue(),
@@ -266,6 +277,19 @@ impl Topology {
                 .bind(&queue, &self.jobs_exchange(), Self::lane_key(lane))
                 .await?;
         }
+
+        // Like a lane: an expired or poisonous delivery is dead-lettered and audited.
+        let mut args = self.consumed(dead_lettering_args(&self.dead_exchange()));
+        if self.lane_max_length > 0 {
+            args.insert(
+                "x-max-length".into(),
+                AMQPValue::LongLongInt(self.lane_max_length as i64),
+            );
+        }
+        declare.queue(&self.xmpp_queue(), args).await?;
+        declare
+            .bind(&self.xmpp_queue(), &self.jobs_exchange(), Self::XMPP_KEY)
+            .await?;
 
         let parked = self.consumed(dead_lettering_args(&self.audit_dead_exchange()));
         declare.queue(&self.audit_queue(), parked.clone()).await?;

@@ -161,10 +161,15 @@ impl Broker {
         } else {
             None
         };
+        // XMPP deliveries wait in their own queue for the worker holding the component.
+        let key = match job.handling.xmpp {
+            Some(_) => Topology::XMPP_KEY,
+            None => Topology::lane_key(job.lane),
+        };
         let published = channel
             .basic_publish(
                 self.topology.jobs_exchange().into(),
-                Topology::lane_key(job.lane).into(),
+                key.into(),
                 // Mandatory: a job that no queue would take comes back instead of vanishing.
                 BasicPublishOptions {
                     mandatory: true,

@@ -78,6 +78,12 @@ pub enum ApiError {
     },
     #[error("the push is too large for UnifiedPush: its payload may reach {bytes} bytes, and an encrypted push carries at most {MAX_CLEARTEXT_BYTES}: shorten content")]
     WebPushTooLarge { bytes: usize },
+    /// `/UP` with a token that was never handed out or was unregistered.
+    #[error("no such UnifiedPush endpoint")]
+    UnknownEndpoint,
+    /// A push to `/UP` that is not UTF-8: an XMPP message carries text.
+    #[error("a UnifiedPush push over XMPP must be UTF-8 text")]
+    NotText,
 
     // RFC 8599 push parameters.
     #[error("pn-provider '{0}' is not supported (apns, apns.dev, fcm)")]
@@ -199,6 +205,8 @@ impl ApiError {
             | BadWebPushKey { .. }
             | BadFilter(_) => StatusCode::BAD_REQUEST,
             WebPushTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            UnknownEndpoint => StatusCode::NOT_FOUND,
+            NotText => StatusCode::BAD_REQUEST,
             AccessDenied | MissingScope { .. } | AppNotAllowed { .. } => StatusCode::FORBIDDEN,
             Unauthorized(_) => StatusCode::UNAUTHORIZED,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -243,6 +251,8 @@ impl ApiError {
             | NoBackgroundToken => "invalid_field",
             BadEndpoint(_) => "invalid_endpoint",
             WebPushTooLarge { .. } => "too_large",
+            UnknownEndpoint => "unknown_endpoint",
+            NotText => "not_text",
             OnlyIncomingSession => "unsupported_event",
             UnknownPlatform(_) | UnknownRegistrationPlatform(_) => "unknown_platform",
             UnknownApp { .. } | NoFirebaseApp { .. } => "unknown_app",

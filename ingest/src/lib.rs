@@ -22,6 +22,7 @@ mod request;
 mod rfc8599;
 mod routes;
 mod state;
+mod unifiedpush;
 mod v1;
 mod v2;
 mod validate;

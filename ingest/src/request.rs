@@ -11,7 +11,7 @@ use crate::error::ApiError;
 use crate::limits;
 
 /// Reads the whole body, refusing more than `limit` bytes.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(body, limit)
         .await
         .map_err(|_| ApiError::TooLarge(limit))

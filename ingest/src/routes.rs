@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 use crate::acl::{self, AccessList};
 use crate::ops::{self, method_not_allowed};
 use crate::state::Shared;
-use crate::{audit, auth, rfc8599, v1, v2, wakeup};
+use crate::{audit, auth, rfc8599, unifiedpush, v1, v2, wakeup};
 
 pub fn router(state: Shared, acl: AccessList) -> Router {
     let in_flight = Arc::new(Semaphore::new(
@@ -66,12 +66,22 @@ pub fn router(state: Shared, acl: AccessList) -> Router {
     } else {
         with_probes(api)
     };
+    // UnifiedPush endpoints are called by any application server an app gave its endpoint to:
+    // the endpoint token in the URL is their credential, so neither the access list nor API
+    // keys apply (see `unifiedpush`).
+    let unifiedpush = Router::new().route(
+        "/UP",
+        post(unifiedpush::push)
+            .get(unifiedpush::discover)
+            .fallback(method_not_allowed),
+    );
     api.fallback(ops::no_route)
         .layer(middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,
         ))
         .layer(middleware::from_fn_with_state(Arc::new(acl), acl::guard))
+        .merge(unifiedpush)
         .layer(middleware::from_fn_with_state(
             in_flight,
             ops::limit_requests,

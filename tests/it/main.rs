@@ -30,3 +30,4 @@ mod v1_push;
 mod v2_tokens;
 mod wakeups;
 mod webpush;
+mod xmpp;

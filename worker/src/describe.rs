@@ -1,6 +1,6 @@
 //! HELP texts and units of the worker's metrics (README "Metrics"), registered once at start-up.
 
-use metrics::{describe_counter, describe_histogram, Unit};
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use pushfleet_core::service::{describe_common, describe_postgres_probe};
 
 pub fn describe() {
@@ -9,6 +9,7 @@ pub fn describe() {
     describe_deliveries();
     describe_providers();
     describe_audit();
+    describe_xmpp();
     // Counters without labels are shown from the start, at 0: an alert on their increase then
     // sees the first one.
     for name in [
@@ -92,6 +93,17 @@ fn describe_providers() {
     describe_counter!(
         "pushfleet_provider_resends_total",
         "Requests sent again because the provider refused them unprocessed (GOAWAY, REFUSED_STREAM)"
+    );
+}
+
+fn describe_xmpp() {
+    describe_gauge!(
+        "pushfleet_xmpp_component_held",
+        "1 while this worker holds the UnifiedPush-over-XMPP component (answers IQs, sends the XMPP pushes), 0 while standing by"
+    );
+    describe_counter!(
+        "pushfleet_xmpp_registrations_total",
+        "UnifiedPush register and unregister IQs answered by the XMPP component, by action and result (ok, error)"
     );
 }
 

@@ -15,6 +15,7 @@ pub mod providers;
 pub mod remote_log;
 pub mod replies;
 pub mod retry;
+pub mod xmpp;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -61,6 +62,9 @@ pub enum StartError {
     /// A credential file, CA file or endpoint of an app.
     #[error(transparent)]
     Provider(#[from] ProviderError),
+    /// `[xmpp] secret_file`, read again at start.
+    #[error(transparent)]
+    Xmpp(#[from] pushfleet_core::config::ConfigError),
 }
 
 /// A running worker process: senders, optionally the audit sink, and its HTTP endpoint.
@@ -129,6 +133,17 @@ impl Worker {
                 .keep_loaded(dead_tokens_pool, refresh, stop)
                 .await
         });
+        if let Some(gateway) = settings.xmpp.clone() {
+            let secret = gateway.secret()?;
+            tasks.spawn(xmpp::run(
+                settings.clone(),
+                gateway,
+                secret,
+                pool.clone(),
+                worker_id.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
         let current = Arc::new(Mutex::new(settings.clone()));
         tasks.spawn(watch_credentials(
             dispatcher.clone(),
