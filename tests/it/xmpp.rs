@@ -493,3 +493,51 @@ async fn xmpp_component_moves_to_a_standby_worker() {
     assert_push_arrives(&stack, &mut d, &endpoint, &public).await;
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn an_xmpp_push_whose_ttl_passes_in_the_queue_is_expired_and_never_sent() {
+    let prosody = Prosody::start().await;
+    prosody.add_user("dave", "pw");
+    let mut stack = Stack::start_with(StackOptions {
+        mode: "async",
+        start_worker: false,
+        extra_config: format!(
+            "{}\n[events.message]\nttl_secs = 1\n",
+            prosody.xmpp_config()
+        ),
+        ..Default::default()
+    })
+    .await;
+    // No worker holds the component yet: the registration is made as the component makes it.
+    let public = format!("pub-{}", Uuid::new_v4().simple());
+    let client = stack.pool.get().await.unwrap();
+    let token = pushfleet_core::xmpp::register(&**client, "dave@localhost/watch", &public)
+        .await
+        .unwrap();
+    drop(client);
+    let endpoint = pushfleet_core::xmpp::endpoint_url(ENDPOINT_BASE, &token);
+    let (status, answer) = post_up(&stack, &endpoint_path(&endpoint), b"stale".to_vec()).await;
+    assert_eq!(status, 202, "{answer}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let mut d = Distributor::connect(prosody.c2s_port, "dave", "pw", "watch").await;
+    stack.start_worker().await;
+    let call_id = format!("up-{}", answer["id"].as_str().unwrap());
+    let rows = stack.deliveries(&call_id, 1).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!((rows[0].status.as_str(), rows[0].attempts), ("expired", 0));
+    // The holder is up (it answers), and the stale push never came.
+    assert_eq!(d.register(&public).await, endpoint);
+    let fresh = d.register("fresh").await;
+    assert_push_arrives(&stack, &mut d, &fresh, "fresh").await;
+    assert!(d
+        .messages
+        .iter()
+        .all(|m| m.child("body").unwrap().text != "stale"));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), d.incoming.recv())
+            .await
+            .is_err()
+    );
+    stack.stop().await;
+}
