@@ -125,6 +125,10 @@ Component "{COMPONENT}"
         .unwrap();
     }
 
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("prosody.log")).unwrap_or_default()
+    }
+
     fn xmpp_config(&self) -> String {
         format!(
             "\n[xmpp]\ncomponent = \"{COMPONENT}\"\nserver = \"127.0.0.1:{}\"\nsecret_file = \"{}\"\nendpoint_base = \"{ENDPOINT_BASE}\"\n",
@@ -483,6 +487,15 @@ async fn xmpp_component_moves_to_a_standby_worker() {
     let public = format!("pub-{}", Uuid::new_v4().simple());
     let endpoint = d.register(&public).await;
     assert_push_arrives(&stack, &mut d, &endpoint, &public).await;
+    // The standby did ask, and Prosody refused it while the other holds the component.
+    let deadline = Instant::now() + STANZA_WAIT;
+    while !prosody
+        .log()
+        .contains("Second component attempted to connect")
+    {
+        assert!(Instant::now() < deadline, "no standby: {}", prosody.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Whichever of the two held it, stopping one and then the other moves the component at
     // least once; pushes keep arriving.

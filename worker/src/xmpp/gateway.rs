@@ -35,6 +35,10 @@ const PREFETCH: u16 = 64;
 /// distributors do not wait on us.
 const DB_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How often a standby asks for the component while another connection holds it: the longest
+/// a takeover waits after the holder goes.
+const STANDBY_POLL: Duration = Duration::from_secs(2);
+
 const UNIFIEDPUSH_NS: &str = "unifiedpush.org";
 const DISCO_INFO_NS: &str = "http://jabber.org/protocol/disco#info";
 const PING_NS: &str = "urn:xmpp:ping";
@@ -80,17 +84,37 @@ pub async fn run(
             return;
         };
         // Standby: the server refuses the component (conflict) while another worker holds it.
+        // That is the normal state of all workers but one, so it is retried quietly every
+        // STANDBY_POLL; anything else (the server away, a wrong secret) is logged by until_ok.
         let (held_by, secret, link) = (&gateway, secret.as_str(), &connection);
-        let connect = move || async move {
-            tokio::select! {
-                held = Component::connect(held_by, secret) => held,
-                // A standby also notices a lost broker link.
-                _ = topology::closed(link) => {
-                    Err(ComponentError::Refused("RabbitMQ connection lost".into()))
+        let stop = shutdown.clone();
+        let connect = move || {
+            let mut stop = stop.clone();
+            async move {
+                loop {
+                    let attempt = tokio::select! {
+                        held = Component::connect(held_by, secret) => held,
+                        // A standby also notices a lost broker link.
+                        _ = topology::closed(link) => {
+                            Err(ComponentError::Refused("RabbitMQ connection lost".into()))
+                        }
+                    };
+                    match attempt {
+                        Err(ComponentError::Refused(reason)) if reason == "conflict" => {
+                            debug!("another connection holds the XMPP component; standing by");
+                        }
+                        other => return other,
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(STANDBY_POLL) => {}
+                        _ = stop.changed() => {
+                            return Err(ComponentError::Refused("shutting down".into()));
+                        }
+                    }
                 }
             }
         };
-        let what = "XMPP component not held (standing by)";
+        let what = "cannot hold the XMPP component";
         let Some(component) = reconnect::until_ok(what, &mut shutdown, connect).await else {
             let _ = connection.close(200, "shutdown".into()).await;
             return;
