@@ -16,7 +16,7 @@ use lapin::{Connection, Consumer};
 use pushfleet_core::clock::now_ms;
 use pushfleet_core::config::XmppSettings;
 use pushfleet_core::job::{AttemptRecord, DeliveryStatus, Job, OutcomeEvent, Terminal};
-use pushfleet_core::logged::Escaped;
+use pushfleet_core::logged::{Escaped, Identity};
 use pushfleet_core::reconnect;
 use pushfleet_core::topology::{self, BrokerError, Topology};
 use pushfleet_core::xmpp as registrations;
@@ -286,7 +286,7 @@ impl Turn<'_> {
         }
         delivery.acker.ack(BasicAckOptions::default()).await?;
         info!(
-            job_id = %job.id, call_id = %Escaped(&job.push.call_id), to = %Escaped(&target.jid),
+            job_id = %job.id, call_id = %Escaped(&job.push.call_id), to = %Identity(&target.jid),
             outcome = %status, "UnifiedPush push over XMPP"
         );
         metrics::counter!(
@@ -307,7 +307,7 @@ impl Turn<'_> {
     async fn answer(&mut self, stanza: &Element) -> Result<(), TurnError> {
         if stanza.name != "iq" {
             if stanza.attr("type") == Some("error") {
-                debug!(from = ?stanza.attr("from"), kind = %stanza.name, "an XMPP error came back");
+                debug!(from = %Identity(stanza.attr("from").unwrap_or_default()), kind = %stanza.name, "an XMPP error came back");
             }
             return Ok(());
         }
@@ -410,11 +410,11 @@ impl Turn<'_> {
             Some(endpoint_token) => {
                 let endpoint =
                     registrations::endpoint_url(&self.gateway.endpoint_base, &endpoint_token);
-                info!(jid = %Escaped(from), "UnifiedPush distributor registered over XMPP");
+                info!(jid = %Identity(from), "UnifiedPush distributor registered over XMPP");
                 (true, format!("<endpoint>{}</endpoint>", escape(&endpoint)))
             }
             None => {
-                info!(jid = %Escaped(from), "UnifiedPush distributor unregistered over XMPP");
+                info!(jid = %Identity(from), "UnifiedPush distributor unregistered over XMPP");
                 (true, "<success/>".to_string())
             }
         }
