@@ -9,6 +9,7 @@ pub fn describe() {
     describe_deliveries();
     describe_providers();
     describe_audit();
+    crate::ledger_view::describe();
     // Counters without labels are shown from the start, at 0: an alert on their increase then
     // sees the first one.
     for name in [
