@@ -10,6 +10,7 @@ pub fn describe() {
     describe_providers();
     describe_audit();
     describe_xmpp();
+    crate::ledger_view::describe();
     // Counters without labels are shown from the start, at 0: an alert on their increase then
     // sees the first one.
     for name in [

@@ -180,6 +180,7 @@ impl LedgerView {
             state.held.retain(|_, (_, until)| *until + window > now);
             state.claims.retain(|_, (_, until)| *until > now);
             state.pruned_at_ms = now;
+            record_size(&state);
         }
     }
 
@@ -235,10 +236,14 @@ impl LedgerView {
                     self.caught_up.send_replace(true);
                 }
                 _ = flush.tick() => {
-                    let claims = std::mem::take(&mut self.state.lock().expect("ledger lock").unpublished);
-                    if claims.is_empty() {
-                        continue;
-                    }
+                    let claims = {
+                        let mut state = self.state.lock().expect("ledger lock");
+                        if state.unpublished.is_empty() {
+                            continue;
+                        }
+                        record_size(&state);
+                        std::mem::take(&mut state.unpublished)
+                    };
                     let body = serde_json::to_vec(&LedgerEntry::Claims { claims })
                         .expect("claims serialise");
                     // Best effort: a lost claim batch only narrows duplicate detection.
@@ -259,6 +264,27 @@ impl LedgerView {
             }
         }
     }
+}
+
+/// What the view holds, as `pushfleet_ledger_entries{kind}` (at each pruning and each flush of
+/// our claims): every worker reads the whole stream, so this grows with the fleet's rate, not
+/// the worker's own.
+fn record_size(state: &State) {
+    for (kind, len) in [
+        ("claims", state.claims.len()),
+        ("cancels", state.cancels.len()),
+        ("held", state.held.len()),
+    ] {
+        metrics::gauge!("pushfleet_ledger_entries", "kind" => kind).set(len as f64);
+    }
+}
+
+/// The HELP text of the view's gauge.
+pub fn describe() {
+    metrics::describe_gauge!(
+        "pushfleet_ledger_entries",
+        "Entries the worker's view of the ledger holds, by kind (claims, cancels, held), as of its last pruning or claim flush"
+    );
 }
 
 #[cfg(test)]

@@ -5,11 +5,21 @@
 //!
 //! ```text
 //! pushfleet-loadgen --url http://127.0.0.1:8400/push [--connections 64] [--duration 10]
-//!                   [--rate 0] [--expect 202] [--tag bench] [--app-id ID] [--platform apple]
-//!                   [--timeout-ms 10000]
+//!                   [--rate 0] [--requests 0] [--expect 202] [--tag bench] [--app-id ID]
+//!                   [--platform apple] [--apps 0] [--events incoming_session,message]
+//!                   [--accounts 0 --devices 10] [--timeout-ms 10000]
 //! ```
 //! Every request carries a unique call-id `<tag>-<n>@bench.pushfleet` and a unique 64-hex-digit
 //! token. Prints a `key=value` report on stdout (see `report` below).
+//!
+//! - `--requests N` stops after N requests (or the duration, whichever comes first): a backlog
+//!   of a known size.
+//! - `--apps N` spreads the requests over N apps, `<app-id>.<k>` for k in 0..N, even k Apple and
+//!   odd k Firebase (`--platform` is then ignored).
+//! - `--events` cycles through the events named (request `n` gets event `n mod count`).
+//! - `--accounts N` pushes to v2 accounts instead (`POST /v2/tokens/<tag>-acct-<k>/push`,
+//!   `k = n mod N`): before the clock starts it registers `--devices` devices per account
+//!   (`POST /v2/tokens/<account>`), each with its own token.
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -29,7 +39,8 @@ use tokio::time::Instant;
 
 const USAGE: &str = "usage: pushfleet-loadgen --url http://HOST:PORT/push [--connections N] \
 [--duration SECS] [--rate PER_SEC (0: as fast as possible)] [--expect STATUS] [--tag TAG] \
-[--app-id ID] [--platform apple|firebase] [--timeout-ms MS]";
+[--app-id ID] [--platform apple|firebase] [--timeout-ms MS] [--requests N] [--apps N] \
+[--events EVENT,...] [--accounts N] [--devices N]";
 
 struct Plan {
     uri: Uri,
@@ -43,6 +54,16 @@ struct Plan {
     app_id: String,
     platform: String,
     timeout: Duration,
+    /// Requests in all; 0 for as many as the duration allows.
+    requests: u64,
+    /// Apps to spread over; 0 for `app_id` alone.
+    apps: u64,
+    events: Vec<String>,
+    /// v2 accounts to push to; 0 for v1 pushes.
+    accounts: u64,
+    devices: u64,
+    /// `http://host:port`, for the v2 paths.
+    base: String,
 }
 
 /// What one connection saw.
@@ -70,6 +91,11 @@ fn parse() -> Result<Plan> {
             "app-id",
             "platform",
             "timeout-ms",
+            "requests",
+            "apps",
+            "events",
+            "accounts",
+            "devices",
         ],
     )?;
     let uri: Uri = args.required("url")?.parse().context("--url")?;
@@ -84,6 +110,21 @@ fn parse() -> Result<Plan> {
     if connections == 0 {
         bail!("--connections must be at least 1");
     }
+    let events: Vec<String> = args
+        .string("events", "incoming_session")
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(String::from)
+        .collect();
+    if events.is_empty() {
+        bail!("--events needs at least one event");
+    }
+    let devices: u64 = args.number("devices", 10)?;
+    if devices == 0 {
+        bail!("--devices must be at least 1");
+    }
+    let base = format!("http://{host}");
     Ok(Plan {
         uri,
         host,
@@ -95,6 +136,12 @@ fn parse() -> Result<Plan> {
         app_id: args.string("app-id", "com.example.sylk"),
         platform: args.string("platform", "apple"),
         timeout: Duration::from_millis(args.number("timeout-ms", 10_000)?),
+        requests: args.number("requests", 0)?,
+        apps: args.number("apps", 0)?,
+        events,
+        accounts: args.number("accounts", 0)?,
+        devices,
+        base,
     })
 }
 
@@ -106,21 +153,91 @@ fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-fn body(plan: &Plan, n: u64) -> Bytes {
-    let token = format!(
+/// A unique 64-hex-digit token for `n`: the shape of an APNs token, and a valid FCM one.
+fn token(n: u64) -> String {
+    format!(
         "{:016x}{:016x}{:016x}{:016x}",
         mix(n),
         mix(n ^ (1 << 62)),
         mix(n ^ (2 << 62)),
         mix(n ^ (3 << 62))
-    );
-    Bytes::from(format!(
-        r#"{{"app-id": "{app}", "platform": "{platform}", "token": "{token}", "device-id": "bench-device-{device}", "call-id": "{tag}-{n}@bench.pushfleet", "event": "incoming_session", "media-type": "audio", "silent": "1", "from": "alice@example.com", "from-display-name": "Alice", "to": "bob@example.com"}}"#,
-        app = plan.app_id,
-        platform = plan.platform,
+    )
+}
+
+/// The app id and platform request `n` goes to.
+fn app_of(plan: &Plan, n: u64) -> (String, &str) {
+    if plan.apps == 0 {
+        return (plan.app_id.clone(), plan.platform.as_str());
+    }
+    let k = n % plan.apps;
+    let platform = if k.is_multiple_of(2) {
+        "apple"
+    } else {
+        "firebase"
+    };
+    (format!("{}.{k}", plan.app_id), platform)
+}
+
+fn account(plan: &Plan, k: u64) -> String {
+    format!("{}-acct-{k}", plan.tag)
+}
+
+/// Where request `n` goes and what it says.
+fn request_for(plan: &Plan, n: u64) -> (Uri, Bytes) {
+    let event = &plan.events[(n % plan.events.len() as u64) as usize];
+    let tag = &plan.tag;
+    if plan.accounts > 0 {
+        let uri = format!(
+            "{}/v2/tokens/{}/push",
+            plan.base,
+            account(plan, n % plan.accounts)
+        );
+        let body = format!(
+            r#"{{"call-id": "{tag}-{n}@bench.pushfleet", "event": "{event}", "media-type": "audio", "from": "alice@example.com", "from-display-name": "Alice", "to": "bob@example.com"}}"#
+        );
+        return (uri.parse().expect("a valid v2 URL"), Bytes::from(body));
+    }
+    let (app, platform) = app_of(plan, n);
+    let body = format!(
+        r#"{{"app-id": "{app}", "platform": "{platform}", "token": "{token}", "device-id": "bench-device-{device}", "call-id": "{tag}-{n}@bench.pushfleet", "event": "{event}", "media-type": "audio", "silent": "1", "from": "alice@example.com", "from-display-name": "Alice", "to": "bob@example.com"}}"#,
+        token = token(n),
         device = n % 10_000,
-        tag = plan.tag,
-    ))
+    );
+    (plan.uri.clone(), Bytes::from(body))
+}
+
+/// Registers `--devices` devices for each of `--accounts` accounts, over one connection.
+async fn register_devices(plan: &Plan) -> Result<u64> {
+    let mut sender = connect(plan).await?;
+    let mut registered = 0;
+    for k in 0..plan.accounts {
+        let uri: Uri = format!("{}/v2/tokens/{}", plan.base, account(plan, k)).parse()?;
+        for d in 0..plan.devices {
+            let body = format!(
+                r#"{{"app-id": "{app}", "platform": "{platform}", "token": "{token}", "device-id": "bench-device-{d}", "silent": "1"}}"#,
+                app = plan.app_id,
+                platform = plan.platform,
+                token = token((1 << 40) + k * plan.devices + d),
+            );
+            let request = Request::post(uri.clone())
+                .header(hyper::header::HOST, &plan.host)
+                .header(hyper::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from(body)))?;
+            sender.ready().await?;
+            let response = sender.send_request(request).await?;
+            let status = response.status();
+            let answer = response.into_body().collect().await?.to_bytes();
+            if !status.is_success() {
+                bail!(
+                    "registering a device of {}: {status}: {}",
+                    account(plan, k),
+                    String::from_utf8_lossy(&answer)
+                );
+            }
+            registered += 1;
+        }
+    }
+    Ok(registered)
 }
 
 async fn connect(plan: &Plan) -> Result<http1::SendRequest<Full<Bytes>>> {
@@ -144,6 +261,9 @@ async fn client(
     let end = start + plan.duration;
     loop {
         let n = next.fetch_add(1, Ordering::Relaxed);
+        if plan.requests > 0 && n >= plan.requests {
+            break;
+        }
         let due = if plan.rate > 0.0 {
             start + Duration::from_secs_f64(n as f64 / plan.rate)
         } else {
@@ -159,10 +279,11 @@ async fn client(
         if plan.rate > 0.0 && sent.duration_since(due) > Duration::from_millis(5) {
             tally.late += 1;
         }
-        let request = Request::post(plan.uri.clone())
+        let (uri, body) = request_for(&plan, n);
+        let request = Request::post(uri)
             .header(hyper::header::HOST, &plan.host)
             .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(body(&plan, n)))
+            .body(Full::new(body))
             .expect("a valid request");
         let answer = tokio::time::timeout(plan.timeout, async {
             let s = match sender.as_mut() {
@@ -196,6 +317,11 @@ async fn client(
 
 async fn run(plan: Plan) -> Result<()> {
     let plan = Arc::new(plan);
+    let registered = if plan.accounts > 0 {
+        register_devices(&plan).await?
+    } else {
+        0
+    };
     // Every connection is open before the clock starts.
     let mut senders = Vec::with_capacity(plan.connections);
     for _ in 0..plan.connections {
@@ -235,6 +361,7 @@ async fn run(plan: Plan) -> Result<()> {
         .sum();
     let ms = |q: f64| format!("{:.1}", quantile(&tally.latencies_us, q) as f64 / 1000.0);
     report("requests", requests);
+    report("registered_devices", registered);
     report("expected_status", plan.expect);
     report("expected", expected);
     report("queued", queued);
@@ -289,14 +416,51 @@ mod tests {
             app_id: "com.example.sylk".into(),
             platform: "apple".into(),
             timeout: Duration::from_secs(1),
+            requests: 0,
+            apps: 0,
+            events: vec!["incoming_session".into()],
+            accounts: 0,
+            devices: 10,
+            base: "http://127.0.0.1:8400".into(),
         }
+    }
+
+    fn json(plan: &Plan, n: u64) -> (String, serde_json::Value) {
+        let (uri, body) = request_for(plan, n);
+        (uri.to_string(), serde_json::from_slice(&body).unwrap())
+    }
+
+    #[test]
+    fn requests_spread_over_apps_half_apple_half_firebase() {
+        let mut plan = plan();
+        plan.apps = 4;
+        let apps: Vec<_> = (0..8).map(|n| json(&plan, n).1).collect();
+        assert_eq!(apps[0]["app-id"], "com.example.sylk.0");
+        assert_eq!(apps[0]["platform"], "apple");
+        assert_eq!(apps[1]["app-id"], "com.example.sylk.1");
+        assert_eq!(apps[1]["platform"], "firebase");
+        assert_eq!(apps[5]["app-id"], "com.example.sylk.1");
+        assert_eq!(apps[6]["platform"], "apple");
+    }
+
+    #[test]
+    fn events_cycle_and_accounts_take_v2_pushes() {
+        let mut plan = plan();
+        plan.events = vec!["incoming_session".into(), "message".into()];
+        assert_eq!(json(&plan, 0).1["event"], "incoming_session");
+        assert_eq!(json(&plan, 3).1["event"], "message");
+        plan.accounts = 3;
+        let (uri, body) = json(&plan, 4);
+        assert_eq!(uri, "http://127.0.0.1:8400/v2/tokens/t-acct-1/push");
+        assert_eq!(body["call-id"], "t-4@bench.pushfleet");
+        assert!(body.get("token").is_none());
     }
 
     #[test]
     fn requests_are_sylk_v1_calls_with_unique_ids_and_tokens() {
         let plan = plan();
-        let a: serde_json::Value = serde_json::from_slice(&body(&plan, 1)).unwrap();
-        let b: serde_json::Value = serde_json::from_slice(&body(&plan, 2)).unwrap();
+        let a = json(&plan, 1).1;
+        let b = json(&plan, 2).1;
         assert_eq!(a["event"], "incoming_session");
         assert_eq!(a["silent"], "1");
         assert_eq!(a["call-id"], "t-1@bench.pushfleet");
