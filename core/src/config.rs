@@ -308,7 +308,8 @@ pub struct WorkerSettings {
     pub audit_flush_ms: u64,
     /// Whether this process runs the audit sink (Postgres writer) next to the senders.
     pub audit_sink: bool,
-    /// HTTP/2 connections a worker may open per app when the open ones are saturated.
+    /// HTTP/2 connections a worker may open per app when the open ones are saturated; apps
+    /// with interchangeable connections (one FCM endpoint, one APNs team and key) share them.
     pub max_connections_per_app: usize,
     /// Requests in flight on one connection; the provider's own SETTINGS_MAX_CONCURRENT_STREAMS
     /// is respected below this bound.

@@ -1,5 +1,6 @@
-//! APNs over HTTP/2: one multiplexed connection pool per app, certificate or token (JWT) auth,
-//! and Apple's answers turned into [`ProviderResponse`]s.
+//! APNs over HTTP/2: multiplexed connection pools (one per app with certificate auth, one per
+//! team, key and endpoint with token auth), certificate or token (JWT) auth, and Apple's answers
+//! turned into [`ProviderResponse`]s.
 //!
 //! Provider tokens are shared per (team id, key id) across the whole process and renewed on a
 //! fixed cadence: Apple answers 429 TooManyProviderTokenUpdates to senders that mint tokens per
@@ -21,8 +22,8 @@ use uuid::Uuid;
 
 use super::{
     classify, client_builder, error_chain, header_str, read_file, reason_phrase, retry_after,
-    send_error, ConnectionLimits, Connections, ProviderError, ProviderResponse, RawAnswer,
-    Transport,
+    send_error, shared_tls_builder, Alpn, ConnectionLimits, Connections, PoolKey, ProviderError,
+    ProviderResponse, RawAnswer, SharedTls, Transport,
 };
 use crate::payload::ApnsRequest;
 
@@ -37,7 +38,7 @@ const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json
 
 /// A client for one APNs app (one endpoint, one credential).
 pub struct ApnsClient {
-    connections: Connections,
+    connections: Arc<Connections>,
     /// The endpoint, parsed once; each request only sets its path.
     base_url: Url,
     /// `<endpoint's path>/3/device/`, to which each request appends its device token.
@@ -51,12 +52,19 @@ impl ApnsClient {
         settings: &ApnsSettings,
         request_timeout: Duration,
     ) -> Result<ApnsClient, ProviderError> {
-        ApnsClient::with_transport(settings, &Transport::direct(request_timeout))
+        ApnsClient::with_transport(
+            settings,
+            &Transport::direct(request_timeout),
+            ConnectionLimits::default(),
+        )
     }
 
+    /// With token auth, the connections are shared with every app of the same team and key
+    /// (see [`Connections::shared`]); with a certificate, they are the app's own.
     pub fn with_transport(
         settings: &ApnsSettings,
         transport: &Transport,
+        limits: ConnectionLimits,
     ) -> Result<ApnsClient, ProviderError> {
         let (token, identity) = match settings.auth() {
             ApnsAuth::Token {
@@ -95,34 +103,51 @@ impl ApnsClient {
             }
         };
         let ca_file = settings.ca_file.clone();
-        let transport = transport.clone();
+        // A TLS client certificate is the app's own; without one, the TLS settings are shared.
+        let shared = match identity {
+            None => Some(SharedTls::get(ca_file.as_deref(), Alpn::Http2)?),
+            Some(_) => None,
+        };
+        let build_transport = transport.clone();
+        let build_tls = shared.clone();
         let build = move || {
+            let builder = match (&build_tls, &identity) {
+                (Some(tls), _) => shared_tls_builder(tls, &build_transport),
+                (None, Some(pem)) => {
+                    let identity = reqwest::Identity::from_pem(pem).map_err(http_client_error)?;
+                    client_builder(ca_file.as_deref(), &build_transport)?.identity(identity)
+                }
+                (None, None) => client_builder(ca_file.as_deref(), &build_transport)?,
+            };
             // APNs speaks nothing but HTTP/2.
-            let mut builder =
-                client_builder(ca_file.as_deref(), &transport)?.http2_prior_knowledge();
-            if let Some(pem) = &identity {
-                let identity = reqwest::Identity::from_pem(pem).map_err(http_client_error)?;
-                builder = builder.identity(identity);
-            }
-            builder.build().map_err(http_client_error)
+            builder
+                .http2_prior_knowledge()
+                .build()
+                .map_err(http_client_error)
         };
         let base_url = Url::parse(&settings.endpoint).map_err(|e| ProviderError::BadEndpoint {
             url: settings.endpoint.clone(),
             problem: e.to_string(),
         })?;
+        let connections = match (&token, &shared) {
+            (Some(token), Some(tls)) => {
+                let credential = Some((token.team_id.clone(), token.key_id.clone()));
+                let key = PoolKey::new("APNs", credential, &base_url, tls, transport, limits);
+                Connections::shared(key, Box::new(build), limits)?
+            }
+            _ => Arc::new(Connections::new(Box::new(build), limits)?),
+        };
         Ok(ApnsClient {
-            connections: Connections::new(Box::new(build), ConnectionLimits::default())?,
+            connections,
             device_path: format!("{}/3/device/", base_url.path().trim_end_matches('/')),
             base_url,
             token,
         })
     }
 
-    pub fn with_limits(self, limits: ConnectionLimits) -> ApnsClient {
-        ApnsClient {
-            connections: self.connections.with_limits(limits),
-            ..self
-        }
+    #[cfg(test)]
+    pub(super) fn connections(&self) -> &Arc<Connections> {
+        &self.connections
     }
 
     pub fn uses_token_auth(&self) -> bool {

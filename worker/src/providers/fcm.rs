@@ -12,15 +12,16 @@ use serde_json::{json, Value};
 
 use super::oauth::{AccessTokens, ServiceAccount};
 use super::{
-    classify, client_builder, error_chain, reason_phrase, retry_after, send_error,
-    ConnectionLimits, Connections, ProviderError, ProviderResponse, RawAnswer, Transport,
+    classify, error_chain, reason_phrase, retry_after, send_error, shared_tls_builder, Alpn,
+    ConnectionLimits, Connections, PoolKey, ProviderError, ProviderResponse, RawAnswer, SharedTls,
+    Transport,
 };
 
 const FCM_ERROR_TYPE: &str = "type.googleapis.com/google.firebase.fcm.v1.FcmError";
 
 /// A client for one FCM app (one project, one service account).
 pub struct FcmClient {
-    connections: Connections,
+    connections: Arc<Connections>,
     send_url: String,
     /// `send_url` parsed once, rather than by every request.
     send_target: Url,
@@ -33,12 +34,19 @@ impl FcmClient {
         settings: &FcmSettings,
         request_timeout: Duration,
     ) -> Result<FcmClient, ProviderError> {
-        FcmClient::with_transport(settings, &Transport::direct(request_timeout))
+        FcmClient::with_transport(
+            settings,
+            &Transport::direct(request_timeout),
+            ConnectionLimits::default(),
+        )
     }
 
+    /// The connections are shared with every FCM app of the same origin, roots and transport
+    /// (see [`Connections::shared`]): the OAuth bearer token goes with each request.
     pub fn with_transport(
         settings: &FcmSettings,
         transport: &Transport,
+        limits: ConnectionLimits,
     ) -> Result<FcmClient, ProviderError> {
         let account = ServiceAccount::load(&settings.service_account_file)?;
         let project = settings
@@ -51,42 +59,42 @@ impl FcmClient {
                     "no project_id in the service account; set fcm.project_id",
                 )
             })?;
-        let ca_file = settings.ca_file.clone();
-        let transport = transport.clone();
         // HTTP/2 is negotiated by ALPN where the server offers it (fcm.googleapis.com does).
+        let tls = SharedTls::get(settings.ca_file.as_deref(), Alpn::Http2OrHttp1)?;
+        let send_url = format!(
+            "{}/v1/projects/{project}/messages:send",
+            settings.endpoint.trim_end_matches('/')
+        );
+        let send_target = Url::parse(&send_url).map_err(|e| ProviderError::BadEndpoint {
+            url: send_url.clone(),
+            problem: e.to_string(),
+        })?;
+        let key = PoolKey::new("FCM", None, &send_target, &tls, transport, limits);
+        let transport = transport.clone();
         let build = move || {
-            client_builder(ca_file.as_deref(), &transport)?
+            shared_tls_builder(&tls, &transport)
                 .build()
                 .map_err(|e| ProviderError::HttpClient {
                     provider: "FCM",
                     detail: error_chain(&e),
                 })
         };
-        let connections = Connections::new(Box::new(build), ConnectionLimits::default())?;
-        let send_url = format!(
-            "{}/v1/projects/{project}/messages:send",
-            settings.endpoint.trim_end_matches('/')
-        );
+        let connections = Connections::shared(key, Box::new(build), limits)?;
         Ok(FcmClient {
-            send_target: Url::parse(&send_url).map_err(|e| ProviderError::BadEndpoint {
-                url: send_url.clone(),
-                problem: e.to_string(),
-            })?,
+            send_target,
             send_url,
             tokens: AccessTokens::shared(account, connections.first()),
             connections,
         })
     }
 
-    pub fn with_limits(self, limits: ConnectionLimits) -> FcmClient {
-        FcmClient {
-            connections: self.connections.with_limits(limits),
-            ..self
-        }
-    }
-
     pub fn send_url(&self) -> &str {
         &self.send_url
+    }
+
+    #[cfg(test)]
+    pub(super) fn connections(&self) -> &Arc<Connections> {
+        &self.connections
     }
 
     pub fn access_tokens(&self) -> &AccessTokens {

@@ -1,6 +1,8 @@
-//! The provider side of a worker: one long-lived HTTP client per configured app, talking to APNs
-//! or FCM, what the provider said as a [`ProviderResponse`], its meaning from the answer table
-//! ([`answers`]), and the Sylk-shaped answer synchronous callers expect.
+//! The provider side of a worker: one client per configured app, talking to APNs or FCM over
+//! long-lived HTTP/2 connections (shared by apps whose connections are interchangeable, see
+//! [`Connections::shared`], with TLS settings shared per CA bundle, see [`SharedTls`]), what the
+//! provider said as a [`ProviderResponse`], its meaning from the answer table ([`answers`]), and
+//! the Sylk-shaped answer synchronous callers expect.
 
 pub mod answers;
 pub mod apns;
@@ -9,9 +11,10 @@ pub mod fcm;
 pub mod oauth;
 pub mod webpush;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use pushfleet_core::clock::now_ms;
@@ -76,7 +79,8 @@ impl ProviderResponse {
 pub enum Provider {
     Apns(apns::ApnsClient),
     Fcm(fcm::FcmClient),
-    WebPush(webpush::WebPushClient),
+    /// Boxed: larger than the other two, which share their connections.
+    WebPush(Box<webpush::WebPushClient>),
 }
 
 impl Provider {
@@ -91,16 +95,14 @@ impl Provider {
         let built = match (app.platform, &app.apns, &app.fcm) {
             (Platform::UnifiedPush, ..) => match &app.webpush {
                 Some(settings) => webpush::WebPushClient::new(settings, worker.request_timeout())
-                    .map(Provider::WebPush),
+                    .map(|client| Provider::WebPush(Box::new(client))),
                 None => Err(ProviderError::MissingSection("webpush")),
             },
             (Platform::Apple, Some(settings), _) => {
-                apns::ApnsClient::with_transport(settings, &transport)
-                    .map(|client| Provider::Apns(client.with_limits(limits)))
+                apns::ApnsClient::with_transport(settings, &transport, limits).map(Provider::Apns)
             }
             (Platform::Firebase, _, Some(settings)) => {
-                fcm::FcmClient::with_transport(settings, &transport)
-                    .map(|client| Provider::Fcm(client.with_limits(limits)))
+                fcm::FcmClient::with_transport(settings, &transport, limits).map(Provider::Fcm)
             }
             (Platform::Apple, ..) => Err(ProviderError::MissingSection("apns")),
             (Platform::Firebase, ..) => Err(ProviderError::MissingSection("fcm")),
@@ -272,6 +274,28 @@ impl Connections {
         })
     }
 
+    /// The pool of every client sending with the same credential through the same TLS settings
+    /// and transport to the same origin under the same limits (`key` says all of it): one set
+    /// of HTTP/2 connections instead of one per app, so that a worker with many apps holds
+    /// and warms up few connections, and pushes for different apps share their writes. `build`
+    /// is used only when no such pool is alive.
+    pub fn shared(
+        key: PoolKey,
+        build: BuildClient,
+        limits: ConnectionLimits,
+    ) -> Result<Arc<Connections>, ProviderError> {
+        let mut pools = pool_registry()
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(pool) = pools.get(&key).and_then(Weak::upgrade) {
+            return Ok(pool);
+        }
+        let pool = Arc::new(Connections::new(build, limits)?);
+        pools.retain(|_, pool| pool.strong_count() > 0);
+        pools.insert(key, Arc::downgrade(&pool));
+        Ok(pool)
+    }
+
     /// Replaces the open connections with a new one, unless that already happened after
     /// `since`: APNs wants a new provider token on a new connection. Requests in flight finish
     /// on the old ones.
@@ -289,16 +313,6 @@ impl Connections {
                 *renewed_at = Instant::now();
             }
             Err(e) => tracing::warn!(error = %e, "cannot open a new provider connection"),
-        }
-    }
-
-    pub fn with_limits(self, limits: ConnectionLimits) -> Connections {
-        Connections {
-            room: Arc::new(tokio::sync::Semaphore::new(
-                limits.connections * limits.streams_per_connection,
-            )),
-            limits,
-            ..self
         }
     }
 
@@ -381,6 +395,51 @@ impl Connections {
     }
 }
 
+/// What makes two clients' connections interchangeable: the credential the connection carries
+/// (APNs binds a connection to the team of its first provider token; an FCM bearer token goes
+/// with each request, so none), the origin, the trust roots and ALPN, the transport and the
+/// limits.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub provider: &'static str,
+    /// APNs token auth: (team id, key id).
+    pub credential: Option<(String, String)>,
+    /// `scheme://host:port` of the endpoint.
+    pub origin: String,
+    pub ca_pem: Option<Vec<u8>>,
+    pub alpn: Alpn,
+    pub transport: String,
+    pub connections: usize,
+    pub streams_per_connection: usize,
+}
+
+impl PoolKey {
+    pub fn new(
+        provider: &'static str,
+        credential: Option<(String, String)>,
+        endpoint: &reqwest::Url,
+        tls: &SharedTls,
+        transport: &Transport,
+        limits: ConnectionLimits,
+    ) -> PoolKey {
+        PoolKey {
+            provider,
+            credential,
+            origin: endpoint.origin().ascii_serialization(),
+            ca_pem: tls.ca_pem.clone(),
+            alpn: tls.alpn,
+            transport: transport.id.clone(),
+            connections: limits.connections,
+            streams_per_connection: limits.streams_per_connection,
+        }
+    }
+}
+
+fn pool_registry() -> &'static Mutex<HashMap<PoolKey, Weak<Connections>>> {
+    static REGISTRY: OnceLock<Mutex<HashMap<PoolKey, Weak<Connections>>>> = OnceLock::new();
+    REGISTRY.get_or_init(Default::default)
+}
+
 /// Whether HTTP/2 says the server refused the request before processing it.
 fn unprocessed(error: &reqwest::Error) -> bool {
     let mut source: Option<&dyn std::error::Error> = Some(error);
@@ -400,6 +459,9 @@ fn unprocessed(error: &reqwest::Error) -> bool {
 pub struct Transport {
     pub request_timeout: Duration,
     pub proxy: Option<reqwest::Proxy>,
+    /// The timeout, proxy URL and proxy credentials, telling transports apart for sharing
+    /// connections ([`PoolKey`]); never printed.
+    id: String,
 }
 
 impl Transport {
@@ -408,6 +470,7 @@ impl Transport {
         Transport {
             request_timeout,
             proxy: None,
+            id: format!("{request_timeout:?}"),
         }
     }
 
@@ -422,8 +485,13 @@ impl Transport {
         };
         let mut proxy = reqwest::Proxy::all(url.as_str()).map_err(|e| bad(error_chain(&e)))?;
         let credentials = worker.proxy_credentials().map_err(|e| bad(e.to_string()))?;
+        transport.id.push_str(&format!(" {url}"));
         if let Some(credentials) = credentials {
             proxy = proxy.basic_auth(&credentials.user, &credentials.password);
+            transport
+                .id
+                .push_str(&format!(" {}:{}", credentials.user.len(), credentials.user));
+            transport.id.push_str(&credentials.password);
         }
         transport.proxy = Some(proxy);
         Ok(transport)
@@ -436,9 +504,25 @@ fn client_builder(
     ca_file: Option<&Path>,
     transport: &Transport,
 ) -> Result<reqwest::ClientBuilder, ProviderError> {
+    let mut builder = base_builder(transport).use_rustls_tls();
+    if let Some(path) = ca_file {
+        for cert in ca_certificates(path)? {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    Ok(builder)
+}
+
+/// What [`client_builder`] builds, but with TLS settings shared by every client trusting the
+/// same roots (see [`SharedTls`]). Only for clients without a TLS client certificate.
+fn shared_tls_builder(tls: &SharedTls, transport: &Transport) -> reqwest::ClientBuilder {
+    base_builder(transport).use_preconfigured_tls(tls.config.as_ref().clone())
+}
+
+/// The timeouts, keep-alive and proxy of every provider client.
+fn base_builder(transport: &Transport) -> reqwest::ClientBuilder {
     let request_timeout = transport.request_timeout;
-    let mut builder = reqwest::Client::builder()
-        .use_rustls_tls()
+    let builder = reqwest::Client::builder()
         .timeout(request_timeout)
         .connect_timeout(request_timeout)
         // Idle connections are kept: reconnecting is what costs, and APNs treats rapid
@@ -447,24 +531,116 @@ fn client_builder(
         .http2_keep_alive_interval(Duration::from_secs(30))
         .http2_keep_alive_timeout(Duration::from_secs(10))
         .http2_keep_alive_while_idle(true);
-    builder = match &transport.proxy {
+    match &transport.proxy {
         Some(proxy) => builder.proxy(proxy.clone()),
         // Only the configured proxy: an HTTPS_PROXY in the worker's environment is not ours.
         None => builder.no_proxy(),
-    };
-    if let Some(path) = ca_file {
-        let pem = read_file(path)?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-            ProviderError::bad_file(path, format!("not a PEM certificate bundle: {e}"))
-        })?;
-        if certs.is_empty() {
-            return Err(ProviderError::bad_file(path, "no certificate found"));
-        }
-        for cert in certs {
-            builder = builder.add_root_certificate(cert);
-        }
     }
-    Ok(builder)
+}
+
+/// The certificates of a `ca_file` (at least one).
+fn ca_certificates(path: &Path) -> Result<Vec<reqwest::Certificate>, ProviderError> {
+    parse_ca_certificates(path, &read_file(path)?)
+}
+
+fn parse_ca_certificates(
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<reqwest::Certificate>, ProviderError> {
+    let certs = reqwest::Certificate::from_pem_bundle(pem)
+        .map_err(|e| ProviderError::bad_file(path, format!("not a PEM certificate bundle: {e}")))?;
+    if certs.is_empty() {
+        return Err(ProviderError::bad_file(path, "no certificate found"));
+    }
+    Ok(certs)
+}
+
+/// Which protocols a client offers in the TLS handshake (ALPN).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Alpn {
+    /// `h2` alone: APNs speaks nothing but HTTP/2.
+    Http2,
+    /// `h2`, then `http/1.1`: HTTP/2 where the server offers it.
+    Http2OrHttp1,
+}
+
+/// The TLS settings (trust roots, session cache) of clients that present no certificate of
+/// their own: Mozilla's roots plus a `ca_file`, built once per distinct bundle and ALPN list and
+/// shared by every client of the process using them, like [`apns::ProviderToken`]s. A client
+/// building its own holds its own root store and a session cache sized for 256 servers, which a
+/// worker with a thousand apps would hold a thousand times.
+///
+/// The bundle is told apart by its contents, so a `ca_file` rewritten in place (and the app
+/// rebuilt by a reload) gets settings of its own.
+#[derive(Clone)]
+pub struct SharedTls {
+    config: Arc<rustls::ClientConfig>,
+    ca_pem: Option<Vec<u8>>,
+    alpn: Alpn,
+}
+
+type TlsKey = (Option<Vec<u8>>, Alpn);
+
+fn shared_tls_registry() -> &'static Mutex<HashMap<TlsKey, Weak<rustls::ClientConfig>>> {
+    static REGISTRY: OnceLock<Mutex<HashMap<TlsKey, Weak<rustls::ClientConfig>>>> = OnceLock::new();
+    REGISTRY.get_or_init(Default::default)
+}
+
+impl SharedTls {
+    /// The settings for `ca_file` (none: Mozilla's roots alone) and `alpn`; a bad file is an
+    /// error naming it.
+    pub fn get(ca_file: Option<&Path>, alpn: Alpn) -> Result<SharedTls, ProviderError> {
+        let pem = ca_file.map(read_file).transpose()?;
+        let key = (pem, alpn);
+        let mut registry = shared_tls_registry()
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(config) = registry.get(&key).and_then(Weak::upgrade) {
+            return Ok(SharedTls {
+                config,
+                ca_pem: key.0,
+                alpn,
+            });
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let (Some(path), Some(pem)) = (ca_file, &key.0) {
+            parse_ca_certificates(path, pem)?;
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                let added = cert
+                    .map_err(|e| e.to_string())
+                    .and_then(|der| roots.add(der).map_err(|e| e.to_string()));
+                if let Err(problem) = added {
+                    return Err(ProviderError::bad_file(
+                        path,
+                        format!("not a usable CA certificate: {problem}"),
+                    ));
+                }
+            }
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ProviderError::HttpClient {
+            provider: "TLS",
+            detail: e.to_string(),
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = match alpn {
+            Alpn::Http2 => vec![b"h2".to_vec()],
+            Alpn::Http2OrHttp1 => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        };
+        let config = Arc::new(config);
+        registry.retain(|_, config| config.strong_count() > 0);
+        registry.insert(key.clone(), Arc::downgrade(&config));
+        Ok(SharedTls {
+            config,
+            ca_pem: key.0,
+            alpn,
+        })
+    }
 }
 
 /// reqwest's top-level message ("error sending request") hides the cause; the chain names it
@@ -563,6 +739,174 @@ fn reason_phrase(status: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pushfleet_core::config::{ApnsSettings, FcmSettings};
+    use std::path::PathBuf;
+
+    fn testdata(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/providers/testdata")
+            .join(name)
+    }
+
+    fn temp_dir(what: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("pushfleet-{what}-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir
+    }
+
+    fn apns(endpoint: &str, key_id: &str, ca_file: Option<PathBuf>) -> ApnsSettings {
+        ApnsSettings {
+            endpoint: endpoint.into(),
+            ca_file,
+            key_file: Some(testdata("apns-test-key.p8")),
+            key_id: Some(key_id.into()),
+            team_id: Some("TEAMPOOLED".into()),
+            cert_file: None,
+            cert_key_file: None,
+            token_refresh_secs: 3000,
+        }
+    }
+
+    fn apns_pool(settings: &ApnsSettings, limits: ConnectionLimits) -> Arc<Connections> {
+        let transport = Transport::direct(Duration::from_secs(5));
+        apns::ApnsClient::with_transport(settings, &transport, limits)
+            .expect("builds")
+            .connections()
+            .clone()
+    }
+
+    #[test]
+    fn apns_apps_of_one_team_and_key_share_their_connections() {
+        let limits = ConnectionLimits::default();
+        let ca = Some(testdata("test-ca.pem"));
+        let one = apns_pool(
+            &apns("https://127.0.0.1:8443/", "POOLKEY001", ca.clone()),
+            limits,
+        );
+        let same = apns_pool(
+            &apns("https://127.0.0.1:8443/x", "POOLKEY001", ca.clone()),
+            limits,
+        );
+        assert!(Arc::ptr_eq(&one, &same));
+        // The same bundle in another file is the same trust.
+        let dir = temp_dir("ca");
+        let copy = dir.join("copy.pem");
+        std::fs::copy(testdata("test-ca.pem"), &copy).expect("copy");
+        let copied = apns_pool(
+            &apns("https://127.0.0.1:8443/", "POOLKEY001", Some(copy)),
+            limits,
+        );
+        assert!(Arc::ptr_eq(&one, &copied));
+
+        let others = [
+            apns_pool(
+                &apns("https://127.0.0.1:8443/", "POOLKEY002", ca.clone()),
+                limits,
+            ),
+            apns_pool(
+                &apns("https://127.0.0.1:9443/", "POOLKEY001", ca.clone()),
+                limits,
+            ),
+            apns_pool(
+                &apns(
+                    "https://127.0.0.1:8443/",
+                    "POOLKEY001",
+                    Some(testdata("test-ca-2.pem")),
+                ),
+                limits,
+            ),
+            apns_pool(&apns("https://127.0.0.1:8443/", "POOLKEY001", None), limits),
+            apns_pool(
+                &apns("https://127.0.0.1:8443/", "POOLKEY001", ca.clone()),
+                ConnectionLimits {
+                    connections: 1,
+                    streams_per_connection: 10,
+                },
+            ),
+        ];
+        for other in &others {
+            assert!(!Arc::ptr_eq(&one, other));
+        }
+        // A pool no app holds any more is not kept.
+        let weak = Arc::downgrade(&one);
+        drop((one, same, copied));
+        assert!(weak.upgrade().is_none());
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn fcm_apps_of_one_origin_share_their_connections() {
+        let dir = temp_dir("fcm-pool");
+        let account = dir.join("service-account.json");
+        std::fs::write(
+            &account,
+            oauth::tests::service_account_json(None, "https://x/token"),
+        )
+        .expect("write");
+        let client = |endpoint: &str, project: &str, ca_file: Option<PathBuf>| {
+            let settings = FcmSettings {
+                service_account_file: account.clone(),
+                endpoint: endpoint.into(),
+                ca_file,
+                project_id: Some(project.into()),
+            };
+            fcm::FcmClient::with_transport(
+                &settings,
+                &Transport::direct(Duration::from_secs(5)),
+                ConnectionLimits::default(),
+            )
+            .expect("builds")
+        };
+        let ca = Some(testdata("test-ca.pem"));
+        let a = client("https://fcm.pool.example/", "project-a", ca.clone());
+        let b = client("https://fcm.pool.example", "project-b", ca.clone());
+        assert!(Arc::ptr_eq(a.connections(), b.connections()));
+        assert_ne!(a.send_url(), b.send_url());
+        let elsewhere = client("https://fcm2.pool.example/", "project-a", ca.clone());
+        assert!(!Arc::ptr_eq(a.connections(), elsewhere.connections()));
+        let other_ca = client("https://fcm.pool.example/", "project-a", None);
+        assert!(!Arc::ptr_eq(a.connections(), other_ca.connections()));
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn tls_settings_follow_the_bundle_contents() {
+        let dir = temp_dir("tls");
+        let bundle = dir.join("ca.pem");
+        std::fs::copy(testdata("test-ca.pem"), &bundle).expect("copy");
+        let first = SharedTls::get(Some(&bundle), Alpn::Http2).expect("loads");
+        let again = SharedTls::get(Some(&bundle), Alpn::Http2).expect("loads");
+        assert!(Arc::ptr_eq(&first.config, &again.config));
+        assert_eq!(first.config.alpn_protocols, vec![b"h2".to_vec()]);
+        let both = SharedTls::get(Some(&bundle), Alpn::Http2OrHttp1).expect("loads");
+        assert!(!Arc::ptr_eq(&first.config, &both.config));
+        assert_eq!(
+            both.config.alpn_protocols,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+        // Rewritten in place: new settings.
+        std::fs::copy(testdata("test-ca-2.pem"), &bundle).expect("copy");
+        let rotated = SharedTls::get(Some(&bundle), Alpn::Http2).expect("loads");
+        assert!(!Arc::ptr_eq(&first.config, &rotated.config));
+
+        std::fs::write(&bundle, "hello").expect("write");
+        let Err(e) = SharedTls::get(Some(&bundle), Alpn::Http2) else {
+            panic!("a file without certificates must fail");
+        };
+        assert!(
+            matches!(&e, ProviderError::BadFile { path, problem }
+                if path.ends_with("ca.pem") && problem.contains("no certificate")),
+            "{e:?}"
+        );
+        let Err(e) = SharedTls::get(Some(&dir.join("missing.pem")), Alpn::Http2) else {
+            panic!("a missing file must fail");
+        };
+        assert!(
+            matches!(&e, ProviderError::Unreadable { path, .. } if path.ends_with("missing.pem")),
+            "{e:?}"
+        );
+        std::fs::remove_dir_all(dir).ok();
+    }
 
     #[test]
     fn no_answer_is_a_502() {
