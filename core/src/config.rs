@@ -223,7 +223,8 @@ pub struct RabbitSettings {
     /// Prefix of every exchange and queue name, so that several deployments (or test runs) can
     /// share one virtual host.
     pub namespace: String,
-    /// Unacknowledged jobs a worker holds per lane: the bound on its in-flight pushes.
+    /// Jobs a worker has in flight per lane, and the unacknowledged messages it holds per lane
+    /// (a message carries one job or a batch of them).
     pub prefetch: u16,
     pub connect_timeout_ms: u64,
     /// The delays a job can wait before its next attempt: one retry queue per delay and lane.
@@ -232,8 +233,8 @@ pub struct RabbitSettings {
     /// Deliveries of one message before a consumed queue dead-letters it instead of handing it
     /// out again: a message that brings its consumer down every time does not loop.
     pub delivery_limit: u32,
-    /// Jobs a lane holds at most; beyond it the broker refuses the publish and the caller gets
-    /// 503. 0: no limit.
+    /// Messages (single jobs or batches) a lane holds at most; beyond it the broker refuses the
+    /// publish and the caller gets 503. 0: no limit.
     pub lane_max_length: u64,
     /// How long the dead letters kept for operators (`<ns>.dead`, `<ns>.audit.dead`) stay.
     pub dead_letter_max_age_secs: u64,
