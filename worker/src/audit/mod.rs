@@ -188,29 +188,29 @@ impl AuditSink {
                         let Some(live) = live else {
                             return Ok(());
                         };
+                        // Each with its own job, to park should the database refuse its row.
                         jobs.iter()
                             .filter(|job| !live.contains(&job.id))
                             .map(|job| {
-                                DeadLetterRow::Job(Box::new(dead_letter_outcome(job, &death)))
+                                let outcome = dead_letter_outcome(job, &death);
+                                let body = serde_json::to_vec(job).unwrap_or_default();
+                                (DeadLetterRow::Job(Box::new(outcome)), Cow::Owned(body))
                             })
                             .collect()
                     }
-                    _ => vec![dead_letter_row(&delivery, &death)],
+                    _ => vec![(
+                        dead_letter_row(&delivery, &death),
+                        Cow::Borrowed(&delivery.data),
+                    )],
                 };
-                for row in &rows {
-                    let body = match row {
-                        DeadLetterRow::Job(outcome) => {
-                            Cow::Owned(serde_json::to_vec(outcome).unwrap_or_default())
-                        }
-                        DeadLetterRow::Unreadable { .. } => Cow::Borrowed(&delivery.data),
-                    };
+                for (row, body) in &rows {
                     let audited = reconnect::until_ok(
                         "dead letter not audited yet",
                         &mut shutdown,
                         || async {
                             match write_dead_letter(&self.pool, row).await {
                                 Err(e) if e.is_data_error() => {
-                                    parking.park(&body, "data", &e.to_string()).await?;
+                                    parking.park(body, "data", &e.to_string()).await?;
                                     Ok(())
                                 }
                                 written => written.map_err(WriteError::from),

@@ -2,6 +2,9 @@
 //! to the audit exchange, answer a waiting sync caller, and only then acknowledge the job — so a
 //! worker that dies mid-push leaves the job in the queue for another worker (at-least-once).
 //! A push that may succeed later is parked in a retry queue of the broker, never in memory.
+//! A message may carry a batch of jobs (ingest coalesces them): they are handled side by side,
+//! the message is acked once all are concluded, and each concluded job is noted in the ledger
+//! so that a worker getting the batch again does not send it twice (see [`Dispatcher::run`]).
 //! What happens to one job in between — checked, sent, concluded — is in [`phases`].
 
 mod phases;
