@@ -411,21 +411,15 @@ impl Dispatcher {
             }
         }))
         .await;
-        let unfinished: Vec<(&Job, bool)> = jobs
-            .iter()
-            .zip(&ends)
-            .filter(|(_, end)| **end != JobEnd::Concluded)
-            .map(|(job, end)| (job, *end == JobEnd::Panicked))
-            .collect();
-        if unfinished.is_empty() {
-            return Settle::Ack;
-        }
-        let panicked = unfinished.iter().any(|(_, panicked)| *panicked);
-        if unfinished.len() == jobs.len() && !panicked {
-            return Settle::Requeue;
-        }
-        for (job, panicked) in unfinished {
+        let alone = match after_batch(&ends) {
+            AfterBatch::Ack => return Settle::Ack,
+            AfterBatch::Requeue => return Settle::Requeue,
+            AfterBatch::QueueAlone(alone) => alone,
+        };
+        for index in alone {
+            let job = &jobs[index];
             let reply_to = reply_to.filter(|_| wants_reply(job, true, true));
+            let panicked = ends[index] == JobEnd::Panicked;
             let queued = self
                 .queue_alone(&outlets.publisher, job, reply_to, panicked)
                 .await;
@@ -664,6 +658,32 @@ enum JobEnd {
     Panicked,
 }
 
+/// What becomes of a batch message once each of its jobs ended so.
+#[derive(Debug, PartialEq, Eq)]
+enum AfterBatch {
+    /// Every job concluded.
+    Ack,
+    /// No job concluded and none panicked (the broker is in trouble): the message goes back
+    /// as it is, nothing of it is repeated.
+    Requeue,
+    /// These jobs (their indexes) go back alone, then the message is acked: the concluded ones
+    /// are not repeated, and a panicking job does not take its batch with it.
+    QueueAlone(Vec<usize>),
+}
+
+fn after_batch(ends: &[JobEnd]) -> AfterBatch {
+    let unfinished: Vec<usize> = (0..ends.len())
+        .filter(|&i| ends[i] != JobEnd::Concluded)
+        .collect();
+    if unfinished.is_empty() {
+        AfterBatch::Ack
+    } else if unfinished.len() == ends.len() && !ends.contains(&JobEnd::Panicked) {
+        AfterBatch::Requeue
+    } else {
+        AfterBatch::QueueAlone(unfinished)
+    }
+}
+
 /// Set on a job queued again alone after its handler panicked in a batch: a second panic is
 /// its last, as for a redelivered job.
 const PANICKED_HEADER: &str = "x-pushfleet-panicked";
@@ -693,6 +713,28 @@ fn after_panic(redelivered: bool) -> Settle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_repeats_only_its_unconcluded_jobs() {
+        use JobEnd::*;
+        assert_eq!(after_batch(&[Concluded, Concluded]), AfterBatch::Ack);
+        // Nothing concluded: the whole message goes back.
+        assert_eq!(after_batch(&[Unsaved, Unsaved]), AfterBatch::Requeue);
+        // Some concluded: only the others go back, alone.
+        assert_eq!(
+            after_batch(&[Concluded, Unsaved, Concluded, Unsaved]),
+            AfterBatch::QueueAlone(vec![1, 3])
+        );
+        // A panicking job never takes its batch back with it.
+        assert_eq!(
+            after_batch(&[Panicked, Unsaved]),
+            AfterBatch::QueueAlone(vec![0, 1])
+        );
+        assert_eq!(
+            after_batch(&[Concluded, Panicked]),
+            AfterBatch::QueueAlone(vec![1])
+        );
+    }
 
     #[test]
     fn a_panicking_job_is_requeued_once_then_dead_lettered() {
