@@ -130,6 +130,9 @@ pub struct IngestSettings {
     pub max_body_bytes: usize,
     /// How long a publish may wait for the broker before the caller gets 503.
     pub publish_timeout_ms: u64,
+    /// Job messages per lane that may await the broker's confirm at once; jobs accepted while
+    /// all of them wait share the next message. 1 coalesces the most, more answers sooner.
+    pub publishes_in_flight: usize,
     /// Addresses and networks (`10.0.0.0/8`, `192.0.2.7`) allowed to call the API; empty allows
     /// everyone. Checked by ingest at start-up.
     pub allowed_hosts: Vec<String>,
@@ -170,6 +173,7 @@ impl Default for IngestSettings {
             sync_timeout_ms: 5000,
             max_body_bytes: 64 * 1024,
             publish_timeout_ms: 1000,
+            publishes_in_flight: 2,
             allowed_hosts: Vec::new(),
             shutdown_timeout_ms: 10_000,
             max_devices_per_account: 20,
@@ -226,7 +230,8 @@ pub struct RabbitSettings {
     /// Prefix of every exchange and queue name, so that several deployments (or test runs) can
     /// share one virtual host.
     pub namespace: String,
-    /// Unacknowledged jobs a worker holds per lane: the bound on its in-flight pushes.
+    /// Jobs a worker has in flight per lane, and the unacknowledged messages it holds per lane
+    /// (a message carries one job or a batch of them).
     pub prefetch: u16,
     pub connect_timeout_ms: u64,
     /// The delays a job can wait before its next attempt: one retry queue per delay and lane.
@@ -235,8 +240,8 @@ pub struct RabbitSettings {
     /// Deliveries of one message before a consumed queue dead-letters it instead of handing it
     /// out again: a message that brings its consumer down every time does not loop.
     pub delivery_limit: u32,
-    /// Jobs a lane holds at most; beyond it the broker refuses the publish and the caller gets
-    /// 503. 0: no limit.
+    /// Messages (single jobs or batches) a lane holds at most; beyond it the broker refuses the
+    /// publish and the caller gets 503. 0: no limit.
     pub lane_max_length: u64,
     /// How long the dead letters kept for operators (`<ns>.dead`, `<ns>.audit.dead`) stay.
     pub dead_letter_max_age_secs: u64,
@@ -930,6 +935,10 @@ impl Settings {
                 "[ingest] publish_timeout_ms",
                 a.publish_timeout_ms == b.publish_timeout_ms,
             ),
+            (
+                "[ingest] publishes_in_flight",
+                a.publishes_in_flight == b.publishes_in_flight,
+            ),
             ("[ingest] allowed_hosts", a.allowed_hosts == b.allowed_hosts),
             (
                 "[ingest] shutdown_timeout_ms",
@@ -1084,6 +1093,11 @@ impl IngestSettings {
             self.max_body_bytes >= 1024,
             "[ingest] max_body_bytes",
             "must be at least 1024",
+        )?;
+        ensure(
+            (1..=64).contains(&self.publishes_in_flight),
+            "[ingest] publishes_in_flight",
+            "must be between 1 and 64",
         )?;
         ensure(
             (1..=600_000).contains(&self.shutdown_timeout_ms),

@@ -37,6 +37,12 @@ pub struct Job {
     /// When the job waits before being sent, and how a call rings a phone without VoIP push.
     #[serde(default, skip_serializing_if = "Handling::is_plain")]
     pub handling: Handling,
+    /// A sync caller waits for this job's answer at the `reply_to` of the message carrying it.
+    /// A message of several jobs has one `reply_to` for all, so each job says whether it is
+    /// answered; a message of one job (as every message was before batches) is answered
+    /// whenever it has a `reply_to`. See [`wants_reply`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reply: bool,
 }
 
 /// How a job is sent beyond "once, now": held back for a while (`pn-timeout`, the next ring),
@@ -400,6 +406,51 @@ pub fn decode_batch<T: serde::de::DeserializeOwned>(data: &[u8]) -> serde_json::
     }
 }
 
+/// The most jobs one broker message carries, and the most bytes of their JSON: bounds what a
+/// worker holds per unacked message and what a redelivery repeats.
+pub const MAX_JOBS_PER_MESSAGE: usize = 256;
+pub const MAX_JOB_BYTES_PER_MESSAGE: usize = 256 * 1024;
+
+/// How many of the encoded jobs of sizes `sizes` (in queue order) the next message takes: as
+/// many as fit in [`MAX_JOBS_PER_MESSAGE`] and [`MAX_JOB_BYTES_PER_MESSAGE`] (the array's
+/// brackets and commas counted), and always the first one, however large.
+pub fn jobs_in_next_message(sizes: impl IntoIterator<Item = usize>) -> usize {
+    let mut bytes = 1; // the opening bracket
+    let mut taken = 0;
+    for size in sizes.into_iter().take(MAX_JOBS_PER_MESSAGE) {
+        bytes += size + 1; // a comma or the closing bracket
+        if taken > 0 && bytes > MAX_JOB_BYTES_PER_MESSAGE {
+            break;
+        }
+        taken += 1;
+    }
+    taken
+}
+
+/// The broker expiration of a message carrying jobs that expire at `expires_at_ms`: that of the
+/// earliest. A job of an expired message that still has time is published again by the audit
+/// sink; the others are recorded `expired`.
+pub fn message_expiration_ms(expires_at_ms: impl IntoIterator<Item = u64>, now_ms: u64) -> u64 {
+    expires_at_ms
+        .into_iter()
+        .min()
+        .map_or(0, |earliest| earliest.saturating_sub(now_ms))
+}
+
+/// The jobs of a job message, and whether it is a batch (a JSON array, from ingest) rather than
+/// a single job (a fresh job when ingest had nothing else to send, a retry copy, a job from
+/// before batches).
+pub fn decode_jobs(data: &[u8]) -> serde_json::Result<(Vec<Job>, bool)> {
+    let batch = data.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+    decode_batch(data).map(|jobs| (jobs, batch))
+}
+
+/// Whether a job of a message with `reply_to` (or none) is answered: every job of a batch that
+/// asks for it, a single job whenever the message has a `reply_to`.
+pub fn wants_reply(job: &Job, batch: bool, has_reply_to: bool) -> bool {
+    has_reply_to && (job.reply || !batch)
+}
+
 /// The Sylk apps' `session-id`: the MD5 of the call-id formatted 8-4-4-4-12. Not a valid UUID,
 /// but clients key CallKit on it, so it is reproduced exactly.
 pub fn sylk_session_id(call_id: &str) -> String {
@@ -429,6 +480,83 @@ mod tests {
         assert_eq!(decode_batch::<u32>(&body).unwrap(), Vec::<u32>::new());
         assert!(decode_batch::<u32>(b"[1,").is_err());
         assert!(decode_batch::<u32>(b"nonsense").is_err());
+    }
+
+    fn job(deadline_ms: u64) -> Job {
+        Job {
+            v: JOB_VERSION,
+            id: Uuid::new_v4(),
+            app_id: "a".into(),
+            platform: Platform::Apple,
+            event: Event::Message,
+            lane: Lane::Messages,
+            received_at_ms: 1,
+            deadline_ms,
+            attempt: 0,
+            push: PushData::default(),
+            api_key_id: None,
+            handling: Default::default(),
+            reply: false,
+        }
+    }
+
+    #[test]
+    fn a_message_takes_jobs_up_to_its_bounds() {
+        assert_eq!(jobs_in_next_message([]), 0);
+        assert_eq!(jobs_in_next_message([400]), 1);
+        assert_eq!(jobs_in_next_message([400; 10]), 10);
+        assert_eq!(
+            jobs_in_next_message([400; MAX_JOBS_PER_MESSAGE + 40]),
+            MAX_JOBS_PER_MESSAGE
+        );
+        // 1 KiB jobs: the byte bound comes first.
+        let fit = (MAX_JOB_BYTES_PER_MESSAGE - 1) / 1025;
+        assert_eq!(jobs_in_next_message([1024; 300]), fit);
+        // A job larger than the bound still goes, alone.
+        assert_eq!(
+            jobs_in_next_message([MAX_JOB_BYTES_PER_MESSAGE * 2, 10, 10]),
+            1
+        );
+        assert_eq!(
+            jobs_in_next_message([10, MAX_JOB_BYTES_PER_MESSAGE * 2, 10]),
+            1
+        );
+    }
+
+    #[test]
+    fn a_message_expires_with_its_earliest_job() {
+        assert_eq!(message_expiration_ms([5_000, 2_000, 9_000], 1_000), 1_000);
+        assert_eq!(message_expiration_ms([30_000], 1_000), 29_000);
+        // Already past: expires at once (the sink then records it `expired`).
+        assert_eq!(message_expiration_ms([500, 60_000], 1_000), 0);
+    }
+
+    #[test]
+    fn old_single_job_messages_decode_and_answer_by_reply_to() {
+        let single = job(2);
+        let body = serde_json::to_vec(&single).unwrap();
+        assert!(!String::from_utf8_lossy(&body).contains("reply"));
+        let (jobs, batch) = decode_jobs(&body).unwrap();
+        assert_eq!((jobs, batch), (vec![single.clone()], false));
+        // A single job is answered whenever its message has a reply-to, flag or not.
+        assert!(wants_reply(&single, false, true));
+        assert!(!wants_reply(&single, false, false));
+
+        let mut asking = job(3);
+        asking.reply = true;
+        let encoded = [
+            serde_json::to_vec(&single).unwrap(),
+            serde_json::to_vec(&asking).unwrap(),
+        ];
+        let mut body = Vec::new();
+        json_array(encoded.iter().map(Vec::as_slice), &mut body);
+        let (jobs, batch) = decode_jobs(&body).unwrap();
+        assert!(batch);
+        assert_eq!(jobs, vec![single, asking]);
+        // In a batch only the jobs that ask are answered, and only with a reply-to.
+        assert!(!wants_reply(&jobs[0], true, true));
+        assert!(wants_reply(&jobs[1], true, true));
+        assert!(!wants_reply(&jobs[1], true, false));
     }
 
     #[test]

@@ -7,6 +7,10 @@
 //! - A **claim** is written by a worker about to send a job: the same (app, token, event,
 //!   call-id) sent again within the event's dedupe window is a duplicate.
 //!
+//! - A **conclusion** is written by a worker for each job of a batch message whose outcome is
+//!   safe while the rest of the batch is still being handled: should the worker die before the
+//!   batch is acked, the worker that gets it again skips the jobs already concluded.
+//!
 //! A stream, not a queue: a worker that starts late replays the recent past from a timestamp.
 
 use serde::{Deserialize, Serialize};
@@ -37,6 +41,17 @@ pub enum LedgerEntry {
     },
     /// Jobs a worker has started sending, batched.
     Claims { claims: Vec<Claim> },
+    /// Jobs of batch messages whose outcomes are safe with the broker, batched.
+    Concluded { jobs: Vec<Concluded> },
+}
+
+/// "Job number `index` of the batch message `batch` is concluded; the batch may come back
+/// until `until_ms`."
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Concluded {
+    pub batch: Uuid,
+    pub index: u16,
+    pub until_ms: u64,
 }
 
 /// "Job `job_id` holds dedupe key `key` until `until_ms`."
@@ -102,6 +117,7 @@ mod tests {
             },
             api_key_id: None,
             handling: Default::default(),
+            reply: false,
         }
     }
 

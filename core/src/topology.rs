@@ -50,6 +50,8 @@ pub const PERSISTENT: u8 = 2;
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 /// The AMQP `type` of a message holding one push job.
 pub const JOB_TYPE: &str = "push.v1";
+/// The AMQP `type` of a message holding a JSON array of push jobs.
+pub const JOB_BATCH_TYPE: &str = "push.batch.v1";
 
 /// What can go wrong between a process and RabbitMQ.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -94,6 +96,12 @@ pub fn job_properties(job_id: Uuid) -> BasicProperties {
         .with_message_id(id.into())
         .with_correlation_id(id.into())
         .with_type(JOB_TYPE.into())
+}
+
+/// The properties of a message carrying several jobs: as a job's, with the batch's own id as
+/// message and correlation id (the key under which workers note its concluded jobs).
+pub fn job_batch_properties(batch_id: Uuid) -> BasicProperties {
+    job_properties(batch_id).with_type(JOB_BATCH_TYPE.into())
 }
 
 /// Waits up to `timeout` for the broker's confirm of a publish on a channel in confirm mode. A

@@ -82,6 +82,7 @@ impl WakeTarget {
                 wakeup: true,
                 ..Default::default()
             },
+            reply: false,
         }
     }
 }

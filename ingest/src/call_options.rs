@@ -174,6 +174,7 @@ mod tests {
             },
             api_key_id: None,
             handling: Default::default(),
+            reply: false,
         }
     }
 

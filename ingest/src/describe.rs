@@ -27,6 +27,10 @@ pub fn describe() {
         "pushfleet_ingest_jobs_total",
         "Jobs accepted and queued, by app, platform and event"
     );
+    describe_histogram!(
+        "pushfleet_ingest_jobs_per_publish",
+        "Jobs per broker message ingest published (those accepted while the lane's previous publish awaited its confirm), by lane"
+    );
     describe_counter!(
         "pushfleet_ingest_sync_timeouts_total",
         "Sync requests answered 202 because the worker's answer did not come within sync_timeout_ms, by route"

@@ -147,6 +147,7 @@ impl Ingest {
         let broker = Broker::start(
             settings.rabbitmq.clone(),
             Duration::from_millis(settings.ingest.publish_timeout_ms),
+            settings.ingest.publishes_in_flight,
             close_broker_rx,
         )
         .await?;

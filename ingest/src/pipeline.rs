@@ -55,6 +55,7 @@ pub fn new_job(state: &AppState, valid: ValidPush<'_>, caller: &Caller) -> (Job,
         push: valid.push,
         api_key_id: caller.key_id().map(str::to_string),
         handling: Default::default(),
+        reply: false,
     };
     (job, policy.ttl)
 }
@@ -80,7 +81,8 @@ pub async fn accept(
     let held = options.apply(&mut job, &live.policies)?;
     state.api_keys.admit(caller, 1)?;
     hold(state, held).await?;
-    let reply = enqueue(state, &job, ttl, is_sync(state), RequestId(&job), peer).await?;
+    job.reply = is_sync(state);
+    let reply = enqueue(state, &job, ttl, RequestId(&job), peer).await?;
     let Some(reply) = reply else {
         return Ok(accepted(job.id));
     };
@@ -130,22 +132,18 @@ impl Display for RequestId<'_> {
     }
 }
 
-/// Publishes one job (logging and counting it); a broker problem is the caller's 503.
+/// Publishes one job (logging and counting it); a job with `reply` set (a sync caller's)
+/// returns the receiver of the worker's answer. A broker problem is the caller's 503.
 pub async fn enqueue(
     state: &AppState,
     job: &Job,
     ttl: Duration,
-    sync: bool,
     request_id: impl Display,
     peer: SocketAddr,
 ) -> Result<Option<oneshot::Receiver<SyncReply>>, ApiError> {
-    let reply = state
-        .broker
-        .publish(job, ttl, sync)
-        .await
-        .inspect_err(|e| {
-            warn!(%request_id, call_id = %Escaped(&job.push.call_id), error = %e, "push not queued");
-        })?;
+    let reply = state.broker.publish(job, ttl).await.inspect_err(|e| {
+        warn!(%request_id, call_id = %Escaped(&job.push.call_id), error = %e, "push not queued");
+    })?;
     info!(
         %request_id, call_id = %Escaped(&job.push.call_id), job_id = %job.id, peer = %peer.ip(),
         platform = %job.platform, event = %job.event, to = %Identity(&job.push.to),

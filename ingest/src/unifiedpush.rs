@@ -88,11 +88,12 @@ pub async fn push(
             ..Default::default()
         },
         api_key_id: None,
+        reply: false,
         handling: Handling {
             xmpp: Some(target),
             ..Default::default()
         },
     };
-    pipeline::enqueue(&state, &job, policy.ttl, false, "UP", peer).await?;
+    pipeline::enqueue(&state, &job, policy.ttl, "UP", peer).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({"id": job.id}))).into_response())
 }

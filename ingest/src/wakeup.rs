@@ -127,7 +127,7 @@ async fn queue(
     let policy = live.policies.get(Event::Wakeup);
     let job = target.job(policy, caller.key_id().map(str::to_string));
     let request_id = format!("wakeup-{}-{}", target.app_id, Escaped(&target.device_id));
-    match enqueue(state, &job, policy.ttl, false, request_id, peer).await {
+    match enqueue(state, &job, policy.ttl, request_id, peer).await {
         Ok(_) => {
             count("api", "queued");
             Ok(json!({"device_id": target.device_id, "result": "queued", "job_id": job.id}))

@@ -5,6 +5,7 @@
 mod api_keys;
 mod audit_query;
 mod bad_input;
+mod batches;
 mod broker_outage;
 mod calls;
 mod client;

@@ -160,6 +160,7 @@ async fn expire_a_call_in_the_lane(stack: &Stack) {
         },
         api_key_id: None,
         handling: Default::default(),
+        reply: false,
     };
     let connection = pushfleet_core::topology::connect(&stack.settings.rabbitmq, "it-dead")
         .await

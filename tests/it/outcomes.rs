@@ -32,6 +32,7 @@ fn job(call_id: &str) -> Job {
         },
         api_key_id: None,
         handling: Default::default(),
+        reply: false,
     }
 }
 

@@ -16,6 +16,7 @@ pub fn describe() {
     for name in [
         "pushfleet_jobs_unreadable_total",
         "pushfleet_jobs_panicked_total",
+        "pushfleet_jobs_already_concluded_total",
         "pushfleet_provider_connections_opened_total",
         "pushfleet_provider_resends_total",
         "pushfleet_audit_outcomes_written_total",
@@ -62,6 +63,14 @@ fn describe_deliveries() {
     describe_counter!(
         "pushfleet_tokens_invalidated_total",
         "Tokens listed as dead, by app, platform and reason"
+    );
+    describe_counter!(
+        "pushfleet_jobs_already_concluded_total",
+        "Jobs of a batch message skipped when it came back because a worker had concluded them before"
+    );
+    describe_counter!(
+        "pushfleet_dead_letter_jobs_requeued_total",
+        "Jobs of a batch message that expired with its earliest job, queued again alone because they still had time, by lane"
     );
     describe_histogram!(
         "pushfleet_outcome_batch_size",

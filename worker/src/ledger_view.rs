@@ -12,7 +12,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 use pushfleet_core::clock::{now_ms, unix_secs};
 use pushfleet_core::job::Job;
-use pushfleet_core::ledger::{cancel_key, dedupe_key, Claim, LedgerEntry};
+use pushfleet_core::ledger::{cancel_key, dedupe_key, Claim, Concluded, LedgerEntry};
 use pushfleet_core::topology::{BrokerError, PERSISTENT};
 use pushfleet_core::{Event, EventPolicies, Topology};
 use tokio::sync::watch;
@@ -23,6 +23,10 @@ use crate::links::Links;
 
 /// Claims are published in small batches: one ledger message per flush, not one per push.
 const CLAIM_FLUSH: Duration = Duration::from_millis(5);
+/// How long the concluded jobs of a batch message are remembered: a batch comes back when its
+/// worker's connection drops (at once when the process dies, within two heartbeats when the
+/// network does) or when it is requeued, well within this.
+const CONCLUDED_KEPT: Duration = Duration::from_secs(300);
 /// The replay from the stream is over once it has been quiet this long.
 const CAUGHT_UP_AFTER: Duration = Duration::from_millis(200);
 
@@ -57,6 +61,10 @@ struct State {
     claims: HashMap<u64, (Uuid, u64)>,
     /// Our claims not yet published.
     unpublished: Vec<Claim>,
+    /// batch message → (remembered until, the indexes of its concluded jobs).
+    concluded: HashMap<Uuid, (u64, Vec<u16>)>,
+    /// Our conclusions not yet published.
+    unpublished_concluded: Vec<Concluded>,
     pruned_at_ms: u64,
 }
 
@@ -110,6 +118,29 @@ impl LedgerView {
         state.claims.insert(key, (claim.job_id, claim.until_ms));
         state.unpublished.push(claim);
         Verdict::Send
+    }
+
+    /// Notes that job number `index` of the batch message `batch` is concluded (its outcome is
+    /// safe), for whichever worker gets the batch again.
+    pub fn conclude(&self, batch: Uuid, index: u16) {
+        let until_ms = now_ms() + CONCLUDED_KEPT.as_millis() as u64;
+        let mut state = self.state.lock().expect("ledger lock");
+        note_concluded(&mut state.concluded, batch, index, until_ms);
+        state.unpublished_concluded.push(Concluded {
+            batch,
+            index,
+            until_ms,
+        });
+    }
+
+    /// The indexes of the jobs of `batch` that some worker already concluded.
+    pub fn concluded(&self, batch: Uuid) -> Vec<u16> {
+        let state = self.state.lock().expect("ledger lock");
+        state
+            .concluded
+            .get(&batch)
+            .map(|(_, jobs)| jobs.clone())
+            .unwrap_or_default()
     }
 
     /// The reason of the latest cancel of `call_id`, when one was accepted.
@@ -173,12 +204,20 @@ impl LedgerView {
                     }
                 }
             }
+            LedgerEntry::Concluded { jobs } => {
+                for job in jobs {
+                    if job.until_ms > now {
+                        note_concluded(&mut state.concluded, job.batch, job.index, job.until_ms);
+                    }
+                }
+            }
         }
         if now >= state.pruned_at_ms + 1000 {
             let window = self.cancel_window_ms;
             state.cancels.retain(|_, (at, _)| *at + window > now);
             state.held.retain(|_, (_, until)| *until + window > now);
             state.claims.retain(|_, (_, until)| *until > now);
+            state.concluded.retain(|_, (until, _)| *until > now);
             state.pruned_at_ms = now;
             record_size(&state);
         }
@@ -236,28 +275,29 @@ impl LedgerView {
                     self.caught_up.send_replace(true);
                 }
                 _ = flush.tick() => {
-                    let claims = {
+                    let (claims, concluded) = {
                         let mut state = self.state.lock().expect("ledger lock");
-                        if state.unpublished.is_empty() {
-                            continue;
+                        if !state.unpublished.is_empty() {
+                            record_size(&state);
                         }
-                        record_size(&state);
-                        std::mem::take(&mut state.unpublished)
-                    };
-                    let body = serde_json::to_vec(&LedgerEntry::Claims { claims })
-                        .expect("claims serialise");
-                    // Best effort: a lost claim batch only narrows duplicate detection.
-                    if let Err(e) = publisher
-                        .basic_publish(
-                            "".into(),
-                            self.topology.ledger_queue().into(),
-                            BasicPublishOptions::default(),
-                            &body,
-                            BasicProperties::default().with_delivery_mode(PERSISTENT),
+                        (
+                            std::mem::take(&mut state.unpublished),
+                            std::mem::take(&mut state.unpublished_concluded),
                         )
-                        .await
-                    {
-                        warn!(error = %e, "dedupe claims not published");
+                    };
+                    // Best effort: a lost claim batch only narrows duplicate detection, a lost
+                    // conclusion only lets a redelivered batch send that job once more.
+                    if !claims.is_empty() {
+                        let entry = LedgerEntry::Claims { claims };
+                        if let Err(e) = self.publish(&publisher, &entry).await {
+                            warn!(error = %e, "dedupe claims not published");
+                        }
+                    }
+                    if !concluded.is_empty() {
+                        let entry = LedgerEntry::Concluded { jobs: concluded };
+                        if let Err(e) = self.publish(&publisher, &entry).await {
+                            warn!(error = %e, "concluded jobs not published");
+                        }
                     }
                 }
                 _ = shutdown.changed() => return Ok(()),
@@ -285,6 +325,39 @@ pub fn describe() {
         "pushfleet_ledger_entries",
         "Entries the worker's view of the ledger holds, by kind (claims, cancels, held), as of its last pruning or claim flush"
     );
+}
+
+impl LedgerView {
+    async fn publish(
+        &self,
+        publisher: &lapin::Channel,
+        entry: &LedgerEntry,
+    ) -> Result<(), BrokerError> {
+        let body = serde_json::to_vec(entry)?;
+        publisher
+            .basic_publish(
+                "".into(),
+                self.topology.ledger_queue().into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default().with_delivery_mode(PERSISTENT),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+fn note_concluded(
+    concluded: &mut HashMap<Uuid, (u64, Vec<u16>)>,
+    batch: Uuid,
+    index: u16,
+    until_ms: u64,
+) {
+    let (until, jobs) = concluded.entry(batch).or_insert((until_ms, Vec::new()));
+    *until = (*until).max(until_ms);
+    if !jobs.contains(&index) {
+        jobs.push(index);
+    }
 }
 
 #[cfg(test)]
@@ -318,6 +391,7 @@ mod tests {
             },
             api_key_id: None,
             handling: Default::default(),
+            reply: false,
         }
     }
 
@@ -362,6 +436,32 @@ mod tests {
         assert_eq!(l.check(&second, now), Verdict::Duplicate(first.id));
         second.push.token = "other".into();
         assert_eq!(l.check(&second, now), Verdict::Send);
+    }
+
+    #[test]
+    fn concluded_jobs_of_a_batch_are_known_to_every_worker() {
+        let ours = ledger();
+        let batch = Uuid::new_v4();
+        ours.conclude(batch, 0);
+        ours.conclude(batch, 3);
+        ours.conclude(batch, 3);
+        assert_eq!(ours.concluded(batch), vec![0, 3]);
+        assert!(ours.concluded(Uuid::new_v4()).is_empty());
+        // What ours publishes, another worker applies.
+        let published = std::mem::take(&mut ours.state.lock().unwrap().unpublished_concluded);
+        assert_eq!(published.len(), 3);
+        let theirs = ledger();
+        theirs.apply(LedgerEntry::Concluded { jobs: published });
+        assert_eq!(theirs.concluded(batch), vec![0, 3]);
+        // Past their time they are forgotten.
+        theirs.apply(LedgerEntry::Concluded {
+            jobs: vec![Concluded {
+                batch: Uuid::new_v4(),
+                index: 1,
+                until_ms: now_ms() - 1,
+            }],
+        });
+        assert_eq!(theirs.state.lock().unwrap().concluded.len(), 1);
     }
 
     #[test]

@@ -109,6 +109,7 @@ mod tests {
             push: PushData::default(),
             api_key_id: None,
             handling: Default::default(),
+            reply: false,
         }
     }
 

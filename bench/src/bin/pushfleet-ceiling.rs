@@ -67,6 +67,7 @@ fn job_message() -> Job {
         },
         api_key_id: None,
         handling: Default::default(),
+        reply: false,
     }
 }
 

@@ -325,15 +325,15 @@ impl Fanout<'_> {
         .await
     }
 
-    async fn send_one(&self, job: Box<Job>, ttl: Duration, deadline: Instant) -> DeviceResult {
+    async fn send_one(&self, mut job: Box<Job>, ttl: Duration, deadline: Instant) -> DeviceResult {
         let request_id = format!(
             "{}-{}-{}",
             job.event,
             Identity(self.account),
             Escaped(&job.push.call_id)
         );
-        let sync = is_sync(self.state);
-        match enqueue(self.state, &job, ttl, sync, &request_id, self.peer).await {
+        job.reply = is_sync(self.state);
+        match enqueue(self.state, &job, ttl, &request_id, self.peer).await {
             Err(error) => DeviceResult::NotQueued(job, error),
             Ok(None) => DeviceResult::Queued(job),
             Ok(Some(reply)) => {

@@ -10,27 +10,33 @@
 mod parking;
 mod rows;
 
+use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::Connection;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, Connection};
 use pushfleet_core::audit::retention::{self, Maintained};
 use pushfleet_core::clock::now_ms;
 use pushfleet_core::db::DbError;
-use pushfleet_core::job::{decode_batch, OutcomeEvent};
+use pushfleet_core::job::{decode_batch, decode_jobs, wants_reply, Job, OutcomeEvent};
 use pushfleet_core::reconnect;
-use pushfleet_core::topology::{BrokerError, Topology};
+use pushfleet_core::topology::{self, BrokerError, Topology};
 use pushfleet_core::Lane;
 use tokio::sync::{watch, Mutex};
 use tracing::{info, warn};
+use uuid::Uuid;
 
 use self::parking::Parking;
 pub use self::rows::write_outcomes;
-use self::rows::{dead_letter_row, write_dead_letter, DeadLetterRow};
+use self::rows::{dead_letter_outcome, dead_letter_row, write_dead_letter, DeadLetterRow};
+use crate::outcomes::CONFIRM_TIMEOUT;
 use crate::remote_log::DeadLetterFeed;
 
 /// Set on the dead-letter copy of a job whose terminal row its worker already wrote.
@@ -135,6 +141,12 @@ impl AuditSink {
             true => Some(DeadLetterFeed::open(publish, &self.topology).await?),
             false => None,
         };
+        // Confirm mode: a job of an expired batch that still has time is queued again before
+        // the batch's dead letter is acked.
+        let requeue = publish.create_channel().await?;
+        requeue
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         let channel = audit.create_channel().await?;
         channel.basic_qos(64, BasicQosOptions::default()).await?;
         let mut consumer = channel
@@ -168,38 +180,100 @@ impl AuditSink {
             )
             .increment(1);
             if header(AUDITED_HEADER).is_none() {
-                let row = dead_letter_row(&delivery, &death);
-                let audited =
-                    reconnect::until_ok("dead letter not audited yet", &mut shutdown, || async {
-                        match write_dead_letter(&self.pool, &row).await {
-                            Err(e) if e.is_data_error() => {
-                                parking.park(&delivery.data, "data", &e.to_string()).await?;
-                                Ok(())
-                            }
-                            written => written.map_err(WriteError::from),
-                        }
-                    })
-                    .await;
-                if audited.is_none() {
-                    // Shutting down: not acked, the dead letter waits for the next sink.
-                    return Ok(());
-                }
-                // Its outcome never went through the outcome fanout: the apps' log servers
-                // get it from here.
-                if let (DeadLetterRow::Job(outcome), Some(remote_log)) = (&row, &remote_log) {
-                    let fed = reconnect::until_ok(
-                        "dead letter not handed to the remote log yet",
+                let rows = match decode_jobs(&delivery.data) {
+                    Ok((jobs, true)) => {
+                        let live = self
+                            .queue_live_again(&requeue, &delivery, &jobs, &death, &mut shutdown)
+                            .await;
+                        let Some(live) = live else {
+                            return Ok(());
+                        };
+                        // Each with its own job, to park should the database refuse its row.
+                        jobs.iter()
+                            .filter(|job| !live.contains(&job.id))
+                            .map(|job| {
+                                let outcome = dead_letter_outcome(job, &death);
+                                let body = serde_json::to_vec(job).unwrap_or_default();
+                                (DeadLetterRow::Job(Box::new(outcome)), Cow::Owned(body))
+                            })
+                            .collect()
+                    }
+                    _ => vec![(
+                        dead_letter_row(&delivery, &death),
+                        Cow::Borrowed(&delivery.data),
+                    )],
+                };
+                for (row, body) in &rows {
+                    let audited = reconnect::until_ok(
+                        "dead letter not audited yet",
                         &mut shutdown,
-                        || remote_log.feed(outcome),
+                        || async {
+                            match write_dead_letter(&self.pool, row).await {
+                                Err(e) if e.is_data_error() => {
+                                    parking.park(body, "data", &e.to_string()).await?;
+                                    Ok(())
+                                }
+                                written => written.map_err(WriteError::from),
+                            }
+                        },
                     )
                     .await;
-                    if fed.is_none() {
+                    if audited.is_none() {
+                        // Shutting down: not acked, the dead letter waits for the next sink.
                         return Ok(());
+                    }
+                    // Its outcome never went through the outcome fanout: the apps' log servers
+                    // get it from here.
+                    if let (DeadLetterRow::Job(outcome), Some(remote_log)) = (row, &remote_log) {
+                        let fed = reconnect::until_ok(
+                            "dead letter not handed to the remote log yet",
+                            &mut shutdown,
+                            || remote_log.feed(outcome),
+                        )
+                        .await;
+                        if fed.is_none() {
+                            return Ok(());
+                        }
                     }
                 }
             }
             delivery.ack(BasicAckOptions::default()).await?;
         }
+    }
+
+    /// Queues again, each alone in its lane, the jobs of a batch message that expired with its
+    /// earliest job while they still have time: they go on as if the batch had never formed.
+    /// Returns their ids (none unless the batch `expired`), or `None` when shutdown came first.
+    async fn queue_live_again(
+        &self,
+        requeue: &Channel,
+        delivery: &Delivery,
+        jobs: &[Job],
+        death: &str,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<Vec<Uuid>> {
+        if death != "expired" {
+            return Some(Vec::new());
+        }
+        let now = now_ms();
+        let reply_to = delivery.properties.reply_to().as_ref();
+        let mut live = Vec::new();
+        for job in jobs
+            .iter()
+            .filter(|job| !job.is_expired(now + REQUEUE_SLACK_MS))
+        {
+            let reply_to = reply_to.filter(|_| wants_reply(job, true, true));
+            reconnect::until_ok(
+                "job of an expired batch not queued again yet",
+                shutdown,
+                || queue_again(requeue, &self.topology, job, reply_to),
+            )
+            .await?;
+            metrics::counter!("pushfleet_dead_letter_jobs_requeued_total", "lane" => job.lane.as_str())
+                .increment(1);
+            live.push(job.id);
+        }
+        Some(live)
     }
 
     /// Writes one batch, parking what the database refuses and retrying while it is
@@ -282,16 +356,46 @@ impl AuditSink {
     }
 }
 
-/// The app and lane of a dead letter, for its metric labels; "unknown" for what is not a job.
+/// A job of an expired batch with less time left than this is recorded `expired` at once.
+const REQUEUE_SLACK_MS: u64 = 100;
+
+/// Publishes `job` alone into its lane, until its own deadline, answered at `reply_to`.
+async fn queue_again(
+    channel: &Channel,
+    topology: &Topology,
+    job: &Job,
+    reply_to: Option<&ShortString>,
+) -> Result<(), BrokerError> {
+    let body = serde_json::to_vec(job)?;
+    let remaining = job.remaining(now_ms());
+    let mut properties =
+        topology::job_properties(job.id).with_expiration(remaining.as_millis().to_string().into());
+    if let Some(reply_to) = reply_to {
+        properties = properties.with_reply_to(reply_to.clone());
+    }
+    let published = channel
+        .basic_publish(
+            topology.jobs_exchange().into(),
+            Topology::lane_key(job.lane).into(),
+            BasicPublishOptions::default(),
+            &body,
+            properties,
+        )
+        .await;
+    topology::confirm(published, CONFIRM_TIMEOUT).await
+}
+
+/// The app and lane of a dead letter (of its first job, for a batch), for its metric labels;
+/// "unknown" for what is not a job.
 fn dead_letter_labels(data: &[u8]) -> (String, &'static str) {
     #[derive(serde::Deserialize)]
     struct Head {
         app_id: String,
         lane: Lane,
     }
-    match serde_json::from_slice::<Head>(data) {
-        Ok(head) => (head.app_id, head.lane.as_str()),
-        Err(_) => ("unknown".into(), "unknown"),
+    match decode_batch::<Head>(data).map(|heads| heads.into_iter().next()) {
+        Ok(Some(head)) => (head.app_id, head.lane.as_str()),
+        _ => ("unknown".into(), "unknown"),
     }
 }
 

@@ -162,26 +162,7 @@ pub enum DeadLetterRow {
 
 pub fn dead_letter_row(delivery: &Delivery, death: &str) -> DeadLetterRow {
     match serde_json::from_slice::<Job>(&delivery.data) {
-        Ok(job) => {
-            let (status, reason) = match death {
-                "expired" => (DeliveryStatus::Expired, "expired in the queue".to_string()),
-                "rejected" => (DeliveryStatus::Rejected, "rejected by a worker".to_string()),
-                other => (
-                    DeliveryStatus::Failed,
-                    format!("dropped by the broker ({other})"),
-                ),
-            };
-            let mut outcome = OutcomeEvent::for_job(&job);
-            outcome.terminal = Some(Terminal {
-                status,
-                attempts: job.attempt,
-                provider_status: None,
-                reason: Some(reason),
-                provider_message_id: None,
-                finished_at_ms: now_ms(),
-            });
-            DeadLetterRow::Job(Box::new(outcome))
-        }
+        Ok(job) => DeadLetterRow::Job(Box::new(dead_letter_outcome(&job, death))),
         Err(e) => {
             let fields: Value = serde_json::from_slice(&delivery.data).unwrap_or(Value::Null);
             let id = fields["id"]
@@ -202,6 +183,28 @@ pub fn dead_letter_row(delivery: &Delivery, death: &str) -> DeadLetterRow {
             }
         }
     }
+}
+
+/// The terminal outcome of a job the broker dead-lettered for `death` (an `x-first-death-reason`).
+pub fn dead_letter_outcome(job: &Job, death: &str) -> OutcomeEvent {
+    let (status, reason) = match death {
+        "expired" => (DeliveryStatus::Expired, "expired in the queue".to_string()),
+        "rejected" => (DeliveryStatus::Rejected, "rejected by a worker".to_string()),
+        other => (
+            DeliveryStatus::Failed,
+            format!("dropped by the broker ({other})"),
+        ),
+    };
+    let mut outcome = OutcomeEvent::for_job(job);
+    outcome.terminal = Some(Terminal {
+        status,
+        attempts: job.attempt,
+        provider_status: None,
+        reason: Some(reason),
+        provider_message_id: None,
+        finished_at_ms: now_ms(),
+    });
+    outcome
 }
 
 pub async fn write_dead_letter(pool: &Pool, row: &DeadLetterRow) -> Result<(), DbError> {

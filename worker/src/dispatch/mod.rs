@@ -2,33 +2,39 @@
 //! to the audit exchange, answer a waiting sync caller, and only then acknowledge the job — so a
 //! worker that dies mid-push leaves the job in the queue for another worker (at-least-once).
 //! A push that may succeed later is parked in a retry queue of the broker, never in memory.
+//! A message may carry a batch of jobs (ingest coalesces them): they are handled side by side,
+//! the message is acked once all are concluded, and each concluded job is noted in the ledger
+//! so that a worker getting the batch again does not send it twice (see [`Dispatcher::run`]).
 //! What happens to one job in between — checked, sent, concluded — is in [`phases`].
 
 mod phases;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
+use futures_util::future::join_all;
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::Channel;
 use pushfleet_core::config::{AppSettings, Platform, RetrySettings, Settings, WorkerSettings};
-use pushfleet_core::job::Job;
+use pushfleet_core::job::{decode_jobs, wants_reply, Job};
 use pushfleet_core::logged::Escaped;
 use pushfleet_core::reload::{self, AppChanges, FileStamp};
 use pushfleet_core::topology::{self, BrokerError, Topology, PERSISTENT};
 use pushfleet_core::{EventPolicies, Lane};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{info, warn, Instrument};
+use uuid::Uuid;
 
 pub use self::phases::Step;
 use crate::acks::{Acks, Settle};
@@ -240,7 +246,7 @@ impl Dispatcher {
         for lane in Lane::ALL {
             // One channel per lane, so that a full messages lane never holds up calls.
             let channel = links.consume.create_channel().await?;
-            // The prefetch bounds the pushes in flight per lane, and so the worker's memory.
+            // The prefetch bounds the messages held per lane, and so the worker's memory.
             channel
                 .basic_qos(prefetch, BasicQosOptions::default())
                 .await?;
@@ -256,36 +262,40 @@ impl Dispatcher {
                 .await?;
             let (acks, acking) = Acks::start();
             ackers.push(acking);
-            consumers.push((channel, tag, consumer, acks));
+            // The prefetch counts messages, and a message may carry many jobs: the jobs in
+            // flight per lane are bounded by the prefetch too.
+            let permits = Arc::new(Semaphore::new(usize::from(prefetch)));
+            consumers.push((channel, tag, consumer, acks, permits));
         }
         info!(worker = %self.worker_id, "consuming calls and messages");
 
-        let mut streams =
-            futures_util::stream::select_all(consumers.iter_mut().map(|(_, _, consumer, acks)| {
-                let acks = acks.clone();
+        let mut streams = futures_util::stream::select_all(consumers.iter_mut().map(
+            |(_, _, consumer, acks, permits)| {
+                let (acks, permits) = (acks.clone(), permits.clone());
                 consumer
                     .by_ref()
-                    .map(move |delivery| (delivery, acks.clone()))
-            }));
+                    .map(move |delivery| (delivery, acks.clone(), permits.clone()))
+            },
+        ));
         let mut in_flight = JoinSet::new();
         let result = loop {
             tokio::select! {
                 next = streams.next() => match next {
-                    Some((Ok(delivery), acks)) => {
+                    Some((Ok(delivery), acks, permits)) => {
                         acks.received(delivery.delivery_tag);
                         let (dispatcher, outlets) = (self.clone(), outlets.clone());
                         in_flight.spawn(async move {
                             let tag = delivery.delivery_tag;
                             let acker = delivery.acker.clone();
                             let redelivered = delivery.redelivered;
-                            let handled = AssertUnwindSafe(dispatcher.handle(delivery, &outlets))
+                            let handled = AssertUnwindSafe(dispatcher.handle(delivery, &outlets, &permits))
                                 .catch_unwind()
                                 .await;
                             let settle = handled.unwrap_or_else(|_| after_panic(redelivered));
                             acks.finished(tag, acker, settle);
                         });
                     }
-                    Some((Err(e), _)) => break Err(e.into()),
+                    Some((Err(e), ..)) => break Err(e.into()),
                     None => break Ok(()),
                 },
                 Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
@@ -294,7 +304,7 @@ impl Dispatcher {
         };
         drop(streams);
         // Stop taking new jobs, finish the ones in hand: their outcomes get published and acked.
-        for (channel, tag, _, _) in &consumers {
+        for (channel, tag, ..) in &consumers {
             let _ = channel
                 .basic_cancel(tag.clone().into(), BasicCancelOptions::default())
                 .await;
@@ -314,25 +324,130 @@ impl Dispatcher {
         result
     }
 
-    /// Handles one delivery and says how it leaves its queue.
-    async fn handle(&self, delivery: Delivery, outlets: &Outlets) -> Settle {
-        let Outlets {
-            publisher,
-            outcomes,
-            replies,
-        } = outlets;
-        let job: Job = match serde_json::from_slice(&delivery.data) {
-            Ok(job) => job,
+    /// Handles one delivery (one job, or a batch of them) and says how it leaves its queue.
+    async fn handle(&self, delivery: Delivery, outlets: &Outlets, permits: &Semaphore) -> Settle {
+        let (jobs, batch) = match decode_jobs(&delivery.data) {
+            Ok(jobs) => jobs,
             Err(e) => {
                 warn!(error = %e, "unreadable job sent to the dead-letter queue");
                 metrics::counter!("pushfleet_jobs_unreadable_total").increment(1);
                 return Settle::Reject;
             }
         };
-        record_queue_wait(&job);
+        if batch {
+            return self.handle_batch(&jobs, &delivery, outlets, permits).await;
+        }
+        let Some(job) = jobs.first() else {
+            return Settle::Reject;
+        };
+        let _permit = permits.acquire().await;
+        let source = Source {
+            delivery: &delivery,
+            batch: false,
+            reply_to: delivery.properties.reply_to().as_ref(),
+        };
+        match AssertUnwindSafe(self.handle_job(job, &source, outlets))
+            .catch_unwind()
+            .await
+        {
+            Ok(Ok(())) => Settle::Ack,
+            // Without a recorded outcome the job is not done: back to its queue.
+            Ok(Err(_)) => Settle::Requeue,
+            Err(_) => after_panic(delivery.redelivered || panicked_before(&delivery)),
+        }
+    }
+
+    /// Handles the jobs of a batch message side by side, each as if it came alone, and acks the
+    /// message once every job is concluded. A job that is not (its outcome unconfirmed, its
+    /// handler panicking) is queued again on its own, so that the others are not repeated; only
+    /// when none is concluded, or that fails, does the whole message go back. The jobs some
+    /// worker already concluded (one that died before acking it) are skipped.
+    async fn handle_batch(
+        &self,
+        jobs: &[Job],
+        delivery: &Delivery,
+        outlets: &Outlets,
+        permits: &Semaphore,
+    ) -> Settle {
+        let batch_id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .and_then(|id| Uuid::parse_str(id.as_str()).ok());
+        let done = batch_id.map_or_else(Vec::new, |id| self.ledger.concluded(id));
+        let reply_to = delivery.properties.reply_to().as_ref();
+        let ends = join_all(jobs.iter().enumerate().map(|(index, job)| {
+            let index = index as u16;
+            let done = done.contains(&index);
+            async move {
+                if done {
+                    metrics::counter!("pushfleet_jobs_already_concluded_total").increment(1);
+                    info!(job_id = %job.id, "concluded before its batch came back; skipped");
+                    return JobEnd::Concluded;
+                }
+                let _permit = permits.acquire().await;
+                let source = Source {
+                    delivery,
+                    batch: true,
+                    reply_to: reply_to.filter(|_| wants_reply(job, true, true)),
+                };
+                match AssertUnwindSafe(self.handle_job(job, &source, outlets))
+                    .catch_unwind()
+                    .await
+                {
+                    Ok(Ok(())) => {
+                        if let Some(batch) = batch_id {
+                            self.ledger.conclude(batch, index);
+                        }
+                        JobEnd::Concluded
+                    }
+                    Ok(Err(_)) => JobEnd::Unsaved,
+                    Err(_) => {
+                        metrics::counter!("pushfleet_jobs_panicked_total").increment(1);
+                        warn!(job_id = %job.id, "a job's handler panicked; job queued again alone");
+                        JobEnd::Panicked
+                    }
+                }
+            }
+        }))
+        .await;
+        let alone = match after_batch(&ends) {
+            AfterBatch::Ack => return Settle::Ack,
+            AfterBatch::Requeue => return Settle::Requeue,
+            AfterBatch::QueueAlone(alone) => alone,
+        };
+        for index in alone {
+            let job = &jobs[index];
+            let reply_to = reply_to.filter(|_| wants_reply(job, true, true));
+            let panicked = ends[index] == JobEnd::Panicked;
+            let queued = self
+                .queue_alone(&outlets.publisher, job, reply_to, panicked)
+                .await;
+            if let Err(e) = queued {
+                warn!(job_id = %job.id, error = %e, "job not queued again alone; its batch returned to its queue");
+                return Settle::Requeue;
+            }
+        }
+        Settle::Ack
+    }
+
+    /// Handles one job: sends it, saves its outcome, answers its sync caller. An error when the
+    /// outcome (or the job's next copy) is not confirmed: the job is not concluded.
+    async fn handle_job(
+        &self,
+        job: &Job,
+        source: &Source<'_>,
+        outlets: &Outlets,
+    ) -> Result<(), BrokerError> {
+        let Outlets {
+            publisher,
+            outcomes,
+            replies,
+        } = outlets;
+        record_queue_wait(job);
         let span = tracing::info_span!("job", job_id = %job.id, call_id = %Escaped(&job.push.call_id), event = %job.event, app = %job.app_id, attempt = job.attempt + 1);
         async {
-            let saved = match self.process(&job).await {
+            let saved = match self.process(job).await {
                 Step::Done {
                     outcome,
                     reply,
@@ -346,12 +461,12 @@ impl Dispatcher {
                             .and_then(|t| t.reason.clone())
                             .unwrap_or_default();
                         saved = self
-                            .publish_dead_letter(publisher, &delivery, &reason)
+                            .publish_dead_letter(publisher, source, job, &reason)
                             .await;
                     }
                     // Only an answer the audit trail holds is given: a job whose outcome is not
                     // saved goes back to its queue and may still end otherwise.
-                    if let (Ok(()), Some(reply_to)) = (&saved, delivery.properties.reply_to()) {
+                    if let (Ok(()), Some(reply_to)) = (&saved, source.reply_to) {
                         // Best effort: if the caller gave up waiting, the reply goes nowhere.
                         replies.send(reply_to, &reply);
                     }
@@ -361,7 +476,7 @@ impl Dispatcher {
                     let mut next = job.clone();
                     next.attempt += 1;
                     match self
-                        .publish_retry(publisher, &next, tier_ms, &delivery.properties, true)
+                        .publish_retry(publisher, &next, tier_ms, source.reply_to)
                         .await
                     {
                         Ok(()) => outcomes.save(&outcome).await,
@@ -382,52 +497,41 @@ impl Dispatcher {
                         None => Ok(()),
                     };
                     // A caller answered now waits no longer: the job goes on without it.
-                    let keep_reply_to = reply.is_none();
+                    let reply_to = source.reply_to.filter(|_| reply.is_none());
                     if saved.is_ok() {
                         saved = self
-                            .publish_retry(
-                                publisher,
-                                &next,
-                                tier_ms,
-                                &delivery.properties,
-                                keep_reply_to,
-                            )
+                            .publish_retry(publisher, &next, tier_ms, reply_to)
                             .await;
                     }
-                    if let (Ok(()), Some(reply), Some(reply_to)) =
-                        (&saved, reply, delivery.properties.reply_to())
+                    if let (Ok(()), Some(reply), Some(reply_to)) = (&saved, reply, source.reply_to)
                     {
                         replies.send(reply_to, &reply);
                     }
                     saved
                 }
             };
-            match saved {
-                Ok(()) => Settle::Ack,
-                Err(e) => {
-                    // Without a recorded outcome the job is not done: put it back.
-                    warn!(error = %e, "outcome not confirmed; job returned to its queue");
-                    Settle::Requeue
-                }
+            if let Err(e) = &saved {
+                // Without a recorded outcome the job is not done: it goes back.
+                warn!(error = %e, "outcome not confirmed; job returned to its queue");
             }
+            saved
         }
         .instrument(span)
         .await
     }
 
-    /// Parks `job` in a retry queue; it comes back to its lane when the tier's TTL runs out.
+    /// Parks `job` in a retry queue; it comes back to its lane when the tier's TTL runs out. A
+    /// sync caller still waiting (at `reply_to`) gets the answer of the attempt that ends it.
     async fn publish_retry(
         &self,
         publisher: &Channel,
         job: &Job,
         tier_ms: u64,
-        original: &BasicProperties,
-        keep_reply_to: bool,
+        reply_to: Option<&ShortString>,
     ) -> Result<(), BrokerError> {
         let body = serde_json::to_vec(job)?;
         let mut properties = topology::job_properties(job.id);
-        // A sync caller still waiting gets the answer of the attempt that ends the job.
-        if let Some(reply_to) = original.reply_to().as_ref().filter(|_| keep_reply_to) {
+        if let Some(reply_to) = reply_to {
             properties = properties.with_reply_to(reply_to.clone());
         }
         let published = publisher
@@ -442,12 +546,47 @@ impl Dispatcher {
         topology::confirm(published, CONFIRM_TIMEOUT).await
     }
 
+    /// Queues a job of a batch again, alone, in its lane, until its own deadline: the batch is
+    /// then acked without repeating its other jobs. `panicked` marks a job whose handler
+    /// panicked, so that a second panic sends it to the dead letters (see [`after_panic`]).
+    async fn queue_alone(
+        &self,
+        publisher: &Channel,
+        job: &Job,
+        reply_to: Option<&ShortString>,
+        panicked: bool,
+    ) -> Result<(), BrokerError> {
+        let body = serde_json::to_vec(job)?;
+        let remaining = job.remaining(pushfleet_core::clock::now_ms());
+        let mut properties = topology::job_properties(job.id)
+            .with_expiration(remaining.as_millis().to_string().into());
+        if let Some(reply_to) = reply_to {
+            properties = properties.with_reply_to(reply_to.clone());
+        }
+        if panicked {
+            let mut headers = FieldTable::default();
+            headers.insert(PANICKED_HEADER.into(), AMQPValue::Boolean(true));
+            properties = properties.with_headers(headers);
+        }
+        let published = publisher
+            .basic_publish(
+                self.topology.jobs_exchange().into(),
+                Topology::lane_key(job.lane).into(),
+                BasicPublishOptions::default(),
+                &body,
+                properties,
+            )
+            .await;
+        topology::confirm(published, CONFIRM_TIMEOUT).await
+    }
+
     /// Keeps a copy of a job that gave up in the dead letters, for operators to inspect and
     /// re-drive; its terminal row is already written.
     async fn publish_dead_letter(
         &self,
         publisher: &Channel,
-        delivery: &Delivery,
+        source: &Source<'_>,
+        job: &Job,
         reason: &str,
     ) -> Result<(), BrokerError> {
         let mut headers = FieldTable::default();
@@ -463,9 +602,17 @@ impl Dispatcher {
             "x-pushfleet-reason".into(),
             AMQPValue::LongString(reason.into()),
         );
-        let properties = delivery
-            .properties
-            .clone()
+        // A job of a batch goes alone: the dead letters hold one job per message.
+        let (body, properties) = if source.batch {
+            (
+                Cow::Owned(serde_json::to_vec(job)?),
+                topology::job_properties(job.id),
+            )
+        } else {
+            let delivery = source.delivery;
+            (Cow::Borrowed(&delivery.data), delivery.properties.clone())
+        };
+        let properties = properties
             .with_headers(headers)
             .with_delivery_mode(PERSISTENT);
         let published = publisher
@@ -473,7 +620,7 @@ impl Dispatcher {
                 self.topology.dead_exchange().into(),
                 "".into(),
                 BasicPublishOptions::default(),
-                &delivery.data,
+                &body,
                 properties,
             )
             .await;
@@ -493,6 +640,62 @@ fn record_queue_wait(job: &Job) {
         .record(waited as f64 / 1000.0);
 }
 
+/// Where a job came from: its message, whether that carries several jobs, and where the job's
+/// sync caller waits, when it is answered.
+struct Source<'a> {
+    delivery: &'a Delivery,
+    batch: bool,
+    reply_to: Option<&'a ShortString>,
+}
+
+/// How a job of a batch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobEnd {
+    /// Its outcome is safe (now, or by an earlier worker).
+    Concluded,
+    /// Its outcome was not confirmed.
+    Unsaved,
+    Panicked,
+}
+
+/// What becomes of a batch message once each of its jobs ended so.
+#[derive(Debug, PartialEq, Eq)]
+enum AfterBatch {
+    /// Every job concluded.
+    Ack,
+    /// No job concluded and none panicked (the broker is in trouble): the message goes back
+    /// as it is, nothing of it is repeated.
+    Requeue,
+    /// These jobs (their indexes) go back alone, then the message is acked: the concluded ones
+    /// are not repeated, and a panicking job does not take its batch with it.
+    QueueAlone(Vec<usize>),
+}
+
+fn after_batch(ends: &[JobEnd]) -> AfterBatch {
+    let unfinished: Vec<usize> = (0..ends.len())
+        .filter(|&i| ends[i] != JobEnd::Concluded)
+        .collect();
+    if unfinished.is_empty() {
+        AfterBatch::Ack
+    } else if unfinished.len() == ends.len() && !ends.contains(&JobEnd::Panicked) {
+        AfterBatch::Requeue
+    } else {
+        AfterBatch::QueueAlone(unfinished)
+    }
+}
+
+/// Set on a job queued again alone after its handler panicked in a batch: a second panic is
+/// its last, as for a redelivered job.
+const PANICKED_HEADER: &str = "x-pushfleet-panicked";
+
+fn panicked_before(delivery: &Delivery) -> bool {
+    delivery
+        .properties
+        .headers()
+        .as_ref()
+        .is_some_and(|headers| headers.inner().contains_key(PANICKED_HEADER))
+}
+
 /// How a job whose handler panicked leaves its queue: back once, in case the panic came from
 /// something passing; to the dead letters (and so an audit row) when it comes back and panics
 /// again. Either way its prefetch slot is given back.
@@ -510,6 +713,28 @@ fn after_panic(redelivered: bool) -> Settle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_repeats_only_its_unconcluded_jobs() {
+        use JobEnd::*;
+        assert_eq!(after_batch(&[Concluded, Concluded]), AfterBatch::Ack);
+        // Nothing concluded: the whole message goes back.
+        assert_eq!(after_batch(&[Unsaved, Unsaved]), AfterBatch::Requeue);
+        // Some concluded: only the others go back, alone.
+        assert_eq!(
+            after_batch(&[Concluded, Unsaved, Concluded, Unsaved]),
+            AfterBatch::QueueAlone(vec![1, 3])
+        );
+        // A panicking job never takes its batch back with it.
+        assert_eq!(
+            after_batch(&[Panicked, Unsaved]),
+            AfterBatch::QueueAlone(vec![0, 1])
+        );
+        assert_eq!(
+            after_batch(&[Concluded, Panicked]),
+            AfterBatch::QueueAlone(vec![1])
+        );
+    }
 
     #[test]
     fn a_panicking_job_is_requeued_once_then_dead_lettered() {

@@ -547,6 +547,7 @@ mod tests {
                 }),
                 ..Default::default()
             },
+            reply: false,
         }
     }
 

@@ -287,6 +287,7 @@ pub(crate) mod test_support {
             },
             api_key_id: None,
             handling: Default::default(),
+            reply: false,
         }
     }
 

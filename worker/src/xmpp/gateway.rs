@@ -455,6 +455,7 @@ mod tests {
                 ..Default::default()
             },
             api_key_id: None,
+            reply: false,
             handling: Handling {
                 xmpp: Some(XmppTarget {
                     jid: "d@x/y".into(),
