@@ -408,8 +408,8 @@ pub fn decode_batch<T: serde::de::DeserializeOwned>(data: &[u8]) -> serde_json::
 
 /// The most jobs one broker message carries, and the most bytes of their JSON: bounds what a
 /// worker holds per unacked message and what a redelivery repeats.
-pub const MAX_JOBS_PER_MESSAGE: usize = 256;
-pub const MAX_JOB_BYTES_PER_MESSAGE: usize = 256 * 1024;
+pub const MAX_JOBS_PER_MESSAGE: usize = 64;
+pub const MAX_JOB_BYTES_PER_MESSAGE: usize = 64 * 1024;
 
 /// How many of the encoded jobs of sizes `sizes` (in queue order) the next message takes: as
 /// many as fit in [`MAX_JOBS_PER_MESSAGE`] and [`MAX_JOB_BYTES_PER_MESSAGE`] (the array's
