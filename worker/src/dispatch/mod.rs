@@ -391,10 +391,11 @@ impl Dispatcher {
                     batch: true,
                     reply_to: reply_to.filter(|_| wants_reply(job, true, true)),
                 };
-                match AssertUnwindSafe(self.handle_job(job, &source, outlets))
-                    .catch_unwind()
-                    .await
-                {
+                // Boxed once the permit is held: a job waiting for its turn stays a few bytes
+                // instead of a whole handler's state, so a worker holding many batches stays
+                // small.
+                let handled = Box::pin(self.handle_job(job, &source, outlets));
+                match AssertUnwindSafe(handled).catch_unwind().await {
                     Ok(Ok(())) => {
                         if let Some(batch) = batch_id {
                             self.ledger.conclude(batch, index);
