@@ -16,18 +16,15 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::Pool;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 use pushfleet_core::audit::retention::{self, Maintained};
 use pushfleet_core::clock::now_ms;
 use pushfleet_core::db::DbError;
 use pushfleet_core::job::{decode_batch, decode_jobs, wants_reply, Job, OutcomeEvent};
 use pushfleet_core::reconnect;
-use pushfleet_core::topology::{self, BrokerError, Topology};
+use pushfleet_core::topology::{BrokerError, Topology};
 use pushfleet_core::Lane;
 use tokio::sync::{watch, Mutex};
 use tracing::{info, warn};
@@ -36,7 +33,7 @@ use uuid::Uuid;
 use self::parking::Parking;
 pub use self::rows::write_outcomes;
 use self::rows::{dead_letter_outcome, dead_letter_row, write_dead_letter, DeadLetterRow};
-use crate::outcomes::CONFIRM_TIMEOUT;
+use crate::dispatch::queue_alone;
 use crate::remote_log::DeadLetterFeed;
 
 /// Set on the dead-letter copy of a job whose terminal row its worker already wrote.
@@ -266,7 +263,7 @@ impl AuditSink {
             reconnect::until_ok(
                 "job of an expired batch not queued again yet",
                 shutdown,
-                || queue_again(requeue, &self.topology, job, reply_to),
+                || queue_alone(requeue, &self.topology, job, reply_to, false),
             )
             .await?;
             metrics::counter!("pushfleet_dead_letter_jobs_requeued_total", "lane" => job.lane.as_str())
@@ -358,32 +355,6 @@ impl AuditSink {
 
 /// A job of an expired batch with less time left than this is recorded `expired` at once.
 const REQUEUE_SLACK_MS: u64 = 100;
-
-/// Publishes `job` alone into its lane, until its own deadline, answered at `reply_to`.
-async fn queue_again(
-    channel: &Channel,
-    topology: &Topology,
-    job: &Job,
-    reply_to: Option<&ShortString>,
-) -> Result<(), BrokerError> {
-    let body = serde_json::to_vec(job)?;
-    let remaining = job.remaining(now_ms());
-    let mut properties =
-        topology::job_properties(job.id).with_expiration(remaining.as_millis().to_string().into());
-    if let Some(reply_to) = reply_to {
-        properties = properties.with_reply_to(reply_to.clone());
-    }
-    let published = channel
-        .basic_publish(
-            topology.jobs_exchange().into(),
-            Topology::lane_key(job.lane).into(),
-            BasicPublishOptions::default(),
-            &body,
-            properties,
-        )
-        .await;
-    topology::confirm(published, CONFIRM_TIMEOUT).await
-}
 
 /// The app and lane of a dead letter (of its first job, for a batch), for its metric labels;
 /// "unknown" for what is not a job.

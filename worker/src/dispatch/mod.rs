@@ -421,9 +421,8 @@ impl Dispatcher {
             let job = &jobs[index];
             let reply_to = reply_to.filter(|_| wants_reply(job, true, true));
             let panicked = ends[index] == JobEnd::Panicked;
-            let queued = self
-                .queue_alone(&outlets.publisher, job, reply_to, panicked)
-                .await;
+            let queued =
+                queue_alone(&outlets.publisher, &self.topology, job, reply_to, panicked).await;
             if let Err(e) = queued {
                 warn!(job_id = %job.id, error = %e, "job not queued again alone; its batch returned to its queue");
                 return Settle::Requeue;
@@ -539,40 +538,6 @@ impl Dispatcher {
             .basic_publish(
                 "".into(),
                 self.topology.retry_queue(job.lane, tier_ms).into(),
-                BasicPublishOptions::default(),
-                &body,
-                properties,
-            )
-            .await;
-        topology::confirm(published, CONFIRM_TIMEOUT).await
-    }
-
-    /// Queues a job of a batch again, alone, in its lane, until its own deadline: the batch is
-    /// then acked without repeating its other jobs. `panicked` marks a job whose handler
-    /// panicked, so that a second panic sends it to the dead letters (see [`after_panic`]).
-    async fn queue_alone(
-        &self,
-        publisher: &Channel,
-        job: &Job,
-        reply_to: Option<&ShortString>,
-        panicked: bool,
-    ) -> Result<(), BrokerError> {
-        let body = serde_json::to_vec(job)?;
-        let remaining = job.remaining(pushfleet_core::clock::now_ms());
-        let mut properties = topology::job_properties(job.id)
-            .with_expiration(remaining.as_millis().to_string().into());
-        if let Some(reply_to) = reply_to {
-            properties = properties.with_reply_to(reply_to.clone());
-        }
-        if panicked {
-            let mut headers = FieldTable::default();
-            headers.insert(PANICKED_HEADER.into(), AMQPValue::Boolean(true));
-            properties = properties.with_headers(headers);
-        }
-        let published = publisher
-            .basic_publish(
-                self.topology.jobs_exchange().into(),
-                Topology::lane_key(job.lane).into(),
                 BasicPublishOptions::default(),
                 &body,
                 properties,
@@ -709,6 +674,41 @@ fn after_panic(redelivered: bool) -> Settle {
         warn!("a job's handler panicked; job returned to its queue once");
         Settle::Requeue
     }
+}
+
+/// Queues a job of a batch again, alone, in its lane, until its own deadline, answered at
+/// `reply_to`: so the batch is acked (or its dead letter settled) without repeating its other
+/// jobs. `panicked` marks a job whose handler panicked, so that a second panic sends it to the
+/// dead letters (see [`after_panic`]).
+pub(crate) async fn queue_alone(
+    publisher: &Channel,
+    topology: &Topology,
+    job: &Job,
+    reply_to: Option<&ShortString>,
+    panicked: bool,
+) -> Result<(), BrokerError> {
+    let body = serde_json::to_vec(job)?;
+    let remaining = job.remaining(pushfleet_core::clock::now_ms());
+    let mut properties =
+        topology::job_properties(job.id).with_expiration(remaining.as_millis().to_string().into());
+    if let Some(reply_to) = reply_to {
+        properties = properties.with_reply_to(reply_to.clone());
+    }
+    if panicked {
+        let mut headers = FieldTable::default();
+        headers.insert(PANICKED_HEADER.into(), AMQPValue::Boolean(true));
+        properties = properties.with_headers(headers);
+    }
+    let published = publisher
+        .basic_publish(
+            topology.jobs_exchange().into(),
+            Topology::lane_key(job.lane).into(),
+            BasicPublishOptions::default(),
+            &body,
+            properties,
+        )
+        .await;
+    topology::confirm(published, CONFIRM_TIMEOUT).await
 }
 
 #[cfg(test)]
