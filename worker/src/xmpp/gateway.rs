@@ -245,13 +245,7 @@ impl Turn<'_> {
                 &target.public_token,
             );
             if let Err(e) = self.component.send(&stanza).await {
-                let _ = delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await;
+                requeue(&delivery).await;
                 return Err(e.into());
             }
             outcome.attempt = Some(AttemptRecord {
@@ -275,13 +269,7 @@ impl Turn<'_> {
         if let Err(e) = outcomes.save(&outcome).await {
             // Sent but not recorded: back to the queue, sent again by whoever holds it next
             // (at least once, as every push).
-            let _ = delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await;
+            requeue(&delivery).await;
             return Err(e.into());
         }
         delivery.acker.ack(BasicAckOptions::default()).await?;
@@ -431,6 +419,15 @@ fn message_stanza(component: &str, job: &Job, jid: &str, public_token: &str) -> 
         escape(public_token),
         escape(job.push.content.as_deref().unwrap_or_default()),
     )
+}
+
+/// Puts a push back in its queue, for whoever holds the component next.
+async fn requeue(delivery: &Delivery) {
+    let requeue = BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    };
+    let _ = delivery.acker.nack(requeue).await;
 }
 
 #[cfg(test)]
