@@ -288,3 +288,66 @@ async fn parked_messages(
     }
     parked
 }
+
+/// A backlog that expires in its queue comes back as a flood of dead letters: their rows are
+/// written in batches, a few transactions for hundreds of jobs, each job still with its row.
+#[tokio::test]
+async fn expired_dead_letters_are_audited_in_batches() {
+    let stack = Stack::start_with(StackOptions {
+        start_worker: false,
+        ..Default::default()
+    })
+    .await;
+    let rabbitmq = &stack.settings.rabbitmq;
+    let topology = Topology::new(rabbitmq);
+    topology
+        .declare(&topology::connect(rabbitmq, "it-declare").await.unwrap())
+        .await
+        .unwrap();
+    let connection = topology::connect(rabbitmq, "it").await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let call_id = call_id();
+    const JOBS: usize = 300;
+    let mut confirms = Vec::new();
+    for _ in 0..JOBS {
+        let job = job(&call_id);
+        confirms.push(
+            channel
+                .basic_publish(
+                    topology.jobs_exchange().into(),
+                    Topology::lane_key(Lane::Calls).into(),
+                    BasicPublishOptions::default(),
+                    &serde_json::to_vec(&job).unwrap(),
+                    topology::job_properties(job.id).with_expiration("1".into()),
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    for confirm in confirms {
+        confirm.await.unwrap();
+    }
+    let mut stack = stack;
+    stack.start_worker().await;
+    let rows = stack.deliveries(&call_id, JOBS).await;
+    assert_eq!(rows.len(), JOBS);
+    assert!(rows.iter().all(|row| row.status == "expired"), "{rows:?}");
+    // Rows written by one transaction share its id (`xmin`).
+    let transactions: i64 = stack
+        .query(
+            "SELECT count(DISTINCT xmin::text) FROM deliveries WHERE call_id = $1",
+            &[&call_id],
+        )
+        .await[0]
+        .get(0);
+    assert!(
+        transactions <= 30,
+        "{transactions} transactions for {JOBS} rows"
+    );
+    let _ = connection.close(200, "done".into()).await;
+    stack.stop().await;
+}

@@ -10,7 +10,6 @@
 mod parking;
 mod rows;
 
-use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
@@ -32,7 +31,7 @@ use uuid::Uuid;
 
 use self::parking::Parking;
 pub use self::rows::write_outcomes;
-use self::rows::{dead_letter_outcome, dead_letter_row, write_dead_letter, DeadLetterRow};
+use self::rows::{dead_letter_outcome, dead_letter_row, write_dead_letter};
 use crate::dispatch::queue_alone;
 use crate::remote_log::DeadLetterFeed;
 
@@ -127,6 +126,8 @@ impl AuditSink {
     /// Gives every dead letter its terminal audit row: jobs that expired in a lane queue, and
     /// jobs a worker could not read. (Jobs that exhausted their retries were audited by their
     /// worker and carry [`AUDITED_HEADER`].) The `dead` queue keeps its own copy for operators.
+    /// Dead letters come in bulk (a backlog expiring), so their rows are written in batches like
+    /// the outcomes: one transaction for up to `batch_size` jobs.
     pub async fn run_dead_letters(
         &self,
         audit: &Connection,
@@ -145,7 +146,11 @@ impl AuditSink {
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         let channel = audit.create_channel().await?;
-        channel.basic_qos(64, BasicQosOptions::default()).await?;
+        // A dead letter may carry a batch of jobs: a few messages already make a full write.
+        let prefetch = (self.batch_size / 4).clamp(64, 1024) as u16;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
         let mut consumer = channel
             .basic_consume(
                 self.topology.dead_audit_queue().into(),
@@ -155,87 +160,132 @@ impl AuditSink {
             )
             .await?;
         loop {
-            let delivery = tokio::select! {
+            let mut batch = DeadLetters::default();
+            tokio::select! {
                 next = consumer.next() => match next {
-                    Some(Ok(delivery)) => delivery,
+                    Some(Ok(delivery)) => batch.add(delivery),
                     Some(Err(e)) => return Err(e.into()),
                     None => return Ok(()),
                 },
                 _ = shutdown.changed() => return Ok(()),
-            };
-            let headers = delivery.properties.headers().clone().unwrap_or_default();
-            let header = |name: &str| match headers.inner().get(name) {
-                Some(AMQPValue::LongString(s)) => Some(s.to_string()),
-                Some(AMQPValue::ShortString(s)) => Some(s.to_string()),
-                _ => None,
-            };
-            let death = header("x-first-death-reason").unwrap_or_else(|| "unknown".into());
-            let (app, lane) = dead_letter_labels(&delivery.data);
-            metrics::counter!(
-                "pushfleet_dead_letters_total",
-                "reason" => death.clone(), "app" => app, "lane" => lane
-            )
-            .increment(1);
-            if header(AUDITED_HEADER).is_none() {
-                let rows = match decode_jobs(&delivery.data) {
-                    Ok((jobs, true)) => {
-                        let live = self
-                            .queue_live_again(&requeue, &delivery, &jobs, &death, &mut shutdown)
-                            .await;
-                        let Some(live) = live else {
-                            return Ok(());
-                        };
-                        // Each with its own job, to park should the database refuse its row.
-                        jobs.iter()
-                            .filter(|job| !live.contains(&job.id))
-                            .map(|job| {
-                                let outcome = dead_letter_outcome(job, &death);
-                                let body = serde_json::to_vec(job).unwrap_or_default();
-                                (DeadLetterRow::Job(Box::new(outcome)), Cow::Owned(body))
-                            })
-                            .collect()
-                    }
-                    _ => vec![(
-                        dead_letter_row(&delivery, &death),
-                        Cow::Borrowed(&delivery.data),
-                    )],
-                };
-                for (row, body) in &rows {
-                    let audited = reconnect::until_ok(
-                        "dead letter not audited yet",
-                        &mut shutdown,
-                        || async {
-                            match write_dead_letter(&self.pool, row).await {
-                                Err(e) if e.is_data_error() => {
-                                    parking.park(body, "data", &e.to_string()).await?;
-                                    Ok(())
-                                }
-                                written => written.map_err(WriteError::from),
-                            }
-                        },
-                    )
-                    .await;
-                    if audited.is_none() {
-                        // Shutting down: not acked, the dead letter waits for the next sink.
-                        return Ok(());
-                    }
-                    // Its outcome never went through the outcome fanout: the apps' log servers
-                    // get it from here.
-                    if let (DeadLetterRow::Job(outcome), Some(remote_log)) = (row, &remote_log) {
-                        let fed = reconnect::until_ok(
-                            "dead letter not handed to the remote log yet",
-                            &mut shutdown,
-                            || remote_log.feed(outcome),
-                        )
-                        .await;
-                        if fed.is_none() {
-                            return Ok(());
-                        }
-                    }
+            }
+            let deadline = tokio::time::Instant::now() + self.flush_after;
+            while batch.jobs < self.batch_size {
+                match tokio::time::timeout_at(deadline, consumer.next()).await {
+                    Ok(Some(Ok(delivery))) => batch.add(delivery),
+                    Ok(Some(Err(e))) => return Err(e.into()),
+                    Ok(None) | Err(_) => break,
                 }
             }
-            delivery.ack(BasicAckOptions::default()).await?;
+            let audited = self
+                .audit_dead_letters(
+                    &batch,
+                    &requeue,
+                    &parking,
+                    remote_log.as_ref(),
+                    &mut shutdown,
+                )
+                .await;
+            if !audited {
+                // Shutting down: not acked, the dead letters wait for the next sink.
+                return Ok(());
+            }
+            if let Some((last, _)) = batch.letters.last() {
+                last.ack(BasicAckOptions { multiple: true }).await?;
+            }
         }
+    }
+
+    /// Writes the terminal rows of a batch of dead letters (queuing again first the jobs of an
+    /// expired batch that still have time) and hands them to the remote log. False when
+    /// shutdown came first.
+    async fn audit_dead_letters(
+        &self,
+        batch: &DeadLetters,
+        requeue: &Channel,
+        parking: &Parking,
+        remote_log: Option<&DeadLetterFeed>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let mut outcomes = Vec::with_capacity(batch.jobs);
+        let mut unreadable = Vec::new();
+        for (delivery, letter) in &batch.letters {
+            match letter {
+                DeadLetter::NoRow => {}
+                DeadLetter::Jobs { jobs, batch, death } => {
+                    // A lone job expires with its own deadline: nothing to queue again.
+                    let live = match batch {
+                        true => {
+                            self.queue_live_again(requeue, delivery, jobs, death, shutdown)
+                                .await
+                        }
+                        false => Some(Vec::new()),
+                    };
+                    let Some(live) = live else {
+                        return false;
+                    };
+                    outcomes.extend(
+                        jobs.iter()
+                            .filter(|job| !live.contains(&job.id))
+                            .map(|job| dead_letter_outcome(job, death)),
+                    );
+                }
+                DeadLetter::Unreadable { death } => {
+                    unreadable.push((dead_letter_row(delivery, death), &delivery.data))
+                }
+            }
+        }
+        // A refused row is parked with its job, as it was dead-lettered.
+        let job_body = |outcome: &OutcomeEvent| {
+            batch
+                .letters
+                .iter()
+                .filter_map(|(_, letter)| match letter {
+                    DeadLetter::Jobs { jobs, .. } => Some(jobs),
+                    _ => None,
+                })
+                .flatten()
+                .find(|job| job.id == outcome.job_id)
+                .and_then(|job| serde_json::to_vec(job).ok())
+                .unwrap_or_default()
+        };
+        if !self
+            .write_parking(&outcomes, &job_body, parking, shutdown)
+            .await
+        {
+            return false;
+        }
+        for (row, body) in &unreadable {
+            let audited = reconnect::until_ok("dead letter not audited yet", shutdown, || async {
+                match write_dead_letter(&self.pool, row).await {
+                    Err(e) if e.is_data_error() => {
+                        parking.park(body, "data", &e.to_string()).await?;
+                        Ok(())
+                    }
+                    written => written.map_err(WriteError::from),
+                }
+            })
+            .await;
+            if audited.is_none() {
+                return false;
+            }
+        }
+        // Their outcomes never went through the outcome fanout: the apps' log servers get them
+        // from here.
+        if let Some(remote_log) = remote_log {
+            for outcome in &outcomes {
+                let fed = reconnect::until_ok(
+                    "dead letter not handed to the remote log yet",
+                    shutdown,
+                    || remote_log.feed(outcome),
+                )
+                .await;
+                if fed.is_none() {
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     /// Queues again, each alone in its lane, the jobs of a batch message that expired with its
@@ -287,20 +337,13 @@ impl AuditSink {
             unreadable,
             last,
         } = batch;
-        // The parts not yet written, so that a retry goes on where the last attempt stopped.
-        let remaining = Mutex::new(vec![outcomes.as_slice()]);
-        let what = format!("audit write of {} outcomes failed", outcomes.len());
-        let started = Instant::now();
-        let written = reconnect::until_ok(&what, shutdown, || async {
-            let mut remaining = remaining.lock().await;
-            self.write_or_park(&mut remaining, parking).await
-        })
-        .await;
-        if written.is_none() {
+        let outcome_body = |outcome: &OutcomeEvent| serde_json::to_vec(outcome).unwrap_or_default();
+        if !self
+            .write_parking(&outcomes, &outcome_body, parking, shutdown)
+            .await
+        {
             return false;
         }
-        metrics::histogram!("pushfleet_audit_write_seconds")
-            .record(started.elapsed().as_secs_f64());
         for (body, error) in &unreadable {
             let parked = reconnect::until_ok("parking an unreadable outcome", shutdown, || {
                 parking.park(body, "unreadable", error)
@@ -316,12 +359,42 @@ impl AuditSink {
         true
     }
 
+    /// Writes `outcomes`, parking (as `body_of` it) each one the database refuses for its data,
+    /// and retrying while the database is unavailable. False when shutdown came first.
+    async fn write_parking(
+        &self,
+        outcomes: &[OutcomeEvent],
+        body_of: &(dyn Fn(&OutcomeEvent) -> Vec<u8> + Sync),
+        parking: &Parking,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        if outcomes.is_empty() {
+            return true;
+        }
+        // The parts not yet written, so that a retry goes on where the last attempt stopped.
+        let remaining = Mutex::new(vec![outcomes]);
+        let what = format!("audit write of {} outcomes failed", outcomes.len());
+        let started = Instant::now();
+        let written = reconnect::until_ok(&what, shutdown, || async {
+            let mut remaining = remaining.lock().await;
+            self.write_or_park(&mut remaining, body_of, parking).await
+        })
+        .await;
+        if written.is_none() {
+            return false;
+        }
+        metrics::histogram!("pushfleet_audit_write_seconds")
+            .record(started.elapsed().as_secs_f64());
+        true
+    }
+
     /// Writes the parts on `remaining`. A part the database refuses for its data is split in
     /// halves, down to the single outcome it refuses, which is parked. Stops at the first
     /// error worth retrying, leaving what is still to do on `remaining`.
     async fn write_or_park(
         &self,
         remaining: &mut Vec<&[OutcomeEvent]>,
+        body_of: &(dyn Fn(&OutcomeEvent) -> Vec<u8> + Sync),
         parking: &Parking,
     ) -> Result<(), WriteError> {
         while let Some(part) = remaining.pop() {
@@ -336,7 +409,7 @@ impl AuditSink {
                     remaining.extend([second, first]);
                 }
                 Err(e) if e.is_data_error() => {
-                    let body = serde_json::to_vec(&part[0]).unwrap_or_default();
+                    let body = body_of(&part[0]);
                     if let Err(parking_failed) = parking.park(&body, "data", &e.to_string()).await {
                         remaining.push(part);
                         return Err(parking_failed.into());
@@ -405,6 +478,77 @@ impl Batch {
             )),
         }
         self.last = Some(delivery);
+    }
+}
+
+/// Dead letters read since the last write, each with what it holds, and how many jobs in all.
+#[derive(Default)]
+struct DeadLetters {
+    letters: Vec<(Delivery, DeadLetter)>,
+    jobs: usize,
+}
+
+enum DeadLetter {
+    /// Audited by its worker already (retries exhausted), or an empty batch: only counted.
+    NoRow,
+    /// `batch` when the message was a batch of jobs (even of one).
+    Jobs {
+        jobs: Vec<Job>,
+        batch: bool,
+        death: String,
+    },
+    Unreadable {
+        death: String,
+    },
+}
+
+impl DeadLetters {
+    fn add(&mut self, delivery: Delivery) {
+        let headers = delivery.properties.headers().as_ref();
+        let header = |name: &str| match headers.and_then(|h| h.inner().get(name)) {
+            Some(AMQPValue::LongString(s)) => Some(s.to_string()),
+            Some(AMQPValue::ShortString(s)) => Some(s.to_string()),
+            _ => None,
+        };
+        let death = header("x-first-death-reason").unwrap_or_else(|| "unknown".into());
+        let (letter, app, lane) = if header(AUDITED_HEADER).is_some() {
+            let (app, lane) = dead_letter_labels(&delivery.data);
+            (DeadLetter::NoRow, app, lane)
+        } else {
+            match decode_jobs(&delivery.data) {
+                Ok((jobs, batch)) if !jobs.is_empty() => {
+                    self.jobs += jobs.len();
+                    let (app, lane) = (jobs[0].app_id.clone(), jobs[0].lane.as_str());
+                    (
+                        DeadLetter::Jobs {
+                            jobs,
+                            batch,
+                            death: death.clone(),
+                        },
+                        app,
+                        lane,
+                    )
+                }
+                Ok(_) => (DeadLetter::NoRow, "unknown".into(), "unknown"),
+                Err(_) => {
+                    self.jobs += 1;
+                    let (app, lane) = dead_letter_labels(&delivery.data);
+                    (
+                        DeadLetter::Unreadable {
+                            death: death.clone(),
+                        },
+                        app,
+                        lane,
+                    )
+                }
+            }
+        };
+        metrics::counter!(
+            "pushfleet_dead_letters_total",
+            "reason" => death, "app" => app, "lane" => lane
+        )
+        .increment(1);
+        self.letters.push((delivery, letter));
     }
 }
 

@@ -269,33 +269,49 @@ impl Dispatcher {
         }
         info!(worker = %self.worker_id, "consuming calls and messages");
 
+        // A lane's next message is read only while its jobs in hand (read, not yet concluded)
+        // leave room: the unacked messages the broker sends ahead stay raw bytes, whatever
+        // number of jobs they carry.
+        let in_hand = usize::from(prefetch) * 2;
         let mut streams = futures_util::stream::select_all(consumers.iter_mut().map(
             |(_, _, consumer, acks, permits)| {
                 let (acks, permits) = (acks.clone(), permits.clone());
-                consumer
-                    .by_ref()
-                    .map(move |delivery| (delivery, acks.clone(), permits.clone()))
+                let room = Arc::new(Semaphore::new(in_hand));
+                Box::pin(consumer.by_ref().then(move |delivery| {
+                    let (acks, permits, room) = (acks.clone(), permits.clone(), room.clone());
+                    async move {
+                        let delivery = delivery?;
+                        let jobs = decode_jobs(&delivery.data);
+                        let count = jobs.as_ref().map_or(1, |(jobs, _)| jobs.len());
+                        let held = room
+                            .acquire_many_owned(count.clamp(1, in_hand) as u32)
+                            .await
+                            .expect("the room is never closed");
+                        Ok::<_, lapin::Error>((delivery, jobs, held, acks, permits))
+                    }
+                }))
             },
         ));
         let mut in_flight = JoinSet::new();
         let result = loop {
             tokio::select! {
                 next = streams.next() => match next {
-                    Some((Ok(delivery), acks, permits)) => {
+                    Some(Ok((delivery, jobs, held, acks, permits))) => {
                         acks.received(delivery.delivery_tag);
                         let (dispatcher, outlets) = (self.clone(), outlets.clone());
                         in_flight.spawn(async move {
                             let tag = delivery.delivery_tag;
                             let acker = delivery.acker.clone();
                             let redelivered = delivery.redelivered;
-                            let handled = AssertUnwindSafe(dispatcher.handle(delivery, &outlets, &permits))
+                            let handled = AssertUnwindSafe(dispatcher.handle(delivery, jobs, &outlets, &permits))
                                 .catch_unwind()
                                 .await;
                             let settle = handled.unwrap_or_else(|_| after_panic(redelivered));
                             acks.finished(tag, acker, settle);
+                            drop(held);
                         });
                     }
-                    Some((Err(e), ..)) => break Err(e.into()),
+                    Some(Err(e)) => break Err(e.into()),
                     None => break Ok(()),
                 },
                 Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
@@ -325,8 +341,14 @@ impl Dispatcher {
     }
 
     /// Handles one delivery (one job, or a batch of them) and says how it leaves its queue.
-    async fn handle(&self, delivery: Delivery, outlets: &Outlets, permits: &Semaphore) -> Settle {
-        let (jobs, batch) = match decode_jobs(&delivery.data) {
+    async fn handle(
+        &self,
+        delivery: Delivery,
+        jobs: serde_json::Result<(Vec<Job>, bool)>,
+        outlets: &Outlets,
+        permits: &Semaphore,
+    ) -> Settle {
+        let (jobs, batch) = match jobs {
             Ok(jobs) => jobs,
             Err(e) => {
                 warn!(error = %e, "unreadable job sent to the dead-letter queue");
