@@ -25,6 +25,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
+use lapin::uri::AMQPUri;
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
     PublisherConfirm,
@@ -536,6 +537,11 @@ pub async fn connect(settings: &RabbitSettings, name: &str) -> Result<Connection
     Err(BrokerError::NoNodeReachable(failures))
 }
 
+/// The largest AMQP frame asked for when the URL sets no `frame_max`. lapin keeps 32 frames of
+/// read and 32 of write buffer per connection, zero-filled: at RabbitMQ's default of 128 KiB
+/// that was 8 MiB resident per connection. A larger message just takes more frames.
+const FRAME_MAX: u32 = 16 * 1024;
+
 async fn connect_node(
     settings: &RabbitSettings,
     url: &str,
@@ -544,15 +550,19 @@ async fn connect_node(
     let timeout = Duration::from_millis(settings.connect_timeout_ms);
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     let connect = async {
+        let mut uri: AMQPUri = url.parse().map_err(|e: String| {
+            lapin::Error::from(std::io::Error::other(format!("[rabbitmq] url: {e}")))
+        })?;
+        uri.query.frame_max.get_or_insert(FRAME_MAX);
         if !url.starts_with("amqps://") {
-            return Connection::connect(url, properties).await;
+            return Connection::connect_uri(uri, properties).await;
         }
         // Read at every connect: a CA file replaced on disk counts from the next reconnect.
         let tls = crate::tls::amqp_tls_config(settings.ca_file.as_deref()).map_err(|e| {
             lapin::Error::from(std::io::Error::other(format!("[rabbitmq] ca_file: {e}")))
         })?;
         let runtime = lapin::runtime::default_runtime()?;
-        Connection::connect_with_config(url, properties, tls, runtime).await
+        Connection::connect_uri_with_config(uri, properties, tls, runtime).await
     };
     match tokio::time::timeout(timeout, connect).await {
         Ok(Ok(connection)) => Ok(connection),

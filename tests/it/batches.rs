@@ -359,3 +359,63 @@ async fn a_worker_killed_mid_batch_leaves_no_job_lost_and_none_sent_twice() {
     );
     stack.stop().await;
 }
+
+/// Connections ask for 16 KiB frames unless the URL says otherwise (lapin keeps 32 frames of
+/// buffer each way per connection), and a message larger than a frame still goes through whole.
+#[tokio::test]
+async fn broker_connections_use_small_frames_and_carry_larger_messages() {
+    use lapin::options::{BasicGetOptions, QueueDeclareOptions};
+    use pushfleet_core::config::RabbitSettings;
+
+    let settings = RabbitSettings {
+        url: rabbitmq_url(),
+        ..Default::default()
+    };
+    let connection = topology::connect(&settings, "it-frames").await.unwrap();
+    assert_eq!(connection.configuration().frame_max(), 16 * 1024);
+    let channel = connection.create_channel().await.unwrap();
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let body: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    channel
+        .basic_publish(
+            "".into(),
+            queue.name().as_str().into(),
+            BasicPublishOptions::default(),
+            &body,
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let mut got = None;
+    for _ in 0..50 {
+        got = channel
+            .basic_get(queue.name().as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap();
+        if got.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(got.expect("the message comes back").delivery.data, body);
+    let _ = connection.close(200, "done".into()).await;
+
+    let separator = if rabbitmq_url().contains('?') { '&' } else { '?' };
+    let settings = RabbitSettings {
+        url: format!("{}{separator}frame_max=65536", rabbitmq_url()),
+        ..Default::default()
+    };
+    let connection = topology::connect(&settings, "it-frames").await.unwrap();
+    assert_eq!(connection.configuration().frame_max(), 65536);
+    let _ = connection.close(200, "done".into()).await;
+}
