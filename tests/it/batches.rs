@@ -399,7 +399,10 @@ async fn broker_connections_use_small_frames_and_carry_larger_messages() {
     let mut got = None;
     for _ in 0..50 {
         got = channel
-            .basic_get(queue.name().as_str().into(), BasicGetOptions { no_ack: true })
+            .basic_get(
+                queue.name().as_str().into(),
+                BasicGetOptions { no_ack: true },
+            )
             .await
             .unwrap();
         if got.is_some() {
@@ -410,7 +413,11 @@ async fn broker_connections_use_small_frames_and_carry_larger_messages() {
     assert_eq!(got.expect("the message comes back").delivery.data, body);
     let _ = connection.close(200, "done".into()).await;
 
-    let separator = if rabbitmq_url().contains('?') { '&' } else { '?' };
+    let separator = if rabbitmq_url().contains('?') {
+        '&'
+    } else {
+        '?'
+    };
     let settings = RabbitSettings {
         url: format!("{}{separator}frame_max=65536", rabbitmq_url()),
         ..Default::default()

@@ -204,19 +204,7 @@ async fn outcomes_the_database_refuses_are_parked_and_the_sink_goes_on() {
 /// parked too, instead of being retried for ever.
 #[tokio::test]
 async fn a_dead_letter_the_database_refuses_is_parked() {
-    let stack = Stack::start_with(StackOptions {
-        start_worker: false,
-        ..Default::default()
-    })
-    .await;
-    let rabbitmq = &stack.settings.rabbitmq;
-    let topology = Topology::new(rabbitmq);
-    topology
-        .declare(&topology::connect(rabbitmq, "it-declare").await.unwrap())
-        .await
-        .unwrap();
-    let connection = topology::connect(rabbitmq, "it").await.unwrap();
-    let channel = connection.create_channel().await.unwrap();
+    let (stack, topology, connection, channel) = stack_before_its_worker().await;
     let job = job("dead\u{0}letter");
     channel
         .basic_publish(
@@ -293,19 +281,7 @@ async fn parked_messages(
 /// written in batches, a few transactions for hundreds of jobs, each job still with its row.
 #[tokio::test]
 async fn expired_dead_letters_are_audited_in_batches() {
-    let stack = Stack::start_with(StackOptions {
-        start_worker: false,
-        ..Default::default()
-    })
-    .await;
-    let rabbitmq = &stack.settings.rabbitmq;
-    let topology = Topology::new(rabbitmq);
-    topology
-        .declare(&topology::connect(rabbitmq, "it-declare").await.unwrap())
-        .await
-        .unwrap();
-    let connection = topology::connect(rabbitmq, "it").await.unwrap();
-    let channel = connection.create_channel().await.unwrap();
+    let (stack, topology, connection, channel) = stack_before_its_worker().await;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
@@ -350,4 +326,22 @@ async fn expired_dead_letters_are_audited_in_batches() {
     );
     let _ = connection.close(200, "done".into()).await;
     stack.stop().await;
+}
+
+/// A stack whose worker is not started yet, its topology declared, and a channel to the broker.
+async fn stack_before_its_worker() -> (Stack, Topology, lapin::Connection, lapin::Channel) {
+    let stack = Stack::start_with(StackOptions {
+        start_worker: false,
+        ..Default::default()
+    })
+    .await;
+    let rabbitmq = &stack.settings.rabbitmq;
+    let topology = Topology::new(rabbitmq);
+    topology
+        .declare(&topology::connect(rabbitmq, "it-declare").await.unwrap())
+        .await
+        .unwrap();
+    let connection = topology::connect(rabbitmq, "it").await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    (stack, topology, connection, channel)
 }
