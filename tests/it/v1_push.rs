@@ -411,3 +411,38 @@ async fn concurrent_sync_requests_each_get_their_own_answer() {
     }
     stack.stop().await;
 }
+
+/// A worker started in a process where another one used the same service account and token
+/// endpoint (here: a second stack whose fake OAuth server takes the first one's port) fetches
+/// its own access token with its own client, and its first FCM push goes out at once.
+#[tokio::test]
+async fn a_later_worker_does_not_inherit_an_earlier_ones_fcm_token() {
+    let oauth_port = free_port();
+    let stack_on = |oauth_port| {
+        Stack::start_with(StackOptions {
+            fakes: pushfleet_fakes::FakeOptions {
+                oauth_port,
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+    };
+    for round in 0..2 {
+        let stack = stack_on(oauth_port).await;
+        let call = call_id();
+        let (status, answer) = stack
+            .push(&v1_body(SYLK, "firebase", &fcm_token(), "message", &call))
+            .await;
+        assert_eq!(status, 200, "round {round}: {answer}");
+        stack.stop().await;
+        // The first stack's token endpoint lets go of its port before the second binds it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpListener::bind(("127.0.0.1", oauth_port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "port {oauth_port} stays taken"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}

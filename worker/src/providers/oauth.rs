@@ -6,7 +6,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -29,6 +29,8 @@ pub struct ServiceAccount {
     pub token_uri: String,
     private_key_id: Option<String>,
     key: EncodingKey,
+    /// SHA-256 of the private key: a rotated key is another account to the token cache.
+    key_digest: Vec<u8>,
 }
 
 #[derive(Deserialize)]
@@ -70,6 +72,9 @@ impl ServiceAccount {
                 .unwrap_or_else(|| GOOGLE_TOKEN_URI.to_string()),
             private_key_id: file.private_key_id,
             key,
+            key_digest: ring::digest::digest(&ring::digest::SHA256, file.private_key.as_bytes())
+                .as_ref()
+                .to_vec(),
         })
     }
 
@@ -146,21 +151,31 @@ impl AccessTokens {
     }
 
     /// The process's cache for this service account: every app (and so every FCM client) using
-    /// the same account shares one access token, so a worker fetches once per account, not once
-    /// per app. The first app to register an account decides the HTTP client used for `token_uri`.
+    /// the same account and key shares one access token while any of them lives, so a worker
+    /// fetches once per account, not once per app. The first app to register an account decides
+    /// the HTTP client used for `token_uri`. Weak references: once the last client using it is
+    /// gone (a reload that rotated the key, a stopped worker), the next one starts afresh
+    /// instead of inheriting a token and an HTTP client that belonged to it.
     pub fn shared(account: ServiceAccount, http: reqwest::Client) -> Arc<AccessTokens> {
-        type Registry =
-            std::sync::Mutex<std::collections::HashMap<(String, String), Arc<AccessTokens>>>;
+        type Key = (String, String, Vec<u8>);
+        type Registry = std::sync::Mutex<std::collections::HashMap<Key, Weak<AccessTokens>>>;
         static REGISTRY: std::sync::OnceLock<Registry> = std::sync::OnceLock::new();
-        let key = (account.client_email.clone(), account.token_uri.clone());
+        let key = (
+            account.client_email.clone(),
+            account.token_uri.clone(),
+            account.key_digest.clone(),
+        );
         let mut registry = REGISTRY
             .get_or_init(Default::default)
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        registry
-            .entry(key)
-            .or_insert_with(|| Arc::new(AccessTokens::new(account, http)))
-            .clone()
+        if let Some(tokens) = registry.get(&key).and_then(Weak::upgrade) {
+            return tokens;
+        }
+        let tokens = Arc::new(AccessTokens::new(account, http));
+        registry.retain(|_, tokens| tokens.strong_count() > 0);
+        registry.insert(key, Arc::downgrade(&tokens));
+        tokens
     }
 
     /// Token requests made so far.
@@ -355,5 +370,29 @@ pub(crate) mod tests {
             refresh_margin(Duration::from_secs(30)),
             Duration::from_secs(3)
         );
+    }
+
+    /// Apps of one account share a token cache while any of them lives; a rotated key, or a
+    /// worker started after the last user of the cache was gone, gets a fresh one.
+    #[test]
+    fn the_token_cache_is_shared_only_while_used_and_per_key() {
+        let token_uri = "https://127.0.0.1:9/shared-cache-test/token";
+        let account = |key: &str| {
+            let mut json: serde_json::Value =
+                serde_json::from_str(&service_account_json(None, token_uri)).unwrap();
+            json["private_key"] = key.into();
+            ServiceAccount::from_json(json.to_string().as_bytes()).unwrap()
+        };
+        let http = reqwest::Client::new();
+        let first = AccessTokens::shared(account(TEST_KEY), http.clone());
+        let second = AccessTokens::shared(account(TEST_KEY), http.clone());
+        assert!(Arc::ptr_eq(&first, &second));
+        // The same key written otherwise stands for a rotated one: another cache.
+        let rotated = AccessTokens::shared(account(&format!("{TEST_KEY}\n")), http.clone());
+        assert!(!Arc::ptr_eq(&first, &rotated));
+        first.fetches.fetch_add(1, Ordering::Relaxed);
+        drop((first, second));
+        let later = AccessTokens::shared(account(TEST_KEY), http);
+        assert_eq!(later.fetches(), 0, "a new cache, not the dropped one");
     }
 }
