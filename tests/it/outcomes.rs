@@ -206,16 +206,8 @@ async fn outcomes_the_database_refuses_are_parked_and_the_sink_goes_on() {
 async fn a_dead_letter_the_database_refuses_is_parked() {
     let (stack, topology, connection, channel) = stack_before_its_worker().await;
     let job = job("dead\u{0}letter");
-    channel
-        .basic_publish(
-            topology.jobs_exchange().into(),
-            Topology::lane_key(Lane::Calls).into(),
-            BasicPublishOptions::default(),
-            &serde_json::to_vec(&job).unwrap(),
-            topology::job_properties(job.id).with_expiration("1".into()),
-        )
+    publish_expiring(&channel, &topology, &job)
         .await
-        .unwrap()
         .await
         .unwrap();
     let mut stack = stack;
@@ -291,18 +283,7 @@ async fn expired_dead_letters_are_audited_in_batches() {
     let mut confirms = Vec::new();
     for _ in 0..JOBS {
         let job = job(&call_id);
-        confirms.push(
-            channel
-                .basic_publish(
-                    topology.jobs_exchange().into(),
-                    Topology::lane_key(Lane::Calls).into(),
-                    BasicPublishOptions::default(),
-                    &serde_json::to_vec(&job).unwrap(),
-                    topology::job_properties(job.id).with_expiration("1".into()),
-                )
-                .await
-                .unwrap(),
-        );
+        confirms.push(publish_expiring(&channel, &topology, &job).await);
     }
     for confirm in confirms {
         confirm.await.unwrap();
@@ -344,4 +325,22 @@ async fn stack_before_its_worker() -> (Stack, Topology, lapin::Connection, lapin
     let connection = topology::connect(rabbitmq, "it").await.unwrap();
     let channel = connection.create_channel().await.unwrap();
     (stack, topology, connection, channel)
+}
+
+/// Queues `job` in the calls lane with a TTL of 1 ms: the broker dead-letters it at once.
+async fn publish_expiring(
+    channel: &lapin::Channel,
+    topology: &Topology,
+    job: &Job,
+) -> lapin::PublisherConfirm {
+    channel
+        .basic_publish(
+            topology.jobs_exchange().into(),
+            Topology::lane_key(Lane::Calls).into(),
+            BasicPublishOptions::default(),
+            &serde_json::to_vec(job).unwrap(),
+            topology::job_properties(job.id).with_expiration("1".into()),
+        )
+        .await
+        .unwrap()
 }
